@@ -1,0 +1,139 @@
+"""Checkpoints: atomic writes, resumable training state, the final stage output and its manifest.
+
+A stage's output directory is a standard PEFT adapter (loadable with `PeftModel.from_pretrained` and
+nothing from llmft), its tokenizer, the resolved `config.yaml`, `metrics.jsonl`, the manifest `llmft.json`,
+and periodic `checkpoint-N/` folders. Every folder and file is written under a temporary name and renamed
+into place, so a kill at any moment leaves either the old state or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `target`; on success it is renamed to `target`."""
+    tmp = target.with_name(f"{TMP_PREFIX}{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(tmp, target)
+    fsync_dir(target.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_tmp(run_dir: Path) -> None:
+    """Drop what a killed run left half-written."""
+    for p in run_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# ------------------------------------------------------------------------------ resumable checkpoints
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Write checkpoint-`step`/: adapter weights, optimizer, scheduler, RNG and loop state."""
+    target = run_dir / f"checkpoint-{step}"
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return target
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore what `save_checkpoint` wrote into live objects; return the loop state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "adapter_model.safetensors", device=str(next(model.parameters()).device))
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------- final output
+def save_final(run_dir: Path, model, tokenizer, manifest: dict) -> None:
+    """Write the adapter and tokenizer into `run_dir` (each file renamed into place), the manifest last."""
+    with atomic_dir(run_dir / "final") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    for f in (run_dir / "final").iterdir():
+        os.replace(f, run_dir / f.name)
+    (run_dir / "final").rmdir()
+    manifest["adapter_sha256"] = content_hash(run_dir)
+    atomic_write_text(run_dir / "llmft.json", json.dumps(manifest, indent=2, default=str))
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over the adapter files of a stage output or checkpoint (names and bytes)."""
+    h = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        h.update(name.encode())
+        with open(Path(folder) / name, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()

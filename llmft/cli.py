@@ -1,0 +1,109 @@
+"""The `llmft` command line: one subcommand per stage, each reading one YAML config."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from llmft import __version__
+from llmft.errors import LlmftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="LLM post-training with LoRA: [bold]sft → reward → ppo[/], or [bold]sft → dpo[/].")
+err = Console(stderr=True)
+
+CONFIG = typer.Argument(..., help="The stage's YAML config (see configs/).", show_default=False)
+SET = typer.Option([], "--set", help="Override a config key, e.g. --set train.learning_rate=1e-4 "
+                                     "(repeatable; the value is read as YAML).")
+DRY_RUN = typer.Option(False, "--dry-run", help="Validate, resolve model and data, print the resolved "
+                                                "config and the plan, and exit without training.")
+PLANNED = {"reward": 4, "dpo": 5, "ppo": 6}
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"llmft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """llmft: SFT, reward modelling, DPO and PPO for causal LMs, one YAML config per stage."""
+
+
+@app.command()
+def sft(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
+    """Supervised fine-tuning of a LoRA adapter on prompt/completion, chat or text data."""
+    from llmft.config import load_config
+    from llmft.stages import sft as stage
+
+    stage.run(load_config("sft", config, set_), dry_run=dry_run)
+
+
+def not_built(stage: str):
+    def command(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
+        raise LlmftError(f"the {stage} stage is not built yet (planned in issue #{PLANNED[stage]}); "
+                         f"available now: llmft sft")
+
+    command.__doc__ = f"[dim](not built yet)[/] The {stage} stage."
+    return command
+
+
+for _stage in PLANNED:
+    app.command(name=_stage)(not_built(_stage))
+
+
+@app.command()
+def schema(stage: str = typer.Argument("sft", help="Stage whose config keys to list.")) -> None:
+    """List every config key of a stage with its type, range, default and meaning."""
+    from llmft.config import STAGE_CONFIGS, schema_rows
+
+    if stage not in STAGE_CONFIGS:
+        raise LlmftError(f"unknown stage '{stage}' (stages with configs: {', '.join(STAGE_CONFIGS)})")
+    t = Table(title=f"llmft {stage} config")
+    for col in ("key", "type", "default", "meaning"):
+        t.add_column(col, overflow="fold")
+    for row in schema_rows(STAGE_CONFIGS[stage]):
+        t.add_row(*row)
+    Console().print(t)
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' own progress bars and advisory warnings off the user's terminal."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main() -> None:
+    quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except LlmftError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: rerun with resume: auto to continue from the last checkpoint")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

@@ -1,0 +1,346 @@
+"""Typed, validated stage configs.
+
+Each stage's config is a tree of dataclasses. `load_config` reads a YAML file with `yaml.safe_load`, applies
+`--set a.b=value` overrides, and validates every key against the schema: unknown keys are errors that name
+the key path and suggest the closest valid one, wrong types and out-of-range values name the key and what
+was expected. Field metadata carries each key's documentation and range (`llmft schema STAGE` prints it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from llmft.errors import ConfigError
+
+
+def opt(default: Any, help: str, *, gt: float | None = None, ge: float | None = None,
+        lt: float | None = None, le: float | None = None) -> Any:
+    """A config field with documentation and an optional numeric range."""
+    meta = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+REQUIRED = dataclasses.MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("smollm2-135m-instruct",
+                    "Model source: a local Hugging Face directory, a hub id, a .gguf file, the embedded "
+                    "'smollm2-135m-instruct', or the output directory of an earlier llmft stage.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Weights/compute dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub to run (off unless you need it).")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) for hub ids.")
+    attn_implementation: str | None = opt(None, "Attention kernel: sdpa, eager, flash_attention_2; "
+                                                "null = the transformers default.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(16, "LoRA rank.", ge=1)
+    alpha: float = opt(32.0, "LoRA scaling numerator (scale = alpha / r).", gt=0)
+    dropout: float = opt(0.05, "Dropout on the LoRA input.", ge=0, lt=1)
+    target_modules: Union[str, list[str]] = opt(  # noqa: UP007
+        "all-linear", "Modules to adapt: 'all-linear' or a list of module names (e.g. [q_proj, v_proj]).")
+
+
+@dataclass
+class DataConfig:
+    train: str = field(default=REQUIRED, metadata={
+        "help": "Training data: a .jsonl/.json/.parquet/.csv file, or a hub dataset id (online only)."})
+    eval: str | None = opt(None, "Evaluation data (same forms as train); null = none, or see eval_fraction.")
+    eval_fraction: float = opt(0.0, "Fraction of train held out for eval when `eval` is null.", ge=0, lt=1)
+    split: str = opt("train", "Split to read from hub datasets.")
+    format: Literal["auto", "prompt_completion", "messages", "text"] = opt(
+        "auto", "Row format: {prompt, completion}, {messages: [...]}, {text}; auto detects it.")
+    max_length: int = opt(1024, "Longest tokenised example; longer rows are truncated (and counted).", ge=8)
+    loss_on: Literal["completion", "all"] = opt(
+        "completion", "Train on completion/assistant tokens only, or on every token.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(1, "Passes over the training data (ignored when max_steps is set).", ge=1)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps.", ge=1)
+    batch_size: int = opt(8, "Examples per micro-batch.", ge=1)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", ge=1)
+    learning_rate: float = opt(2e-4, "Peak learning rate (AdamW).", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "Learning-rate schedule after warmup.")
+    warmup_ratio: float = opt(0.03, "Share of steps spent warming the learning rate up linearly.", ge=0, le=1)
+    max_grad_norm: float | None = opt(1.0, "Clip the gradient norm to this; null = no clipping.", gt=0)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    log_every: int = opt(1, "Write metrics every N optimizer steps.", ge=1)
+    eval_every: int | None = opt(None, "Evaluate every N steps (and always at the end); null = end only.",
+                                 ge=1)
+    save_every: int = opt(50, "Write a resumable checkpoint-N/ every N steps.", ge=1)
+    keep_checkpoints: int = opt(2, "How many checkpoint-N/ folders to keep.", ge=1)
+
+
+@dataclass
+class SFTConfig:
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model to fine-tune."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
+    output_dir: str = opt("runs/sft", "Where the adapter, checkpoints, metrics and manifest go.")
+    overwrite: bool = opt(False, "Delete an existing output_dir that holds another run.")
+    resume: Union[bool, str] = opt(  # noqa: UP007
+        False, "false, 'auto' (continue from the latest checkpoint-N/ if any) or a checkpoint path.")
+    seed: int = opt(42, "Seed for data order, LoRA init and dropout.", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu.")
+    tensorboard: bool = opt(False, "Also log to TensorBoard (needs the tensorboard package).")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+
+# Keys that do not change what a run computes: a resumed run may differ from the original in these.
+RESUME_NEUTRAL_KEYS = {"resume", "overwrite", "tensorboard", "train.log_every", "train.save_every",
+                       "train.keep_checkpoints"}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_config(stage: str, path: str | Path, overrides: list[str] = ()) -> Any:
+    """Read, override and validate the config of `stage` from the YAML file at `path`."""
+    raw = read_yaml(path)
+    where = str(path)
+    for item in overrides:
+        apply_override(raw, item, STAGE_CONFIGS[stage])
+    return build(STAGE_CONFIGS[stage], raw, where)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{loc}: YAML syntax error: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict, item: str, schema: type) -> None:
+    """Apply one `--set a.b=value` to the raw config dict (value parsed as YAML)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
+    parts = key.split(".")
+    check_key_path(schema, parts, where=f"--set {item}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def check_key_path(schema: type, parts: list[str], where: str) -> None:
+    cls = schema
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            raise ConfigError(f"{where}: {unknown_key_message(schema, parts[:i], part)}")
+        cls = resolved_hints(cls)[part]
+
+
+def unknown_key_message(schema: type, parent: list[str], key: str) -> str:
+    full = ".".join([*parent, key])
+    cls = schema
+    for p in parent:
+        cls = resolved_hints(cls)[p]
+    siblings = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if close:
+        hint = ".".join([*parent, close[0]])
+    else:  # the right name in the wrong section, e.g. `learning_rate` at the top level
+        hint = next((p for p in all_key_paths(schema) if p.split(".")[-1] == key), None)
+        if hint is None:
+            leaves = {p.split(".")[-1]: p for p in all_key_paths(schema)}
+            close = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.75)
+            hint = leaves[close[0]] if close else None
+    suggestion = f" (did you mean '{hint}'?)" if hint else ""
+    return f"unknown key '{full}'{suggestion}"
+
+
+def all_key_paths(schema: type, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(schema):
+        t = resolved_hints(schema)[f.name]
+        path = prefix + f.name
+        out += all_key_paths(t, path + ".") if dataclasses.is_dataclass(t) else [path]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- validation
+def build(cls: type, raw: Any, where: str, prefix: str = "", root: type | None = None) -> Any:
+    """Turn a raw mapping into the dataclass `cls`, validating every key (`root`: the stage schema)."""
+    root = root or cls
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<top>'}' must be a mapping of keys, "
+                          f"got {type(raw).__name__}")
+    hints = resolved_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            parent = [p for p in prefix.rstrip(".").split(".") if p]
+            raise ConfigError(f"{where}: {unknown_key_message(root, parent, str(key))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        if f.name in raw:
+            values[f.name] = check_value(hints[f.name], raw[f.name], path, where, f.metadata, root)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = build(hints[f.name], {}, where, path + ".", root)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key '{path}' ({f.metadata.get('help', '')})")
+    return cls(**values)
+
+
+def check_value(tp: Any, value: Any, path: str, where: str, meta: Any, root: type) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, where, path + ".", root)
+    ok, converted = coerce(tp, value)
+    if not ok:
+        raise ConfigError(f"{where}: '{path}' expects {describe(tp)}, got {value!r}")
+    check_range(converted, path, where, meta)
+    return converted
+
+
+def coerce(tp: Any, value: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = coerce(arg, value)
+            if ok:
+                return True, v
+        return False, None
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return False, None
+        items = [coerce(item, v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if tp is type(None):
+        return value is None, None
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if tp is str:
+        return isinstance(value, str), value
+    return False, None
+
+
+def describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {describe(typing.get_args(tp)[0])}s"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, str(tp))
+
+
+_BOUNDS = (("gt", ">", lambda v, b: v > b), ("ge", ">=", lambda v, b: v >= b),
+           ("lt", "<", lambda v, b: v < b), ("le", "<=", lambda v, b: v <= b))
+
+
+def range_text(meta: Any) -> str:
+    return " and ".join(f"{sym} {meta[k]}" for k, sym, _ in _BOUNDS if meta.get(k) is not None)
+
+
+def check_range(value: Any, path: str, where: str, meta: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if any(meta.get(k) is not None and not test(value, meta[k]) for k, _, test in _BOUNDS):
+        raise ConfigError(f"{where}: '{path}' must be {range_text(meta)}, got {value}")
+
+
+_HINTS: dict[type, dict] = {}
+
+
+def resolved_hints(cls: type) -> dict:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+# ---------------------------------------------------------------------------------------------- output
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differing_keys(a: dict, b: dict, ignore: set[str] = RESUME_NEUTRAL_KEYS) -> list[str]:
+    fa, fb = flatten(a), flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
+
+
+def schema_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf key, for `llmft schema`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = resolved_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += schema_rows(tp, prefix + f.name + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        rng = range_text(f.metadata)
+        rows.append((prefix + f.name, describe(tp) + (f" {rng}" if rng else ""), default,
+                     f.metadata.get("help", "")))
+    return rows

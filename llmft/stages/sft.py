@@ -1,0 +1,229 @@
+"""Supervised fine-tuning: maximise the likelihood of the completion (assistant) tokens.
+
+    setup  → resolve model and data, plan the steps, prepare the output directory, build LoRA + AdamW
+    train  → per step: micro-batches → token-mean cross entropy over the whole accumulated batch → clip → step
+    save   → periodic resumable checkpoint-N/, then the final adapter, tokenizer and manifest
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from llmft import data as D
+from llmft.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_final
+from llmft.config import SFTConfig, to_dict, to_yaml
+from llmft.losses import sft_loss
+from llmft.modeling import (
+    add_lora,
+    file_sha256,
+    load_model,
+    load_tokenizer,
+    parameter_counts,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+    root_source,
+    supervised_logits,
+)
+from llmft.training import (
+    MetricsLog,
+    StepPlan,
+    Throughput,
+    autocast,
+    configure_backend,
+    console,
+    describe_step,
+    ensure_finite,
+    is_complete,
+    make_optimizer,
+    make_scheduler,
+    now,
+    optimizer_step,
+    plan_steps,
+    prepare_output_dir,
+    progress_bar,
+    seed_everything,
+    versions,
+)
+
+
+@dataclass
+class Setup:
+    cfg: SFTConfig
+    source: Any
+    tokenizer: Any
+    train: D.TokenizedSet
+    eval: D.TokenizedSet | None
+    plan: StepPlan
+    device: torch.device
+    dtype: torch.dtype
+
+
+# --------------------------------------------------------------------------------------------- setup
+def setup(cfg: SFTConfig) -> Setup:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    source = resolve_source(cfg.model.name, cfg.model.revision)
+    tok = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
+    train_set, eval_set = load_data(cfg, tok)
+    plan = plan_steps(len(train_set.examples), cfg.train.batch_size, cfg.train.grad_accum,
+                      cfg.train.epochs, cfg.train.max_steps, cfg.seed)
+    return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype)
+
+
+def load_data(cfg: SFTConfig, tok) -> tuple[D.TokenizedSet, D.TokenizedSet | None]:
+    d = cfg.data
+    train_rows = D.read_records(d.train, d.split)
+    eval_rows = D.read_records(d.eval, d.split) if d.eval else []
+    if not d.eval:
+        train_rows, eval_rows = D.split_eval(train_rows, d.eval_fraction, cfg.seed)
+    fmt = D.detect_format(train_rows, d.format)
+    train_set = D.tokenize_records(train_rows, tok, fmt, d.max_length, d.loss_on)
+    eval_set = D.tokenize_records(eval_rows, tok, fmt, d.max_length, d.loss_on) if eval_rows else None
+    return train_set, eval_set
+
+
+def show_plan(s: Setup) -> None:
+    t = Table(title=f"llmft sft → {s.cfg.output_dir}", show_header=False)
+    t.add_row("model", f"{s.cfg.model.name} ({s.source.kind}: {s.source.path})")
+    t.add_row("device / dtype", f"{s.device} / {str(s.dtype).removeprefix('torch.')}")
+    for name, ts in (("train", s.train), ("eval", s.eval)):
+        if ts:
+            t.add_row(f"{name} data", f"{len(ts.examples)} examples, {ts.tokens} tokens "
+                      f"({ts.supervised} supervised); {ts.truncated} truncated to {s.cfg.data.max_length}, "
+                      f"{ts.dropped} dropped with nothing to train on")
+    tr = s.cfg.train
+    t.add_row("steps", f"{s.plan.total} optimizer steps ({s.plan.steps_per_epoch}/epoch) × "
+              f"{tr.batch_size} examples × {tr.grad_accum} accumulation")
+    t.add_row("LoRA", f"r={s.cfg.lora.r} alpha={s.cfg.lora.alpha} dropout={s.cfg.lora.dropout} "
+              f"targets={s.cfg.lora.target_modules}")
+    console.print(t)
+
+
+# --------------------------------------------------------------------------------------------- train
+def run(cfg: SFTConfig, dry_run: bool = False) -> dict | None:
+    """The `llmft sft` command: returns the final metrics (None for a dry run or a finished run)."""
+    s = setup(cfg)
+    show_plan(s)
+    if dry_run:
+        console.print(to_yaml(cfg), markup=False, highlight=False)
+        return None
+    run_dir = Path(cfg.output_dir)
+    if cfg.resume and is_complete(run_dir):
+        console.print(f"[green]{run_dir} already holds the finished run; nothing to do")
+        return None
+    resume_from = prepare_output_dir(cfg)
+    configure_backend(s.device)
+    seed_everything(cfg.seed)
+    model = load_model(s.source, s.dtype, s.device, cfg.model)
+    model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    trainable, total = parameter_counts(model)
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    optimizer = make_optimizer(model, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train, s.plan.total)
+    start = 0
+    if resume_from:
+        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        console.print(f"resuming from {resume_from} (step {start} of {s.plan.total})")
+    metrics = train(s, model, optimizer, scheduler, start, resume_from)
+    save_final(run_dir, model, s.tokenizer, manifest(s, metrics))
+    console.print(f"[green]done: adapter, tokenizer and manifest in {run_dir}")
+    return metrics
+
+
+def train(s: Setup, model, optimizer, scheduler, start: int, last_ckpt: Path | None) -> dict:
+    cfg, tr, run_dir = s.cfg, s.cfg.train, Path(s.cfg.output_dir)
+    log = MetricsLog(run_dir, start if last_ckpt else None, cfg.tensorboard)
+    speed, pad = Throughput(), s.tokenizer.pad_token_id
+    final: dict = {}
+    model.train()
+    with progress_bar() as bar:
+        task = bar.add_task("sft", total=s.plan.total, completed=start, info="")
+        for step in range(start + 1, s.plan.total + 1):
+            batches = [D.collate([s.train.examples[i] for i in mb], pad) for mb in s.plan.steps[step - 1]]
+            loss, tokens = accumulate(model, batches, s.device, s.dtype)
+            ensure_finite(step, last_ckpt, loss=loss)
+            grad_norm = optimizer_step(model, optimizer, scheduler, tr.max_grad_norm)
+            ensure_finite(step, last_ckpt, grad_norm=grad_norm)
+            speed.add(tokens)
+            values = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "epoch": round(s.plan.epoch_of(step), 4), "tokens": tokens}
+            if step % tr.log_every == 0 or step == s.plan.total:
+                values["tokens_per_s"] = speed.rate()
+                log.log(step, values)
+            if s.eval and (step == s.plan.total or (tr.eval_every and step % tr.eval_every == 0)):
+                values["eval/loss"] = evaluate(model, s.eval, tr.batch_size, pad, s.device, s.dtype)
+                log.log(step, {"eval/loss": values["eval/loss"]})
+            if step % tr.save_every == 0 and step < s.plan.total:
+                last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                                            {"epoch": values["epoch"]}, tr.keep_checkpoints)
+            final.update(values)
+            bar.update(task, completed=step, info=describe_step(
+                {k: v for k, v in values.items() if k in ("loss", "lr", "tokens_per_s", "eval/loss")}))
+    log.close()
+    return final
+
+
+def accumulate(model, batches: list[dict], device, dtype) -> tuple[float, int]:
+    """Forward/backward every micro-batch of one optimizer step; return (token-mean loss, tokens seen)."""
+    num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    total, seen = torch.zeros((), device=device), 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast(device, dtype):
+            logits, targets = supervised_logits(model, b["input_ids"], b["attention_mask"], b["labels"])
+        loss = sft_loss(logits, targets, num_tokens)
+        loss.backward()
+        total += loss.detach()
+        seen += int(b["attention_mask"].sum())
+    return float(total), seen
+
+
+@torch.no_grad()
+def evaluate(model, data: D.TokenizedSet, batch_size: int, pad: int, device, dtype) -> float:
+    """Token-mean cross entropy over the whole eval set (dropout off)."""
+    model.eval()
+    nll, count = 0.0, 0
+    for i in range(0, len(data.examples), batch_size):
+        b = {k: v.to(device) for k, v in D.collate(data.examples[i:i + batch_size], pad).items()}
+        with autocast(device, dtype):
+            logits, targets = supervised_logits(model, b["input_ids"], b["attention_mask"], b["labels"])
+        nll += float(sft_loss(logits, targets, 1))
+        count += targets.numel()
+    model.train()
+    return nll / count
+
+
+# ---------------------------------------------------------------------------------------------- save
+def manifest(s: Setup, metrics: dict) -> dict[str, Any]:
+    src = s.source
+    parent = None
+    if src.kind == "stage":
+        parent = {"path": src.path, "stage": src.manifest.get("stage"), "sha256": content_hash(Path(src.path))}
+    data_files = [(role, path) for role, path in (("train", s.cfg.data.train), ("eval", s.cfg.data.eval)) if path]
+    return {
+        "stage": "sft",
+        "created": now(),
+        "model": {"source": s.cfg.model.name, "kind": src.kind, "resolved": resolved_name(src),
+                  "root": root_source(src).name},
+        "parent": parent,
+        "data": [{"role": role, "path": str(Path(p).resolve()) if Path(p).is_file() else p,
+                  "sha256": file_sha256(Path(p)) if Path(p).is_file() else None} for role, p in data_files],
+        "config": to_dict(s.cfg),
+        "metrics": metrics,
+        "versions": versions(),
+    }
+
+
+def resolved_name(src) -> str:
+    """What `resolve_source` needs to find this model again from anywhere."""
+    if src.kind in ("embedded", "hub"):
+        return src.name
+    if src.kind == "gguf":
+        return str(Path(src.name).expanduser().resolve())
+    return src.path

@@ -1,0 +1,96 @@
+"""Fixtures: a tiny Llama model and a ChatML tokenizer built offline in a second, with pad == eos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ["the quick brown fox jumps over the lazy dog", "a lighthouse guides ships at night",
+          "paris is the capital of france", "water boils at one hundred degrees",
+          "write three words about the sea", "answer in lowercase please", "hello world"] * 20
+
+
+def build_tokenizer(chat_template: str | None = CHATML):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw = Tokenizer(models.BPE(unk_token=None))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.chat_template = chat_template
+    return tok
+
+
+def build_model(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A local Hugging Face directory: 2-layer Llama (hidden 32) + ChatML tokenizer, pad == eos."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = build_tokenizer()
+    build_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+ROWS = [{"prompt": f"write {w} words about the sea", "completion": f"the sea is {c}"}
+        for w, c in [("two", "blue"), ("three", "deep and wide"), ("one", "salty"), ("four", "calm at night"),
+                     ("five", "home to the quick fish"), ("six", "where ships go at night"),
+                     ("seven", "lazy and warm in summer"), ("eight", "the capital of blue")]]
+
+
+@pytest.fixture
+def sft_data(tmp_path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a YAML config for the tiny model and return its path."""
+    import yaml
+
+    def write(model_dir: Path, data: Path, **overrides) -> Path:
+        cfg = {"model": {"name": str(model_dir)},
+               "data": {"train": str(data), "max_length": 64},
+               "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+               "train": {"batch_size": 4, "learning_rate": 1e-2, "epochs": 2, "warmup_ratio": 0.0,
+                         "save_every": 2},
+               "output_dir": str(tmp_path / "run"), "seed": 0}
+        for key, value in overrides.items():
+            node = cfg
+            *parents, leaf = key.split("__")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return write
