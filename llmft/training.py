@@ -75,13 +75,7 @@ def prepare_output_dir(cfg: Any) -> Path | None:
 
 
 def resume_point(cfg: Any, run_dir: Path) -> Path | None:
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise RunError(f"resume: output_dir {run_dir} holds no config.yaml, so it is not an llmft run")
-    changed = differing_keys(yaml.safe_load(saved.read_text()), to_dict(cfg))
-    if changed:
-        raise RunError(f"resume: the config differs from the run in {run_dir} in {', '.join(changed)}; "
-                       f"resume with the same config or set overwrite: true")
+    check_same_run(cfg, run_dir)
     remove_stale_tmp(run_dir)
     if isinstance(cfg.resume, str) and cfg.resume != "auto":
         path = Path(cfg.resume)
@@ -91,8 +85,24 @@ def resume_point(cfg: Any, run_dir: Path) -> Path | None:
     return latest_checkpoint(run_dir)
 
 
-def is_complete(run_dir: Path) -> bool:
-    return (run_dir / "llmft.json").is_file()
+def check_same_run(cfg: Any, run_dir: Path) -> None:
+    """Refuse to resume a run whose saved config differs in a key that changes what is computed."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise RunError(f"resume: output_dir {run_dir} holds no config.yaml, so it is not an llmft run")
+    changed = differing_keys(yaml.safe_load(saved.read_text()), to_dict(cfg))
+    if changed:
+        raise RunError(f"resume: the config differs from the run in {run_dir} in {', '.join(changed)}; "
+                       f"resume with the same config or set overwrite: true")
+
+
+def finished_already(cfg: Any) -> bool:
+    """True when `resume` is set and output_dir holds this very run, finished."""
+    run_dir = Path(cfg.output_dir)
+    if not (cfg.resume and (run_dir / "llmft.json").is_file()):
+        return False
+    check_same_run(cfg, run_dir)
+    return True
 
 
 # ------------------------------------------------------------------------------------------ step plan

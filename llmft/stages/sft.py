@@ -39,7 +39,7 @@ from llmft.training import (
     console,
     describe_step,
     ensure_finite,
-    is_complete,
+    finished_already,
     make_optimizer,
     make_scheduler,
     now,
@@ -114,8 +114,8 @@ def run(cfg: SFTConfig, dry_run: bool = False) -> dict | None:
         console.print(to_yaml(cfg), markup=False, highlight=False)
         return None
     run_dir = Path(cfg.output_dir)
-    if cfg.resume and is_complete(run_dir):
-        console.print(f"[green]{run_dir} already holds the finished run; nothing to do")
+    if finished_already(cfg):
+        console.print(f"[green]{run_dir} already holds this run, finished; nothing to do")
         return None
     resume_from = prepare_output_dir(cfg)
     configure_backend(s.device)
