@@ -68,7 +68,8 @@ def schema(stage: str = typer.Argument("sft", help="Stage whose config keys to l
     if stage not in STAGE_CONFIGS:
         raise LlmftError(f"unknown stage '{stage}' (stages with configs: {', '.join(STAGE_CONFIGS)})")
     t = Table(title=f"llmft {stage} config")
-    for col in ("key", "type", "default", "meaning"):
+    t.add_column("key", no_wrap=True, style="bold")
+    for col in ("type", "default", "meaning"):
         t.add_column(col, overflow="fold")
     for row in schema_rows(STAGE_CONFIGS[stage]):
         t.add_row(*row)

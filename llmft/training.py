@@ -47,35 +47,42 @@ def seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ output directory
-def prepare_output_dir(cfg: Any) -> Path | None:
-    """Create or check `cfg.output_dir`; return the checkpoint to resume from, if any.
+def check_output_dir(cfg: Any) -> str:
+    """Decide what to do with `cfg.output_dir` without touching it: 'new', 'overwrite' or 'resume'.
 
-    An existing directory that holds a different run is refused unless `overwrite: true`; with
-    `resume: auto` (or a checkpoint path) the run continues from its latest checkpoint, provided the
-    resolved config matches the one saved there in every key that changes what is computed.
+    An existing directory that holds a run is refused unless `overwrite: true` (only llmft runs are ever
+    deleted) or `resume` is set and the saved config matches in every key that changes what is computed.
     """
     run_dir = Path(cfg.output_dir)
-    saved = run_dir / "config.yaml"
     if run_dir.is_file():
         raise RunError(f"output_dir {run_dir} is a file")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if cfg.overwrite:
-            if not saved.is_file():
-                raise RunError(f"output_dir {run_dir} holds files that are not an llmft run; refusing to "
-                               f"delete them with overwrite: true (choose another output_dir)")
-            shutil.rmtree(run_dir)
-        elif cfg.resume:
-            return resume_point(cfg, run_dir)
-        else:
-            raise RunError(f"output_dir {run_dir} already holds a run; set resume: auto to continue it or "
-                           f"overwrite: true to replace it (e.g. --set overwrite=true)")
+    if not (run_dir.is_dir() and any(run_dir.iterdir())):
+        return "new"
+    if cfg.overwrite:
+        if not (run_dir / "config.yaml").is_file():
+            raise RunError(f"output_dir {run_dir} holds files that are not an llmft run; refusing to "
+                           f"delete them with overwrite: true (choose another output_dir)")
+        return "overwrite"
+    if cfg.resume:
+        check_same_run(cfg, run_dir)
+        return "resume"
+    raise RunError(f"output_dir {run_dir} already holds a run; set resume: auto to continue it or "
+                   f"overwrite: true to replace it (e.g. --set overwrite=true)")
+
+
+def prepare_output_dir(cfg: Any) -> Path | None:
+    """Create, replace or reopen `cfg.output_dir`; return the checkpoint to resume from, if any."""
+    run_dir, mode = Path(cfg.output_dir), check_output_dir(cfg)
+    if mode == "resume":
+        return resume_point(cfg, run_dir)
+    if mode == "overwrite":
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return None
 
 
 def resume_point(cfg: Any, run_dir: Path) -> Path | None:
-    check_same_run(cfg, run_dir)
     remove_stale_tmp(run_dir)
     if isinstance(cfg.resume, str) and cfg.resume != "auto":
         path = Path(cfg.resume)

@@ -35,6 +35,7 @@ from llmft.training import (
     StepPlan,
     Throughput,
     autocast,
+    check_output_dir,
     configure_backend,
     console,
     describe_step,
@@ -108,14 +109,15 @@ def show_plan(s: Setup) -> None:
 # --------------------------------------------------------------------------------------------- train
 def run(cfg: SFTConfig, dry_run: bool = False) -> dict | None:
     """The `llmft sft` command: returns the final metrics (None for a dry run or a finished run)."""
+    run_dir = Path(cfg.output_dir)
+    if finished_already(cfg):
+        console.print(f"[green]{run_dir} already holds this run, finished; nothing to do")
+        return None
+    check_output_dir(cfg)  # refuse early, before the model and data are loaded
     s = setup(cfg)
     show_plan(s)
     if dry_run:
         console.print(to_yaml(cfg), markup=False, highlight=False)
-        return None
-    run_dir = Path(cfg.output_dir)
-    if finished_already(cfg):
-        console.print(f"[green]{run_dir} already holds this run, finished; nothing to do")
         return None
     resume_from = prepare_output_dir(cfg)
     configure_backend(s.device)
