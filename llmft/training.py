@@ -10,6 +10,7 @@ import platform
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,9 +30,9 @@ console = Console(stderr=True)
 
 
 def configure_backend(device: torch.device) -> None:
-    """CPU: flush subnormal floats to zero. Tiny activations and gradients otherwise take the slow
-    subnormal path in every matmul and elementwise op (4x slower steps measured on SmolLM2-135M);
-    values below 1.2e-38 carry nothing a loss can see. CUDA: allow TF32 matmuls for fp32 work."""
+    """CPU: flush subnormal floats to zero (they take a slow path in every op; the gain measured on
+    SmolLM2-135M is small, 0-10%, and values below 1.2e-38 carry nothing a loss can see).
+    CUDA: allow TF32 for what still runs in fp32."""
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     else:
@@ -225,18 +226,26 @@ class MetricsLog:
 
 
 class Throughput:
-    """Tokens per second since the last call to `rate`."""
+    """Tokens per second of training work: `timed` measures the steps only, never eval or checkpoints."""
 
     def __init__(self):
-        self.tokens, self.start = 0, time.perf_counter()
+        self.tokens, self.seconds = 0, 0.0
+
+    @contextmanager
+    def timed(self, device: torch.device):
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds += time.perf_counter() - start
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 
     def rate(self) -> float:
-        now = time.perf_counter()
-        rate = self.tokens / max(now - self.start, 1e-9)
-        self.tokens, self.start = 0, now
+        """The rate since the last call."""
+        rate = self.tokens / max(self.seconds, 1e-9)
+        self.tokens, self.seconds = 0, 0.0
         return rate
 
 

@@ -53,7 +53,7 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, sft_data, write_conf
     # the mean of per-micro-batch means is a different number: the test can tell the two apart
     means = [sft.accumulate(model, [sft.D.collate([e], pad)], s.device, s.dtype)[0] for e in examples]
     counts = [sum(t != -100 for t in e.labels[1:]) for e in examples]
-    assert loss_big == pytest.approx(sum(m * n for m, n in zip(means, counts)) / sum(counts), rel=1e-6)
+    assert loss_big == pytest.approx(sum(m * n for m, n in zip(means, counts, strict=True)) / sum(counts), rel=1e-6)
     assert abs(sum(means) / 4 - loss_big) > 100 * 1e-6 * loss_big
 
 

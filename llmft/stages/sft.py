@@ -148,15 +148,18 @@ def train(s: Setup, model, optimizer, scheduler, start: int, last_ckpt: Path | N
         task = bar.add_task("sft", total=s.plan.total, completed=start, info="")
         for step in range(start + 1, s.plan.total + 1):
             batches = [D.collate([s.train.examples[i] for i in mb], pad) for mb in s.plan.steps[step - 1]]
-            loss, tokens = accumulate(model, batches, s.device, s.dtype)
-            ensure_finite(step, last_ckpt, loss=loss)
-            grad_norm = optimizer_step(model, optimizer, scheduler, tr.max_grad_norm)
-            ensure_finite(step, last_ckpt, grad_norm=grad_norm)
+            with speed.timed(s.device):
+                loss, tokens = accumulate(model, batches, s.device, s.dtype)
+                ensure_finite(step, last_ckpt, loss=loss)
+                grad_norm = optimizer_step(model, optimizer, scheduler, tr.max_grad_norm)
+                ensure_finite(step, last_ckpt, grad_norm=grad_norm)
             speed.add(tokens)
             values = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "epoch": round(s.plan.epoch_of(step), 4), "tokens": tokens}
             if step % tr.log_every == 0 or step == s.plan.total:
                 values["tokens_per_s"] = speed.rate()
+                if s.device.type == "cuda":
+                    values["cuda_peak_mib"] = torch.cuda.max_memory_allocated(s.device) / 2**20
                 log.log(step, values)
             if s.eval and (step == s.plan.total or (tr.eval_every and step % tr.eval_every == 0)):
                 values["eval/loss"] = evaluate(model, s.eval, tr.batch_size, pad, s.device, s.dtype)
@@ -165,8 +168,10 @@ def train(s: Setup, model, optimizer, scheduler, start: int, last_ckpt: Path | N
                 last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
                                             {"epoch": values["epoch"]}, tr.keep_checkpoints)
             final.update(values)
-            bar.update(task, completed=step, info=describe_step(
-                {k: v for k, v in values.items() if k in ("loss", "lr", "tokens_per_s", "eval/loss")}))
+            shown = describe_step({k: v for k, v in values.items() if k in ("loss", "lr", "tokens_per_s", "eval/loss")})
+            bar.update(task, completed=step, info=shown)
+            if not console.is_terminal and (step % 10 == 0 or step == s.plan.total):  # logs, CI: plain lines
+                console.print(f"step {step}/{s.plan.total}  {shown}", highlight=False)
     log.close()
     return final
 
