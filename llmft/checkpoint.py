@@ -33,8 +33,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     yield tmp
     for f in tmp.rglob("*"):
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(f)
     if target.exists():
         shutil.rmtree(target)
     os.rename(tmp, target)
@@ -48,6 +47,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: Path) -> None:
@@ -117,13 +121,17 @@ def set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- final output
 def save_final(run_dir: Path, model, tokenizer, manifest: dict) -> None:
-    """Write the adapter and tokenizer into `run_dir` (each file renamed into place), the manifest last."""
-    with atomic_dir(run_dir / "final") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    for f in (run_dir / "final").iterdir():
+    """Write the adapter and tokenizer into `run_dir` (each file renamed into place), the manifest last:
+    a run directory with `llmft.json` is complete."""
+    tmp = run_dir / f"{TMP_PREFIX}final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        fsync_file(f)
         os.replace(f, run_dir / f.name)
-    (run_dir / "final").rmdir()
+    tmp.rmdir()
     manifest["adapter_sha256"] = content_hash(run_dir)
     atomic_write_text(run_dir / "llmft.json", json.dumps(manifest, indent=2, default=str))
 

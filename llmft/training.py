@@ -58,6 +58,9 @@ def check_output_dir(cfg: Any) -> str:
     if run_dir.is_file():
         raise RunError(f"output_dir {run_dir} is a file")
     if not (run_dir.is_dir() and any(run_dir.iterdir())):
+        if isinstance(cfg.resume, str) and cfg.resume != "auto":
+            raise RunError(f"resume: {cfg.resume} continues the run in output_dir, but {run_dir} is empty; "
+                           f"set output_dir to the directory that holds that checkpoint")
         return "new"
     if cfg.overwrite:
         if not (run_dir / "config.yaml").is_file():

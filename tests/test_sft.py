@@ -175,3 +175,21 @@ def test_output_dir_policy(tiny_model_dir, sft_data, write_config, tmp_path):
     with pytest.raises(RunError, match="not an llmft run"):
         run(cfg, f"output_dir={stranger}", "overwrite=true")
     assert (stranger / "notes.txt").exists()
+
+
+def test_gradient_checkpointing_and_bf16_weights_train(tiny_model_dir, sft_data, write_config, tmp_path):
+    plain = write_config(tiny_model_dir, sft_data, output_dir=str(tmp_path / "plain"), train__max_steps=2)
+    ckpt = write_config(tiny_model_dir, sft_data, output_dir=str(tmp_path / "gc"), train__max_steps=2,
+                        train__gradient_checkpointing=True)
+    run(plain), run(ckpt)
+    assert losses(tmp_path / "gc") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    bf16 = write_config(tiny_model_dir, sft_data, output_dir=str(tmp_path / "bf16"), train__max_steps=2,
+                        model__dtype="bfloat16")
+    run(bf16)  # bf16 weights, fp32 adapters and fp32 loss
+    assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "plain"), rel=2e-2)
+
+
+def test_resume_path_into_an_empty_output_dir_is_refused(tiny_model_dir, sft_data, write_config, tmp_path):
+    cfg = write_config(tiny_model_dir, sft_data, resume=str(tmp_path / "elsewhere" / "checkpoint-2"))
+    with pytest.raises(RunError, match="is empty"):
+        run(cfg)
