@@ -82,7 +82,7 @@ def llmft_sft(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
     rows = [r for r in map(json.loads, lines) if "tokens_per_s" in r]
     per_step = args.batch_size * args.grad_accum
     return {"impl": "llmft", **timed_rates(rows, args.warmup_steps, per_step), "peak_rss_mib": rss,
-            "peak_cuda_mib": None,  # llmft does not report it yet
+            "peak_cuda_mib": max((r["cuda_peak_mib"] for r in rows if "cuda_peak_mib" in r), default=None),
             "losses": [r["loss"] for r in rows], "step_tokens": [r["tokens"] for r in rows],
             "step_seconds": [r["tokens"] / r["tokens_per_s"] for r in rows if r["step"] > args.warmup_steps],
             "flush_denormal": True}

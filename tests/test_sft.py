@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,9 @@ def test_only_lora_parameters_change_and_loss_goes_down(tiny_model_dir, sft_data
     assert {n for n in before if "lora_B" in n} <= changed  # every adapter learned (B starts at 0)
     curve = losses(cfg.output_dir)
     assert sum(curve[-3:]) / 3 < 0.7 * sum(curve[:3]) / 3
-    evals = [json.loads(x)["eval/loss"] for x in open(Path(cfg.output_dir) / "metrics.jsonl") if "eval" in x]
-    assert evals[-1] < evals[0]
+    rows = [json.loads(x) for x in open(Path(cfg.output_dir) / "metrics.jsonl") if "eval" in x]
+    assert [r["step"] for r in rows] == [*range(0, 30, 4), 30]  # before training, every 4 steps, at the end
+    assert rows[-1]["eval/loss"] < rows[0]["eval/loss"]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, sft_data, write_config, tmp_path,
@@ -193,3 +195,13 @@ def test_resume_path_into_an_empty_output_dir_is_refused(tiny_model_dir, sft_dat
     cfg = write_config(tiny_model_dir, sft_data, resume=str(tmp_path / "elsewhere" / "checkpoint-2"))
     with pytest.raises(RunError, match="is empty"):
         run(cfg)
+
+
+def test_schedule_warmup_then_cosine_to_zero(tiny_model_dir, sft_data, write_config):
+    cfg = write_config(tiny_model_dir, sft_data, train__batch_size=1, train__epochs=1, train__warmup_ratio=0.25)
+    run(cfg)  # 8 steps: 2 of linear warmup, then cosine decay; the logged lr is the one each step used
+    rows = [json.loads(x) for x in (Path(load_config("sft", cfg).output_dir) / "metrics.jsonl").open()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    peak = 1e-2
+    expected = [peak / 3, 2 * peak / 3] + [peak * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert lrs == pytest.approx(expected, rel=1e-6)

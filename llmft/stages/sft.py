@@ -143,18 +143,21 @@ def train(s: Setup, model, optimizer, scheduler, start: int, last_ckpt: Path | N
     log = MetricsLog(run_dir, start if last_ckpt else None, cfg.tensorboard)
     speed, pad = Throughput(), s.tokenizer.pad_token_id
     final: dict = {}
+    if s.eval and start == 0:  # the starting point, so the curve shows what training changed
+        log.log(0, {"eval/loss": evaluate(model, s.eval, tr.batch_size, pad, s.device, s.dtype)})
     model.train()
     with progress_bar() as bar:
         task = bar.add_task("sft", total=s.plan.total, completed=start, info="")
         for step in range(start + 1, s.plan.total + 1):
             batches = [D.collate([s.train.examples[i] for i in mb], pad) for mb in s.plan.steps[step - 1]]
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
             with speed.timed(s.device):
                 loss, tokens = accumulate(model, batches, s.device, s.dtype)
                 ensure_finite(step, last_ckpt, loss=loss)
                 grad_norm = optimizer_step(model, optimizer, scheduler, tr.max_grad_norm)
                 ensure_finite(step, last_ckpt, grad_norm=grad_norm)
             speed.add(tokens)
-            values = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            values = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "epoch": round(s.plan.epoch_of(step), 4), "tokens": tokens}
             if step % tr.log_every == 0 or step == s.plan.total:
                 values["tokens_per_s"] = speed.rate()
@@ -168,7 +171,7 @@ def train(s: Setup, model, optimizer, scheduler, start: int, last_ckpt: Path | N
                 last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
                                             {"epoch": values["epoch"]}, tr.keep_checkpoints)
             final.update(values)
-            shown = describe_step({k: v for k, v in values.items() if k in ("loss", "lr", "tokens_per_s", "eval/loss")})
+            shown = describe_step({k: values[k] for k in ("loss", "lr", "tokens_per_s", "eval/loss") if k in values})
             bar.update(task, completed=step, info=shown)
             if not console.is_terminal and (step % 10 == 0 or step == s.plan.total):  # logs, CI: plain lines
                 console.print(f"step {step}/{s.plan.total}  {shown}", highlight=False)
