@@ -18,7 +18,7 @@ Row schema: {"prompt", "completion", "constraints": [{"type": ..., ...}],
 Regenerate:
     python scripts/make_demo_data.py --seed 0 --out data/demo
 
-Stdlib only, no llmft imports; deterministic for a given seed.
+Deterministic for a given seed. Answers are checked with llmft's judge (llmft/judges/constraints.py).
 """
 
 import argparse
@@ -27,6 +27,8 @@ import math
 import random
 import re
 from pathlib import Path
+
+from llmft.judges.constraints import check, count_words, has_word
 
 # One block per request: a "request_id | request" line, then five sentences.
 CONTENT = """
@@ -261,54 +263,6 @@ TEMPLATES = {
     "sentences": ["Answer in exactly {count}.", "Write exactly {count}, no more and no less."],
 }
 TYPES = list(TEMPLATES)  # constraint types, in a fixed order
-
-
-# ---------------------------------------------------------------- checking
-def has_word(text, word):
-    return re.search(rf"\b{re.escape(word)}\b", text, re.IGNORECASE) is not None
-
-
-def count_words(text):
-    """Whitespace-separated tokens that contain at least one letter or digit."""
-    return sum(1 for tok in text.split() if any(ch.isalnum() for ch in tok))
-
-
-def count_sentences(text):
-    """Runs of . ! ? followed by whitespace or end; -1 if text ends mid-sentence."""
-    text = text.strip()
-    if not text or text[-1] not in ".!?":
-        return -1
-    return len(re.findall(r"[.!?]+(?=\s|$)", text))
-
-
-def is_json_with_key(text, key):
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(obj, dict) and key in obj
-
-
-CHECKS = {
-    "lowercase": lambda c, t: t == t.lower(),
-    "uppercase": lambda c, t: t == t.upper(),
-    "max_words": lambda c, t: count_words(t) <= c["n"],
-    "min_words": lambda c, t: count_words(t) >= c["n"],
-    "bullets": lambda c, t: sum(ln.startswith("- ") for ln in t.split("\n")) == c["n"],
-    "include_keyword": lambda c, t: has_word(t, c["word"]),
-    "exclude_word": lambda c, t: not has_word(t, c["word"]),
-    "starts_with": lambda c, t: t.strip().startswith(c["phrase"]),
-    "ends_with": lambda c, t: t.strip().endswith(c["phrase"]),
-    "quoted": lambda c, t: len(t.strip()) >= 2 and t.strip()[0] == t.strip()[-1] == '"',
-    "json_key": lambda c, t: is_json_with_key(t, c["key"]),
-    "no_commas": lambda c, t: "," not in t,
-    "sentences": lambda c, t: count_sentences(t) == c["n"],
-}
-
-
-def check(constraints, text):
-    """Return one bool per constraint: does ``text`` satisfy it?"""
-    return [CHECKS[c["type"]](c, text) for c in constraints]
 
 
 # ---------------------------------------------------------------- content

@@ -1,0 +1,1 @@
+"""Judges: programs that score responses exactly (no model can argue with them)."""
