@@ -23,27 +23,13 @@ import time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench import add_common  # the same options as the parent script (scripts/ is on sys.path)
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="local HF model directory (safetensors + tokenizer)")
-    p.add_argument("--data", required=True, help='JSONL rows {"prompt": str, "completion": str}')
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    p.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps run first")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated names")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
+    add_common(p, out="benchmarks/tmp/trl.json")
     p.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default is on; off here")
-    p.add_argument(
-        "--flush-denormal",
-        action="store_true",
-        help="torch.set_flush_denormal(True) before training (what llmft does on CPU); off = TRL as shipped",
-    )
-    p.add_argument("--out", required=True, help="result JSON path")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="torch.set_flush_denormal(True) before training (what llmft does on CPU); off = as shipped")
     return p.parse_args(argv)
 
 
@@ -115,8 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
             meter.pending.append((inputs["attention_mask"].sum(), inputs["input_ids"].shape[0], loss))
             return loss
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    from llmft.modeling import resolve_source
+
+    model_dir = resolve_source(args.model).path  # an alias, .gguf file or directory, as for llmft
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     targets = args.target_modules
     lora = LoraConfig(
         r=args.lora_r,
