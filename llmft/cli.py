@@ -47,6 +47,29 @@ def sft(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -
     stage.run(load_config("sft", config, set_), dry_run=dry_run)
 
 
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Model source: alias, directory, .gguf, hub id or a stage's output_dir."),
+    prompts: Path = typer.Option(..., "--prompts", help="JSONL/JSON/CSV/Parquet rows with 'prompt' (or 'messages')."),
+    out: Path | None = typer.Option(None, "--out", help="Write JSONL here (default: standard output)."),
+    max_new_tokens: int = typer.Option(128, help="Longest response."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature; 0 = greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    top_k: int = typer.Option(0, help="Top-k sampling; 0 = off."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    batch_size: int = typer.Option(16, help="Prompts per generation batch."),
+    limit: int | None = typer.Option(None, help="Only the first N prompts."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+) -> None:
+    """Generate responses for a prompts file (chat template applied); each row comes back with
+    [bold]response[/], [bold]finished[/] (ended with EOS) and [bold]response_tokens[/]."""
+    from llmft.generation import Sampling, run_generate
+
+    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, batch_size)
+    run_generate(model, str(prompts), str(out) if out else None, sampling, device, dtype, limit)
+
+
 def not_built(stage: str):
     def command(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
         raise LlmftError(f"the {stage} stage is not built yet (planned in issue #{PLANNED[stage]}); "

@@ -1,0 +1,85 @@
+"""Batched generation: left padding is invisible, responses stop at the first EOS, `llmft generate` I/O."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmft.generation import Sampling, cut_at_eos, encode_prompt, generate
+from tests.test_cli import assert_one_line_error, llmft
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+def prompts(tok, texts):
+    return [encode_prompt(tok, [{"role": "user", "content": t}], "x") for t in texts]
+
+
+def test_batched_left_padded_greedy_equals_one_at_a_time(model, tiny_tokenizer):
+    ids = prompts(tiny_tokenizer, ["hello", "write three words about the sea please now", "the lazy dog"])
+    assert len({len(p) for p in ids}) == 3
+    greedy = Sampling(max_new_tokens=8, temperature=0, batch_size=3)
+    together = generate(model, tiny_tokenizer, ids, greedy)
+    alone = [generate(model, tiny_tokenizer, [p], greedy)[0] for p in ids]
+    assert [g.response_ids for g in together] == [g.response_ids for g in alone]
+    assert [g.prompt_ids for g in together] == ids  # returned in the prompts' order
+
+
+def test_sampling_is_reproducible_by_seed(model, tiny_tokenizer):
+    ids = prompts(tiny_tokenizer, ["hello", "the sea"]) * 2
+    a = generate(model, tiny_tokenizer, ids, Sampling(max_new_tokens=12, temperature=1.0, seed=3))
+    b = generate(model, tiny_tokenizer, ids, Sampling(max_new_tokens=12, temperature=1.0, seed=3))
+    c = generate(model, tiny_tokenizer, ids, Sampling(max_new_tokens=12, temperature=1.0, seed=4))
+    assert [g.response_ids for g in a] == [g.response_ids for g in b] != [g.response_ids for g in c]
+
+
+def test_response_is_cut_after_the_first_eos(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    g = cut_at_eos(tiny_tokenizer, [1], [10, 11, eos, 12, eos, eos])
+    assert g.response_ids == [10, 11, eos] and g.finished and "<|im_end|>" not in g.text
+    g = cut_at_eos(tiny_tokenizer, [1], [10, 11, 12])
+    assert g.response_ids == [10, 11, 12] and not g.finished
+
+
+def test_generate_command_keeps_rows_and_adds_responses(capsys, monkeypatch, tiny_model_dir, tmp_path):
+    src = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "hello", "constraints": [{"type": "lowercase"}]},
+            {"messages": [{"role": "user", "content": "the sea"}, {"role": "assistant", "content": "x"}]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    code, _, err = llmft(capsys, monkeypatch, "generate", tiny_model_dir, "--prompts", src, "--out", out,
+                         "--max-new-tokens", "5", "--temperature", "0")
+    assert code == 0, err
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert got[0]["constraints"] == rows[0]["constraints"] and len(got) == 2
+    assert all({"response", "finished", "response_tokens"} <= set(r) for r in got)
+    assert all(0 < r["response_tokens"] <= 5 for r in got)
+
+
+@pytest.mark.parametrize("content, args, expected", [
+    (None, [], "data file not found"),
+    ("", [], "the dataset is empty"),
+    ('{"question": "hi"}\n', [], "p.jsonl:1: a prompt row needs a 'prompt'"),
+    ('{"prompt": ""}\n', [], "p.jsonl:1: the prompt must be a non-empty string"),
+    ('{"prompt": "hi"}\n', ["--temperature", "-1"], "--temperature must be >= 0"),
+    ('{"prompt": "hi"}\n', ["--top-p", "0"], "--top-p must be in (0, 1]"),
+    ('{"prompt": "hi"}\n', ["--dtype", "int8"], "--dtype must be"),
+])
+def test_generate_bad_input(capsys, monkeypatch, tiny_model_dir, tmp_path, content, args, expected):
+    path = tmp_path / "p.jsonl"
+    if content is not None:
+        path.write_text(content)
+    code, _, err = llmft(capsys, monkeypatch, "generate", tiny_model_dir, "--prompts", path, *args)
+    assert_one_line_error(code, err, expected)
+
+
+def test_generation_runs_in_eval_mode(model, tiny_tokenizer):
+    model.train()
+    generate(model, tiny_tokenizer, prompts(tiny_tokenizer, ["hello"]), Sampling(max_new_tokens=2, temperature=0))
+    assert not model.training and torch.is_grad_enabled()
