@@ -206,3 +206,19 @@ def test_schedule_warmup_then_cosine_to_zero(tiny_model_dir, sft_data, write_con
     peak = 1e-2
     expected = [peak / 3, 2 * peak / 3] + [peak * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
     assert lrs == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["messages", "text", "csv"])
+def test_every_row_format_trains_end_to_end(fmt, tiny_model_dir, write_config, tmp_path):
+    if fmt == "csv":
+        data = tmp_path / "d.csv"
+        data.write_text("prompt,completion\nhello,the sea\nwrite two words,deep blue\n")
+    else:
+        rows = ([{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+                               {"role": "assistant", "content": "the sea"}]}] * 3 if fmt == "messages"
+                else [{"text": "the quick brown fox"}, {"text": "a lighthouse guides ships"}])
+        data = tmp_path / "d.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = run(write_config(tiny_model_dir, data, train__max_steps=2, data__eval_fraction=0.34))
+    assert metrics["loss"] > 0 and metrics["eval/loss"] > 0
+    assert json.loads((tmp_path / "run" / "llmft.json").read_text())["data"][0]["sha256"]
