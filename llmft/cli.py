@@ -70,6 +70,28 @@ def generate(
     run_generate(model, str(prompts), str(out) if out else None, sampling, device, dtype, limit)
 
 
+@app.command(name="eval")
+def evaluate(
+    config: Path | None = typer.Argument(None, help="An eval YAML config (see configs/eval.yaml); or use flags.",
+                                         show_default=False),
+    model: list[str] = typer.Option([], "--model", help="A policy to evaluate (repeatable; first = baseline)."),
+    compare: list[str] = typer.Option([], "--compare", help="More policies to evaluate side by side (repeatable)."),
+    prompts: str | None = typer.Option(None, "--prompts", help="Held-out prompts file."),
+    reference: str | None = typer.Option(None, "--reference", help="Model to measure the KL against."),
+    out: str | None = typer.Option(None, "--out", help="Write the JSON report here."),
+    set_: list[str] = SET,
+) -> None:
+    """Generate on held-out prompts and report judge pass rate and score, KL to a reference, length, share
+    ended with EOS, and win rates against the first model, side by side."""
+    from llmft import evaluation
+    from llmft.config import load_config, read_yaml
+
+    models = model or (read_yaml(config).get("models", []) if config else [])  # --compare adds to these
+    flags = {"models": [*models, *compare] or None, "prompts": prompts, "reference": reference, "out": out}
+    base = {k: v for k, v in flags.items() if v is not None}
+    evaluation.run(load_config("eval", config, set_, base=base))
+
+
 def not_built(stage: str):
     def command(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
         raise LlmftError(f"the {stage} stage is not built yet (planned in issue #{PLANNED[stage]}); "
@@ -105,6 +127,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
+
+    if "transformers" in sys.modules:  # already imported (e.g. by a caller): its env settings are read
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -103,7 +103,35 @@ class SFTConfig:
     tensorboard: bool = opt(False, "Also log to TensorBoard (needs the tensorboard package).")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = opt(128, "Longest response.", ge=1)
+    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.", ge=0)
+    top_p: float = opt(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    top_k: int = opt(0, "Top-k sampling; 0 = off.", ge=0)
+    seed: int = opt(0, "Sampling seed.", ge=0)
+    batch_size: int = opt(16, "Prompts per generation batch.", ge=1)
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = field(default=REQUIRED, metadata={
+        "help": "Policies to evaluate (any model source); the first is the baseline for win rates."})
+    prompts: str = field(default=REQUIRED, metadata={
+        "help": "Held-out prompts: rows with 'prompt' (or 'messages') and what the judges need."})
+    reference: str | None = opt(None, "Model to measure the KL against (mean summed log-ratio of the "
+                                      "responses); null = no KL.")
+    judges: list[str] = opt(["constraints"], "Judges: constraints, bleu, rouge_l, or module:function taking "
+                                             "(prompts, responses, rows) and returning one score per response.")
+    reference_column: str = opt("completion", "Column with the reference text for bleu and rouge_l.")
+    limit: int | None = opt(None, "Only the first N prompts.", ge=1)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "Generation."})
+    out: str | None = opt(None, "Write the JSON report (metrics, win rates, every response) here.")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "eval": EvalConfig}
 
 # Keys that do not change what a run computes: a resumed run may differ from the original in these.
 RESUME_NEUTRAL_KEYS = {"resume", "overwrite", "tensorboard", "train.log_every", "train.save_every",
@@ -111,10 +139,11 @@ RESUME_NEUTRAL_KEYS = {"resume", "overwrite", "tensorboard", "train.log_every", 
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_config(stage: str, path: str | Path, overrides: list[str] = ()) -> Any:
-    """Read, override and validate the config of `stage` from the YAML file at `path`."""
-    raw = read_yaml(path)
-    where = str(path)
+def load_config(stage: str, path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Any:
+    """Read, override and validate the config of `stage` from the YAML file at `path` (or from `base`)."""
+    raw = read_yaml(path) if path is not None else {}
+    raw.update(base or {})
+    where = str(path) if path is not None else "command line"
     for item in overrides:
         apply_override(raw, item, STAGE_CONFIGS[stage])
     return build(STAGE_CONFIGS[stage], raw, where)

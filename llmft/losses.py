@@ -30,3 +30,13 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor, num_tokens: int | torc
     over-weights tokens in short micro-batches.
     """
     return token_nll_sum(logits, targets) / num_tokens
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each target token under temperature-scaled logits, in fp32.
+
+        log π(y_t) = log softmax(z_t / T)[y_t]
+
+    logits: [N, V]; targets: [N] → [N]. Use the sampling temperature when scoring sampled responses.
+    """
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[:, None]).squeeze(-1)

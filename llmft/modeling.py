@@ -247,3 +247,17 @@ def supervised_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits, labels[:, 1:][keep]
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Summed log-probability of each row's supervised tokens, fp32: [B].
+
+        log π(y | x) = Σ_t log π(y_t | x, y_<t)   over the positions where labels != -100
+    """
+    from llmft.losses import token_logps
+
+    logits, targets = supervised_logits(model, input_ids, attention_mask, labels)  # [N, V], [N]
+    rows = (labels[:, 1:] != -100).nonzero()[:, 0]  # [N]: the row of each supervised position
+    logps = token_logps(logits, targets, temperature)
+    return torch.zeros(labels.shape[0], dtype=torch.float32, device=logps.device).index_add_(0, rows, logps)

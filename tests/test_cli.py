@@ -27,11 +27,12 @@ def llmft(capsys, monkeypatch, *args) -> tuple[int, str, str]:
 
 
 def assert_one_line_error(code: int, err: str, *expected: str) -> None:
-    text = " ".join(err.split())  # rich wraps long lines at the terminal width
+    """Exit code 2, no traceback, and the error on one line (the last; progress lines may precede it)."""
+    last = err.strip().splitlines()[-1] if err.strip() else ""
     assert code == 2, err
-    assert text.startswith("error: ") and "Traceback" not in err, err
+    assert last.startswith("error: ") and "Traceback" not in err, err
     for part in expected:
-        assert part in text, text
+        assert part in last, last
 
 
 def test_version_and_help(capsys, monkeypatch):

@@ -1,0 +1,204 @@
+"""`llmft eval`: what each policy does on held-out prompts, measured by judges no model can argue with.
+
+    generate → judge every response → log-ratio to the reference (KL) → summary per policy → win rates
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from llmft.checkpoint import atomic_write_text
+from llmft.config import EvalConfig, ModelConfig, to_dict
+from llmft.data import Example, Record, collate, read_records
+from llmft.errors import ConfigError, DataError, ModelError
+from llmft.generation import Generation, Sampling, check_sampling, encode_prompt, generate, prompt_messages
+from llmft.judges import constraints, text
+from llmft.modeling import (
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+    sequence_logps,
+)
+from llmft.training import console
+
+Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, responses, rows) → scores
+
+
+@dataclass
+class PolicyRun:
+    name: str
+    generations: list[Generation]
+    scores: dict[str, list[float]]  # judge → one score per prompt
+    passed: list[bool] | None  # every constraint passed (constraints judge only)
+    logps: torch.Tensor  # [n] summed response log-probs under the policy itself
+
+
+# ------------------------------------------------------------------------------------------------ judges
+def make_judge(name: str, cfg: EvalConfig, records: list[Record]) -> Judge:
+    """A judge by name, after checking that every row has what it needs."""
+    if name == "constraints":
+        for r in records:
+            if "constraints" not in r.row:
+                raise DataError(f"{r.where}: the constraints judge needs a 'constraints' column")
+            constraints.validate(r.row["constraints"], r.where)
+        return lambda prompts, responses, rows: [constraints.judge(row["constraints"], resp).score
+                                                 for resp, row in zip(responses, rows, strict=True)]
+    if name in ("bleu", "rouge_l"):
+        col = cfg.reference_column
+        for r in records:
+            if not isinstance(r.row.get(col), str):
+                raise DataError(f"{r.where}: the {name} judge needs a text column '{col}' (eval.reference_column)")
+        fn = text.bleu if name == "bleu" else text.rouge_l
+        return lambda prompts, responses, rows: [fn(resp, row[col]) for resp, row in zip(responses, rows, strict=True)]
+    if ":" in name:
+        return user_judge(name)
+    raise ConfigError(f"unknown judge '{name}' (constraints, bleu, rouge_l, or module:function)")
+
+
+def user_judge(spec: str) -> Judge:
+    module, _, func = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"judge '{spec}': cannot import {func} from {module}: {e}") from None
+
+    def call(prompts: list[str], responses: list[str], rows: list[dict]) -> list[float]:
+        try:
+            scores = list(fn(prompts, responses, rows))
+        except Exception as e:  # noqa: BLE001 - the user's code
+            raise ConfigError(f"judge '{spec}' raised {type(e).__name__}: {e}") from None
+        if len(scores) != len(responses) or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
+            raise ConfigError(f"judge '{spec}' must return one finite number per response ({len(responses)}), "
+                              f"got {str(scores)[:80]}")
+        return [float(s) for s in scores]
+
+    return call
+
+
+# --------------------------------------------------------------------------------------------- running
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """The `llmft eval` command: returns (and optionally writes) the JSON report."""
+    sampling = Sampling(**to_dict(cfg.sampling))
+    check_sampling(sampling)
+    if not cfg.models:
+        raise ConfigError("eval: name at least one model (models: [...] or --model)")
+    records = read_records(cfg.prompts)[: cfg.limit]
+    judges = {name: make_judge(name, cfg, records) for name in cfg.judges}
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    runs = [run_policy(name, records, judges, sampling, device, dtype, cfg) for name in cfg.models]
+    ref_logps = reference_logps(cfg, runs, sampling, device, dtype) if cfg.reference else None
+    report = summarize(cfg, runs, ref_logps, records)
+    show(report)
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(cfg.out), json.dumps(report, indent=2, ensure_ascii=False))
+        console.print(f"report written to {cfg.out}")
+    return report
+
+
+def run_policy(name: str, records: list[Record], judges: dict[str, Judge], sampling: Sampling, device, dtype,
+               cfg: EvalConfig) -> PolicyRun:
+    console.print(f"[bold]{name}[/]: generating {len(records)} responses")
+    source = resolve_source(name)
+    tok = load_tokenizer(source)
+    model = load_model(source, dtype, device, ModelConfig(name=name))
+    prompts = [encode_prompt(tok, prompt_messages(r), r.where) for r in records]
+    gens = generate(model, tok, prompts, sampling)
+    texts, rows = [g.text for g in gens], [r.row for r in records]
+    prompt_texts = [tok.decode(p, skip_special_tokens=True) for p in prompts]
+    scores = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}
+    passed = ([constraints.judge(r["constraints"], t).all_passed for r, t in zip(rows, texts, strict=True)]
+              if "constraints" in judges else None)
+    logps = response_logps(model, gens, tok.pad_token_id, sampling, device)
+    del model
+    return PolicyRun(name, gens, scores, passed, logps)
+
+
+def response_logps(model, gens: list[Generation], pad: int, sampling: Sampling, device) -> torch.Tensor:
+    """log π(y | x) of each generated response at the sampling temperature (1 for greedy), fp32: [n]."""
+    temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(gens), sampling.batch_size):
+            chunk = gens[i:i + sampling.batch_size]
+            batch = collate([Example(g.prompt_ids + g.response_ids, [-100] * len(g.prompt_ids) + g.response_ids)
+                             for g in chunk], pad)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out.append(sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                      temperature).cpu())
+    return torch.cat(out)
+
+
+def reference_logps(cfg: EvalConfig, runs: list[PolicyRun], sampling: Sampling, device, dtype) -> list[torch.Tensor]:
+    source = resolve_source(cfg.reference)
+    tok = load_tokenizer(source)
+    for r in runs:
+        policy_tok = load_tokenizer(resolve_source(r.name))
+        if policy_tok.get_vocab() != tok.get_vocab():
+            raise ModelError(f"reference {cfg.reference} tokenizes differently from policy {r.name}: "
+                             f"a log-ratio (KL) needs the same tokenizer")
+    console.print(f"[bold]{cfg.reference}[/]: scoring the responses for the KL to the reference")
+    model = load_model(source, dtype, device, ModelConfig(name=cfg.reference))
+    return [response_logps(model, r.generations, tok.pad_token_id, sampling, device) for r in runs]
+
+
+# -------------------------------------------------------------------------------------------- summary
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def win_rate(a: list[float], b: list[float]) -> float:
+    """Share of prompts where a scores higher than b; ties count half."""
+    return mean(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True))
+
+
+def summarize(cfg: EvalConfig, runs: list[PolicyRun], ref_logps, records: list[Record]) -> dict[str, Any]:
+    models = {}
+    for i, r in enumerate(runs):
+        m: dict[str, float] = {}
+        if r.passed is not None:
+            m["constraints/pass_rate"] = mean(r.passed)
+        for judge, scores in r.scores.items():
+            m[f"{judge}/score" if judge == "constraints" else judge] = mean(scores)
+        if ref_logps is not None:
+            m["kl_to_reference"] = float((r.logps - ref_logps[i]).mean())
+        m["length"] = mean(len(g.response_ids) for g in r.generations)
+        m["eos_share"] = mean(g.finished for g in r.generations)
+        models[r.name] = m
+    base = runs[0]
+    wins = {f"{r.name} vs {base.name}": {j: win_rate(r.scores[j], base.scores[j]) for j in r.scores}
+            for r in runs[1:]}
+    samples = {r.name: [{"prompt": prompt_messages(rec)[-1]["content"], "response": g.text, "finished": g.finished,
+                         **{j: s[k] for j, s in r.scores.items()}}
+                        for k, (rec, g) in enumerate(zip(records, r.generations, strict=True))] for r in runs}
+    return {"config": to_dict(cfg), "models": models, "win_rates": wins, "samples": samples}
+
+
+def show(report: dict[str, Any]) -> None:
+    names = list(report["models"])
+    t = Table(title="llmft eval")
+    t.add_column("metric")
+    for n in names:
+        t.add_column(n, justify="right", overflow="fold")
+    keys = list(dict.fromkeys(k for m in report["models"].values() for k in m))
+    for k in keys:
+        t.add_row(k, *[f"{report['models'][n].get(k, float('nan')):.4g}" for n in names])
+    judges = list(dict.fromkeys(j for rates in report["win_rates"].values() for j in rates))
+    for j in judges:  # column k: model k against the first model
+        cells = [report["win_rates"].get(f"{n} vs {names[0]}", {}).get(j) for n in names]
+        t.add_row(f"win rate vs {names[0]} ({j})", *["-" if c is None else f"{c:.3f}" for c in cells])
+    Console().print(t)
