@@ -92,6 +92,19 @@ def evaluate(
     evaluation.run(load_config("eval", config, set_, base=base))
 
 
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run directories (output_dir of any stage).", show_default=False),
+    out: Path | None = typer.Option(None, "--out", help="PNG to write (default: FIRST_RUN/curves.png)."),
+) -> None:
+    """Draw the training curves of one or more runs (loss, eval loss and each stage's key figures) into a PNG."""
+    from llmft.plotting import plot as draw
+
+    target = out or runs[0] / "curves.png"
+    panels = draw(runs, target)
+    print(f"wrote {target} ({', '.join(panels)})")
+
+
 def not_built(stage: str):
     def command(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
         raise LlmftError(f"the {stage} stage is not built yet (planned in issue #{PLANNED[stage]}); "
