@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from llmft.data import read_jsonl
 from llmft.errors import DataError, LlmftError
 
 # the figures worth a panel, in display order (each stage logs the ones that apply to it)
@@ -18,16 +18,10 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl (not an llmft run directory?)")
     series: dict[str, list[tuple[int, float]]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-        for key, value in row.items():
+    for rec in read_jsonl(path):
+        for key, value in rec.row.items():
             if key != "step" and isinstance(value, (int, float)):
-                series.setdefault(key, []).append((row["step"], float(value)))
+                series.setdefault(key, []).append((rec.row["step"], float(value)))
     return series
 
 
