@@ -64,10 +64,14 @@ def generate(
 ) -> None:
     """Generate responses for a prompts file (chat template applied); each row comes back with
     [bold]response[/], [bold]finished[/] (ended with EOS) and [bold]response_tokens[/]."""
-    from llmft.generation import Sampling, run_generate
+    from llmft.config import GenerateConfig, build
+    from llmft.generation import run_generate
 
-    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, batch_size)
-    run_generate(model, str(prompts), str(out) if out else None, sampling, device, dtype, limit)
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "seed": seed, "batch_size": batch_size}
+    raw = {"model": model, "prompts": str(prompts), "out": str(out) if out else None, "limit": limit,
+           "sampling": sampling, "device": device, "dtype": dtype}
+    run_generate(build(GenerateConfig, raw, "llmft generate"))
 
 
 @app.command(name="eval")

@@ -131,7 +131,20 @@ class EvalConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "eval": EvalConfig}
+@dataclass
+class GenerateConfig:
+    """`llmft generate` takes these as command-line flags; they are validated like any config."""
+
+    model: str = field(default=REQUIRED, metadata={"help": "Model source to generate with."})
+    prompts: str = field(default=REQUIRED, metadata={"help": "Rows with 'prompt' (or 'messages')."})
+    out: str | None = opt(None, "Write JSONL here; null = standard output.")
+    limit: int | None = opt(None, "Only the first N prompts.", ge=1)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "Generation."})
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "eval": EvalConfig, "generate": GenerateConfig}
 
 # Keys that do not change what a run computes: a resumed run may differ from the original in these.
 RESUME_NEUTRAL_KEYS = {"resume", "overwrite", "tensorboard", "train.log_every", "train.save_every",

@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from llmft.checkpoint import atomic_write_text
-from llmft.config import EvalConfig, ModelConfig, to_dict
+from llmft.config import EvalConfig, ModelConfig, SamplingConfig, to_dict
 from llmft.data import Example, Record, collate, read_records
 from llmft.errors import ConfigError, DataError, ModelError
-from llmft.generation import Generation, Sampling, check_sampling, encode_prompt, generate, prompt_messages
+from llmft.generation import Generation, encode_prompt, generate, prompt_messages
 from llmft.judges import constraints, text
 from llmft.modeling import (
     load_model,
@@ -40,8 +40,7 @@ Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, r
 class PolicyRun:
     name: str
     generations: list[Generation]
-    scores: dict[str, list[float]]  # judge → one score per prompt
-    passed: list[bool] | None  # every constraint passed (constraints judge only)
+    scores: dict[str, list[float]]  # judge → one score per prompt (constraints: share met; 1.0 = passed)
     logps: torch.Tensor  # [n] summed response log-probs under the policy itself
 
 
@@ -53,7 +52,7 @@ def make_judge(name: str, cfg: EvalConfig, records: list[Record]) -> Judge:
             if "constraints" not in r.row:
                 raise DataError(f"{r.where}: the constraints judge needs a 'constraints' column")
             constraints.validate(r.row["constraints"], r.where)
-        return lambda prompts, responses, rows: [constraints.judge(row["constraints"], resp).score
+        return lambda prompts, responses, rows: [constraints.Verdict(constraints.check(row["constraints"], resp)).score
                                                  for resp, row in zip(responses, rows, strict=True)]
     if name in ("bleu", "rouge_l"):
         col = cfg.reference_column
@@ -90,16 +89,15 @@ def user_judge(spec: str) -> Judge:
 # --------------------------------------------------------------------------------------------- running
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """The `llmft eval` command: returns (and optionally writes) the JSON report."""
-    sampling = Sampling(**to_dict(cfg.sampling))
-    check_sampling(sampling)
     if not cfg.models:
         raise ConfigError("eval: name at least one model (models: [...] or --model)")
     records = read_records(cfg.prompts)[: cfg.limit]
     judges = {name: make_judge(name, cfg, records) for name in cfg.judges}
+    tokenizers = check_tokenizers(cfg)  # before any generation: a mismatch must not cost minutes
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    runs = [run_policy(name, records, judges, sampling, device, dtype, cfg) for name in cfg.models]
-    ref_logps = reference_logps(cfg, runs, sampling, device, dtype) if cfg.reference else None
+    runs = [run_policy(name, tokenizers[name], records, judges, cfg.sampling, device, dtype) for name in cfg.models]
+    ref_logps = reference_logps(cfg, tokenizers[cfg.reference], runs, device, dtype) if cfg.reference else None
     report = summarize(cfg, runs, ref_logps, records)
     show(report)
     if cfg.out:
@@ -109,25 +107,33 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     return report
 
 
-def run_policy(name: str, records: list[Record], judges: dict[str, Judge], sampling: Sampling, device, dtype,
-               cfg: EvalConfig) -> PolicyRun:
+def check_tokenizers(cfg: EvalConfig) -> dict[str, Any]:
+    """Load every model's tokenizer once; a KL reference must tokenize exactly as each policy does."""
+    names = [*cfg.models, *([cfg.reference] if cfg.reference else [])]
+    tokenizers = {name: load_tokenizer(resolve_source(name)) for name in dict.fromkeys(names)}
+    if cfg.reference:
+        vocab = tokenizers[cfg.reference].get_vocab()
+        for name in cfg.models:
+            if tokenizers[name].get_vocab() != vocab:
+                raise ModelError(f"reference {cfg.reference} tokenizes differently from policy {name}: "
+                                 f"a log-ratio (KL) needs the same tokenizer")
+    return tokenizers
+
+
+def run_policy(name: str, tok, records: list[Record], judges: dict[str, Judge], sampling: SamplingConfig, device,
+               dtype) -> PolicyRun:
     console.print(f"[bold]{name}[/]: generating {len(records)} responses")
-    source = resolve_source(name)
-    tok = load_tokenizer(source)
-    model = load_model(source, dtype, device, ModelConfig(name=name))
+    model = load_model(resolve_source(name), dtype, device, ModelConfig(name=name))
     prompts = [encode_prompt(tok, prompt_messages(r), r.where) for r in records]
     gens = generate(model, tok, prompts, sampling)
     texts, rows = [g.text for g in gens], [r.row for r in records]
     prompt_texts = [tok.decode(p, skip_special_tokens=True) for p in prompts]
     scores = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}
-    passed = ([constraints.judge(r["constraints"], t).all_passed for r, t in zip(rows, texts, strict=True)]
-              if "constraints" in judges else None)
     logps = response_logps(model, gens, tok.pad_token_id, sampling, device)
-    del model
-    return PolicyRun(name, gens, scores, passed, logps)
+    return PolicyRun(name, gens, scores, logps)
 
 
-def response_logps(model, gens: list[Generation], pad: int, sampling: Sampling, device) -> torch.Tensor:
+def response_logps(model, gens: list[Generation], pad: int, sampling: SamplingConfig, device) -> torch.Tensor:
     """log π(y | x) of each generated response at the sampling temperature (1 for greedy), fp32: [n]."""
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     out = []
@@ -142,17 +148,10 @@ def response_logps(model, gens: list[Generation], pad: int, sampling: Sampling, 
     return torch.cat(out)
 
 
-def reference_logps(cfg: EvalConfig, runs: list[PolicyRun], sampling: Sampling, device, dtype) -> list[torch.Tensor]:
-    source = resolve_source(cfg.reference)
-    tok = load_tokenizer(source)
-    for r in runs:
-        policy_tok = load_tokenizer(resolve_source(r.name))
-        if policy_tok.get_vocab() != tok.get_vocab():
-            raise ModelError(f"reference {cfg.reference} tokenizes differently from policy {r.name}: "
-                             f"a log-ratio (KL) needs the same tokenizer")
+def reference_logps(cfg: EvalConfig, tok, runs: list[PolicyRun], device, dtype) -> list[torch.Tensor]:
     console.print(f"[bold]{cfg.reference}[/]: scoring the responses for the KL to the reference")
-    model = load_model(source, dtype, device, ModelConfig(name=cfg.reference))
-    return [response_logps(model, r.generations, tok.pad_token_id, sampling, device) for r in runs]
+    model = load_model(resolve_source(cfg.reference), dtype, device, ModelConfig(name=cfg.reference))
+    return [response_logps(model, r.generations, tok.pad_token_id, cfg.sampling, device) for r in runs]
 
 
 # -------------------------------------------------------------------------------------------- summary
@@ -170,8 +169,8 @@ def summarize(cfg: EvalConfig, runs: list[PolicyRun], ref_logps, records: list[R
     models = {}
     for i, r in enumerate(runs):
         m: dict[str, float] = {}
-        if r.passed is not None:
-            m["constraints/pass_rate"] = mean(r.passed)
+        if "constraints" in r.scores:
+            m["constraints/pass_rate"] = mean(score == 1.0 for score in r.scores["constraints"])
         for judge, scores in r.scores.items():
             m[f"{judge}/score" if judge == "constraints" else judge] = mean(scores)
         if ref_logps is not None:

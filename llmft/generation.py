@@ -1,7 +1,8 @@
 """Batched generation: prompts → left-padded batches → sampling with the KV cache → responses cut at EOS.
 
-This is the rollout primitive that `llmft generate`, `llmft eval` and (later) PPO share. It sits behind
-`generate(model, tokenizer, prompts, sampling)` so that another engine can be plugged in later.
+This is the rollout primitive that `llmft generate`, `llmft eval` and (later) PPO share. It sits
+behind `generate(model, tokenizer, prompts, sampling)` (sampling: a `config.SamplingConfig`)
+so that another engine can be plugged in later.
 """
 
 from __future__ import annotations
@@ -13,20 +14,10 @@ from pathlib import Path
 import torch
 
 from llmft.checkpoint import atomic_write_text
-from llmft.config import ModelConfig
+from llmft.config import GenerateConfig, ModelConfig, SamplingConfig
 from llmft.data import Example, Record, collate, read_records, render
-from llmft.errors import ConfigError, DataError
+from llmft.errors import DataError
 from llmft.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 128
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int = 0
-    batch_size: int = 16
 
 
 @dataclass
@@ -63,7 +54,7 @@ def encode_prompt(tok, messages: list[dict], where: str) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
+def generate(model, tok, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
     """Generate one response per prompt, in batches of similar length, returned in the prompts' order."""
     model.eval()
     device = next(model.parameters()).device
@@ -81,7 +72,7 @@ def generate(model, tok, prompts: list[list[int]], sampling: Sampling) -> list[G
     return [results[i] for i in range(len(prompts))]
 
 
-def generate_kwargs(tok, s: Sampling) -> dict:
+def generate_kwargs(tok, s: SamplingConfig) -> dict:
     kwargs = {"max_new_tokens": s.max_new_tokens, "pad_token_id": tok.pad_token_id,
               "eos_token_id": tok.eos_token_id, "use_cache": True}
     if s.temperature <= 0:
@@ -97,35 +88,21 @@ def cut_at_eos(tok, prompt_ids: list[int], ids: list[int]) -> Generation:
     return Generation(prompt_ids, ids, tok.decode(ids, skip_special_tokens=True).strip(), finished)
 
 
-def check_sampling(s: Sampling) -> None:
-    bad = [(s.max_new_tokens >= 1, "--max-new-tokens must be >= 1"), (s.temperature >= 0, "--temperature must be >= 0"),
-           (0 < s.top_p <= 1, "--top-p must be in (0, 1]"), (s.top_k >= 0, "--top-k must be >= 0"),
-           (s.batch_size >= 1, "--batch-size must be >= 1")]
-    for ok, message in bad:
-        if not ok:
-            raise ConfigError(message)
-
-
-def run_generate(model_name: str, prompts_path: str, out: str | None, sampling: Sampling, device: str = "auto",
-                 dtype: str = "auto", limit: int | None = None) -> list[dict]:
+def run_generate(cfg: GenerateConfig) -> list[dict]:
     """The `llmft generate` command: every prompt row comes back with its response fields added."""
-    check_sampling(sampling)
-    if dtype not in ("auto", "float32", "bfloat16", "float16") or device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--dtype must be auto/float32/bfloat16/float16 and --device auto/cpu/cuda, "
-                          f"got {dtype!r} and {device!r}")
-    records = read_records(prompts_path)[:limit]
-    source = resolve_source(model_name)
+    records = read_records(cfg.prompts)[: cfg.limit]
+    source = resolve_source(cfg.model)
     tok = load_tokenizer(source)
     prompts = [encode_prompt(tok, prompt_messages(r), r.where) for r in records]
-    dev = resolve_device(device)
-    model = load_model(source, resolve_dtype(dtype, dev), dev, ModelConfig(name=model_name))
-    gens = generate(model, tok, prompts, sampling)
+    device = resolve_device(cfg.device)
+    model = load_model(source, resolve_dtype(cfg.dtype, device), device, ModelConfig(name=cfg.model))
+    gens = generate(model, tok, prompts, cfg.sampling)
     rows = [{**r.row, "response": g.text, "finished": g.finished, "response_tokens": len(g.response_ids)}
             for r, g in zip(records, gens, strict=True)]
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(out), text)
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(cfg.out), text)
     else:
         print(text, end="")
     return rows

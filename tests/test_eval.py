@@ -82,6 +82,9 @@ def test_eval_reports_every_figure_and_kl_zero_against_itself(capsys, monkeypatc
     rates = report["win_rates"][f"{tmp_path / 'run'} vs {tiny_model_dir}"]
     assert set(rates) == {"constraints", "bleu", "rouge_l"} and all(0 <= r <= 1 for r in rates.values())
     assert len(report["samples"][str(tiny_model_dir)]) == 3
+    for name, m in report["models"].items():  # passed = every constraint met = constraints score 1.0
+        samples = report["samples"][name]
+        assert m["constraints/pass_rate"] == pytest.approx(sum(x["constraints"] == 1.0 for x in samples) / 3)
 
 
 def bad_judge(prompts, responses, rows):
@@ -123,6 +126,7 @@ def test_eval_rows_without_constraints_and_reference_tokenizer(capsys, monkeypat
     code, _, err = llmft(capsys, monkeypatch, "eval", "--model", tiny_model_dir, "--prompts", path,
                          "--reference", other, "--set", "sampling.max_new_tokens=2")
     assert_one_line_error(code, err, "tokenizes differently")
+    assert "generating" not in err  # found before any generation
 
 
 def test_eval_needs_a_model(capsys, monkeypatch, tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmft.generation import Sampling, cut_at_eos, encode_prompt, generate
+from llmft.config import SamplingConfig
+from llmft.generation import cut_at_eos, encode_prompt, generate
 from tests.test_cli import assert_one_line_error, llmft
 
 
@@ -24,7 +25,7 @@ def prompts(tok, texts):
 def test_batched_left_padded_greedy_equals_one_at_a_time(model, tiny_tokenizer):
     ids = prompts(tiny_tokenizer, ["hello", "write three words about the sea please now", "the lazy dog"])
     assert len({len(p) for p in ids}) == 3
-    greedy = Sampling(max_new_tokens=8, temperature=0, batch_size=3)
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0, batch_size=3)
     together = generate(model, tiny_tokenizer, ids, greedy)
     alone = [generate(model, tiny_tokenizer, [p], greedy)[0] for p in ids]
     assert [g.response_ids for g in together] == [g.response_ids for g in alone]
@@ -33,9 +34,9 @@ def test_batched_left_padded_greedy_equals_one_at_a_time(model, tiny_tokenizer):
 
 def test_sampling_is_reproducible_by_seed(model, tiny_tokenizer):
     ids = prompts(tiny_tokenizer, ["hello", "the sea"]) * 2
-    a = generate(model, tiny_tokenizer, ids, Sampling(max_new_tokens=12, temperature=1.0, seed=3))
-    b = generate(model, tiny_tokenizer, ids, Sampling(max_new_tokens=12, temperature=1.0, seed=3))
-    c = generate(model, tiny_tokenizer, ids, Sampling(max_new_tokens=12, temperature=1.0, seed=4))
+    a = generate(model, tiny_tokenizer, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3))
+    b = generate(model, tiny_tokenizer, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3))
+    c = generate(model, tiny_tokenizer, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=4))
     assert [g.response_ids for g in a] == [g.response_ids for g in b] != [g.response_ids for g in c]
 
 
@@ -67,9 +68,9 @@ def test_generate_command_keeps_rows_and_adds_responses(capsys, monkeypatch, tin
     ("", [], "the dataset is empty"),
     ('{"question": "hi"}\n', [], "p.jsonl:1: a prompt row needs a 'prompt'"),
     ('{"prompt": ""}\n', [], "p.jsonl:1: the prompt must be a non-empty string"),
-    ('{"prompt": "hi"}\n', ["--temperature", "-1"], "--temperature must be >= 0"),
-    ('{"prompt": "hi"}\n', ["--top-p", "0"], "--top-p must be in (0, 1]"),
-    ('{"prompt": "hi"}\n', ["--dtype", "int8"], "--dtype must be"),
+    ('{"prompt": "hi"}\n', ["--temperature", "-1"], "llmft generate: 'sampling.temperature' must be >= 0"),
+    ('{"prompt": "hi"}\n', ["--top-p", "0"], "'sampling.top_p' must be > 0 and <= 1"),
+    ('{"prompt": "hi"}\n', ["--dtype", "int8"], "'dtype' expects one of 'auto', 'float32'"),
 ])
 def test_generate_bad_input(capsys, monkeypatch, tiny_model_dir, tmp_path, content, args, expected):
     path = tmp_path / "p.jsonl"
@@ -81,5 +82,5 @@ def test_generate_bad_input(capsys, monkeypatch, tiny_model_dir, tmp_path, conte
 
 def test_generation_runs_in_eval_mode(model, tiny_tokenizer):
     model.train()
-    generate(model, tiny_tokenizer, prompts(tiny_tokenizer, ["hello"]), Sampling(max_new_tokens=2, temperature=0))
+    generate(model, tiny_tokenizer, prompts(tiny_tokenizer, ["hello"]), SamplingConfig(max_new_tokens=2, temperature=0))
     assert not model.training and torch.is_grad_enabled()
