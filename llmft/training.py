@@ -229,10 +229,12 @@ class MetricsLog:
 
 
 class Throughput:
-    """Tokens per second of training work: `timed` measures the steps only, never eval or checkpoints."""
+    """Work per second of training (tokens, pairs, ...): `timed` measures the steps only, never eval or
+    checkpoints."""
 
     def __init__(self):
-        self.tokens, self.seconds = 0, 0.0
+        self.counts: dict[str, int] = {}
+        self.seconds = 0.0
 
     @contextmanager
     def timed(self, device: torch.device):
@@ -242,14 +244,15 @@ class Throughput:
             torch.cuda.synchronize(device)
         self.seconds += time.perf_counter() - start
 
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
+    def add(self, counts: dict[str, int]) -> None:
+        for name, n in counts.items():
+            self.counts[name] = self.counts.get(name, 0) + n
 
-    def rate(self) -> float:
-        """The rate since the last call."""
-        rate = self.tokens / max(self.seconds, 1e-9)
-        self.tokens, self.seconds = 0, 0.0
-        return rate
+    def rates(self) -> dict[str, float]:
+        """`{name}_per_s` for every count since the last call."""
+        rates = {f"{name}_per_s": n / max(self.seconds, 1e-9) for name, n in self.counts.items()}
+        self.counts, self.seconds = {}, 0.0
+        return rates
 
 
 def progress_bar() -> Progress:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llmft import loop
 from llmft.checkpoint import content_hash
 from llmft.config import load_config
 from llmft.errors import RunError, TrainingAborted
@@ -67,7 +68,7 @@ def test_only_lora_parameters_change_and_loss_goes_down(tiny_model_dir, sft_data
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     sft.prepare_output_dir(cfg)
     opt = sft.make_optimizer(model, cfg.train)
-    sft.train(s, model, opt, sft.make_scheduler(opt, cfg.train, s.plan.total), 0, None)
+    sft.fit(sft.stage(s, model), model, opt, sft.make_scheduler(opt, cfg.train, s.plan.total), 0, None)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     assert {n for n in before if "lora_B" in n} <= changed  # every adapter learned (B starts at 0)
@@ -85,7 +86,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, sft_data, write
     run(straight)
 
     interrupted = write_config(tiny_model_dir, sft_data, output_dir=str(tmp_path / "b"), **settings)
-    real_step, calls = sft.optimizer_step, []
+    real_step, calls = loop.optimizer_step, []
 
     def crash_at_step_5(*args):
         calls.append(1)
@@ -93,10 +94,10 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, sft_data, write
             raise KeyboardInterrupt  # a kill between checkpoint-3 and checkpoint-6
         return real_step(*args)
 
-    monkeypatch.setattr(sft, "optimizer_step", crash_at_step_5)
+    monkeypatch.setattr(loop, "optimizer_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         run(interrupted)
-    monkeypatch.setattr(sft, "optimizer_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     assert (tmp_path / "b" / "checkpoint-3").is_dir() and not (tmp_path / "b" / "llmft.json").exists()
     with pytest.raises(RunError, match="already holds a run"):
         run(interrupted)

@@ -15,41 +15,32 @@ import torch
 from rich.table import Table
 
 from llmft import data as D
-from llmft.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_final
-from llmft.config import SFTConfig, to_dict, to_yaml
+from llmft.checkpoint import save_final
+from llmft.config import SFTConfig, to_yaml
+from llmft.loop import Stage, fit, manifest, restore
 from llmft.losses import sft_loss
 from llmft.modeling import (
     add_lora,
-    file_sha256,
     load_model,
     load_tokenizer,
     parameter_counts,
     resolve_device,
     resolve_dtype,
     resolve_source,
-    root_source,
     supervised_logits,
 )
 from llmft.training import (
-    MetricsLog,
     StepPlan,
-    Throughput,
     autocast,
     check_output_dir,
     configure_backend,
     console,
-    describe_step,
-    ensure_finite,
     finished_already,
     make_optimizer,
     make_scheduler,
-    now,
-    optimizer_step,
     plan_steps,
     prepare_output_dir,
-    progress_bar,
     seed_everything,
-    versions,
 )
 
 
@@ -128,55 +119,27 @@ def run(cfg: SFTConfig, dry_run: bool = False) -> dict | None:
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, s.plan.total)
-    start = 0
-    if resume_from:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
-        console.print(f"resuming from {resume_from} (step {start} of {s.plan.total})")
-    metrics = train(s, model, optimizer, scheduler, start, resume_from)
-    save_final(run_dir, model, s.tokenizer, manifest(s, metrics))
+    start = restore(resume_from, model, optimizer, scheduler, s.plan.total)
+    metrics = fit(stage(s, model), model, optimizer, scheduler, start, resume_from)
+    save_final(run_dir, model, s.tokenizer, manifest("sft", cfg, s.source, metrics))
     console.print(f"[green]done: adapter, tokenizer and manifest in {run_dir}")
     return metrics
 
 
-def train(s: Setup, model, optimizer, scheduler, start: int, last_ckpt: Path | None) -> dict:
-    cfg, tr, run_dir = s.cfg, s.cfg.train, Path(s.cfg.output_dir)
-    log = MetricsLog(run_dir, start if last_ckpt else None, cfg.tensorboard)
-    speed, pad = Throughput(), s.tokenizer.pad_token_id
-    final: dict = {}
-    if s.eval and start == 0:  # the starting point, so the curve shows what training changed
-        log.log(0, {"eval/loss": evaluate(model, s.eval, tr.batch_size, pad, s.device, s.dtype)})
-    model.train()
-    with progress_bar() as bar:
-        task = bar.add_task("sft", total=s.plan.total, completed=start, info="")
-        for step in range(start + 1, s.plan.total + 1):
-            batches = [D.collate([s.train.examples[i] for i in mb], pad) for mb in s.plan.steps[step - 1]]
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            with speed.timed(s.device):
-                loss, tokens = accumulate(model, batches, s.device, s.dtype)
-                ensure_finite(step, last_ckpt, loss=loss)
-                grad_norm = optimizer_step(model, optimizer, scheduler, tr.max_grad_norm)
-                ensure_finite(step, last_ckpt, grad_norm=grad_norm)
-            speed.add(tokens)
-            values = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "epoch": round(s.plan.epoch_of(step), 4), "tokens": tokens}
-            if step % tr.log_every == 0 or step == s.plan.total:
-                values["tokens_per_s"] = speed.rate()
-                if s.device.type == "cuda":
-                    values["cuda_peak_mib"] = torch.cuda.max_memory_allocated(s.device) / 2**20
-                log.log(step, values)
-            if s.eval and (step == s.plan.total or (tr.eval_every and step % tr.eval_every == 0)):
-                values["eval/loss"] = evaluate(model, s.eval, tr.batch_size, pad, s.device, s.dtype)
-                log.log(step, {"eval/loss": values["eval/loss"]})
-            if step % tr.save_every == 0 and step < s.plan.total:
-                last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                            {"epoch": values["epoch"]}, tr.keep_checkpoints)
-            final.update(values)
-            shown = describe_step({k: values[k] for k in ("loss", "lr", "tokens_per_s", "eval/loss") if k in values})
-            bar.update(task, completed=step, info=shown)
-            if not console.is_terminal and (step % 10 == 0 or step == s.plan.total):  # logs, CI: plain lines
-                console.print(f"step {step}/{s.plan.total}  {shown}", highlight=False)
-    log.close()
-    return final
+def stage(s: Setup, model) -> Stage:
+    """One SFT step: collate its micro-batches and accumulate the token-mean cross entropy."""
+    pad = s.tokenizer.pad_token_id
+
+    def step(micro_batches: list[list[int]]) -> tuple[dict, dict]:
+        batches = [D.collate([s.train.examples[i] for i in mb], pad) for mb in micro_batches]
+        loss, tokens = accumulate(model, batches, s.device, s.dtype)
+        return {"loss": loss}, {"tokens": tokens}
+
+    def run_eval() -> dict:
+        return {"eval/loss": evaluate(model, s.eval, s.cfg.train.batch_size, pad, s.device, s.dtype)}
+
+    return Stage("sft", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
+                 shown=("loss", "lr", "tokens_per_s", "eval/loss"))
 
 
 def accumulate(model, batches: list[dict], device, dtype) -> tuple[float, int]:
@@ -207,33 +170,3 @@ def evaluate(model, data: D.TokenizedSet, batch_size: int, pad: int, device, dty
         count += targets.numel()
     model.train()
     return nll / count
-
-
-# ---------------------------------------------------------------------------------------------- save
-def manifest(s: Setup, metrics: dict) -> dict[str, Any]:
-    src = s.source
-    parent = None
-    if src.kind == "stage":
-        parent = {"path": src.path, "stage": src.manifest.get("stage"), "sha256": content_hash(Path(src.path))}
-    data_files = [(role, path) for role, path in (("train", s.cfg.data.train), ("eval", s.cfg.data.eval)) if path]
-    return {
-        "stage": "sft",
-        "created": now(),
-        "model": {"source": s.cfg.model.name, "kind": src.kind, "resolved": resolved_name(src),
-                  "root": root_source(src).name},
-        "parent": parent,
-        "data": [{"role": role, "path": str(Path(p).resolve()) if Path(p).is_file() else p,
-                  "sha256": file_sha256(Path(p)) if Path(p).is_file() else None} for role, p in data_files],
-        "config": to_dict(s.cfg),
-        "metrics": metrics,
-        "versions": versions(),
-    }
-
-
-def resolved_name(src) -> str:
-    """What `resolve_source` needs to find this model again from anywhere."""
-    if src.kind in ("embedded", "hub"):
-        return src.name
-    if src.kind == "gguf":
-        return str(Path(src.name).expanduser().resolve())
-    return src.path
