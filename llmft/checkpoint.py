@@ -22,6 +22,7 @@ import torch
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+HEAD_FILE = "reward_head.safetensors"  # a reward model's scalar head, next to its adapter
 
 
 @contextmanager
@@ -95,15 +96,23 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore what `save_checkpoint` wrote into live objects; return the loop state."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(path / "adapter_model.safetensors", device=str(next(model.parameters()).device))
-    set_peft_model_state_dict(model, weights)
+    if hasattr(model, "load_trained"):  # a model with more than an adapter (e.g. a reward head)
+        model.load_trained(path)
+    else:
+        load_adapter(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
+
+
+def load_adapter(path: Path, model) -> None:
+    """Put the adapter weights saved in `path` into a live PEFT model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(path) / "adapter_model.safetensors", device=str(next(model.parameters()).device))
+    set_peft_model_state_dict(model, weights)
 
 
 def rng_state() -> dict:
@@ -137,9 +146,9 @@ def save_final(run_dir: Path, model, tokenizer, manifest: dict) -> None:
 
 
 def content_hash(folder: Path) -> str:
-    """sha256 over the adapter files of a stage output or checkpoint (names and bytes)."""
+    """sha256 over the weight files of a stage output or checkpoint (names and bytes)."""
     h = hashlib.sha256()
-    for name in ADAPTER_FILES:
+    for name in ADAPTER_FILES + ((HEAD_FILE,) if (Path(folder) / HEAD_FILE).is_file() else ()):
         h.update(name.encode())
         with open(Path(folder) / name, "rb") as f:
             while block := f.read(1 << 20):

@@ -23,7 +23,7 @@ SET = typer.Option([], "--set", help="Override a config key, e.g. --set train.le
                                      "(repeatable; the value is read as YAML).")
 DRY_RUN = typer.Option(False, "--dry-run", help="Validate, resolve model and data, print the resolved "
                                                 "config and the plan, and exit without training.")
-PLANNED = {"reward": 4, "dpo": 5, "ppo": 6}
+PLANNED = {"dpo": 5, "ppo": 6}
 
 
 def version_callback(value: bool) -> None:
@@ -45,6 +45,15 @@ def sft(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -
     from llmft.stages import sft as stage
 
     stage.run(load_config("sft", config, set_), dry_run=dry_run)
+
+
+@app.command()
+def reward(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
+    """Train a reward model (LoRA + scalar head) on preference pairs or ranked answers."""
+    from llmft.config import load_config
+    from llmft.stages import reward as stage
+
+    stage.run(load_config("reward", config, set_), dry_run=dry_run)
 
 
 @app.command()
@@ -82,16 +91,22 @@ def evaluate(
     compare: list[str] = typer.Option([], "--compare", help="More policies to evaluate side by side (repeatable)."),
     prompts: str | None = typer.Option(None, "--prompts", help="Held-out prompts file."),
     reference: str | None = typer.Option(None, "--reference", help="Model to measure the KL against."),
+    reward_model: str | None = typer.Option(None, "--reward-model", help="A reward model (llmft reward output) "
+                                                                         "that scores every response."),
+    preferences: str | None = typer.Option(None, "--preferences", help="Preference pairs: report the reward "
+                                                                       "model's pairwise accuracy on them."),
     out: str | None = typer.Option(None, "--out", help="Write the JSON report here."),
     set_: list[str] = SET,
 ) -> None:
-    """Generate on held-out prompts and report judge pass rate and score, KL to a reference, length, share
-    ended with EOS, and win rates against the first model, side by side."""
+    """Generate on held-out prompts and report judge pass rate and score, reward-model score, KL to a reference,
+    length, share ended with EOS, and win rates against the first model, side by side; and a reward model's
+    pairwise accuracy on preference pairs."""
     from llmft import evaluation
     from llmft.config import load_config, read_yaml
 
     models = model or (read_yaml(config).get("models", []) if config else [])  # --compare adds to these
-    flags = {"models": [*models, *compare] or None, "prompts": prompts, "reference": reference, "out": out}
+    flags = {"models": [*models, *compare] or None, "prompts": prompts, "reference": reference,
+             "reward_model": reward_model, "preferences": preferences, "out": out}
     base = {k: v for k, v in flags.items() if v is not None}
     evaluation.run(load_config("eval", config, set_, base=base))
 
@@ -112,7 +127,7 @@ def plot(
 def not_built(stage: str):
     def command(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
         raise LlmftError(f"the {stage} stage is not built yet (planned in issue #{PLANNED[stage]}); "
-                         f"available now: llmft sft")
+                         f"available now: llmft sft, llmft reward")
 
     command.__doc__ = f"[dim](not built yet)[/] The {stage} stage."
     return command

@@ -89,18 +89,58 @@ class TrainConfig:
 
 
 @dataclass
-class SFTConfig:
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset."})
+class RunConfig:
+    """The keys every training stage has; a stage adds its data (and loss) sections."""
+
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model to fine-tune."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
-    output_dir: str = opt("runs/sft", "Where the adapter, checkpoints, metrics and manifest go.")
+    output_dir: str = opt("runs/run", "Where the adapter, checkpoints, metrics and manifest go.")
     overwrite: bool = opt(False, "Delete an existing output_dir that holds another run.")
     resume: Union[bool, str] = opt(  # noqa: UP007
         False, "false, 'auto' (continue from the latest checkpoint-N/ if any) or a checkpoint path.")
     seed: int = opt(42, "Seed for data order, LoRA init and dropout.", ge=0)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu.")
     tensorboard: bool = opt(False, "Also log to TensorBoard (needs the tensorboard package).")
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    output_dir: str = opt("runs/sft", "Where the adapter, checkpoints, metrics and manifest go.")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset."})
+
+
+@dataclass
+class PreferenceDataConfig:
+    train: str = field(default=REQUIRED, metadata={
+        "help": "Preference data: {prompt, chosen, rejected[, margin]} or ranked {prompt, responses: "
+                "[best, ..., worst]} rows in a .jsonl/.json/.parquet/.csv file, or a hub dataset id."})
+    eval: str | None = opt(None, "Held-out preference data; null = none, or see eval_fraction.")
+    eval_fraction: float = opt(0.0, "Fraction of train held out for eval when `eval` is null.", ge=0, lt=1)
+    split: str = opt("train", "Split to read from hub datasets.")
+    format: Literal["auto", "pairs", "ranked"] = opt(
+        "auto", "pairs = {prompt, chosen, rejected}, ranked = {prompt, responses}; auto detects it.")
+    max_length: int = opt(1024, "Longest prompt + response in tokens; longer pairs are dropped (and counted).",
+                          ge=8)
+
+
+@dataclass
+class RewardLossConfig:
+    type: Literal["bradley_terry", "hinge"] = opt(
+        "bradley_terry", "bradley_terry: -log σ(r_c - r_r - m); hinge: max(0, m - (r_c - r_r)).")
+    margin: float = opt(0.0, "m when a row has no 'margin' column (hinge: usually 1.0).", ge=0)
+    use_margin_column: bool = opt(True, "Use a row's 'margin' value as m when the data has one.")
+    center_coef: float = opt(0.0, "Weight of the centering term mean((r_c + r_r)^2) that keeps rewards near 0 "
+                                  "(0.01 is usual).", ge=0)
+
+
+@dataclass
+class RewardConfig(RunConfig):
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0),
+                             metadata={"help": "LoRA adapter (dropout must stay 0: see loss)."})
+    output_dir: str = opt("runs/reward", "Where the adapter, head, checkpoints, metrics and manifest go.")
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig, metadata={"help": "Preferences."})
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig, metadata={"help": "Pairwise loss."})
 
 
 @dataclass
@@ -115,14 +155,16 @@ class SamplingConfig:
 
 @dataclass
 class EvalConfig:
-    models: list[str] = field(default=REQUIRED, metadata={
-        "help": "Policies to evaluate (any model source); the first is the baseline for win rates."})
-    prompts: str = field(default=REQUIRED, metadata={
-        "help": "Held-out prompts: rows with 'prompt' (or 'messages') and what the judges need."})
+    models: list[str] = opt([], "Policies to evaluate (any model source); the first is the baseline for win rates.")
+    prompts: str | None = opt(None, "Held-out prompts: rows with 'prompt' (or 'messages') and what the judges need "
+                                    "(required with models).")
     reference: str | None = opt(None, "Model to measure the KL against (mean summed log-ratio of the "
                                       "responses); null = no KL.")
     judges: list[str] = opt(["constraints"], "Judges: constraints, bleu, rouge_l, or module:function taking "
                                              "(prompts, responses, rows) and returning one score per response.")
+    reward_model: str | None = opt(None, "A reward model (llmft reward output): every policy's responses get its "
+                                         "score (judge 'reward': mean and win rates).")
+    preferences: str | None = opt(None, "Preference pairs to report the reward model's pairwise accuracy on.")
     reference_column: str = opt("completion", "Column with the reference text for bleu and rouge_l.")
     limit: int | None = opt(None, "Only the first N prompts.", ge=1)
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "Generation."})
@@ -144,7 +186,8 @@ class GenerateConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "eval": EvalConfig, "generate": GenerateConfig}
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "eval": EvalConfig,
+                                  "generate": GenerateConfig}
 
 # Keys that do not change what a run computes: a resumed run may differ from the original in these.
 RESUME_NEUTRAL_KEYS = {"resume", "overwrite", "tensorboard", "train.log_every", "train.save_every",
@@ -238,8 +281,9 @@ def all_key_paths(schema: type, prefix: str = "") -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------- validation
-def build(cls: type, raw: Any, where: str, prefix: str = "", root: type | None = None) -> Any:
-    """Turn a raw mapping into the dataclass `cls`, validating every key (`root`: the stage schema)."""
+def build(cls: type, raw: Any, where: str, prefix: str = "", root: type | None = None, defaults: Any = None) -> Any:
+    """Turn a raw mapping into the dataclass `cls`, validating every key (`root`: the stage schema).
+    Keys left out take their values from `defaults` (a stage's own defaults for a section) or from `cls`."""
     root = root or cls
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<top>'}' must be a mapping of keys, "
@@ -253,18 +297,22 @@ def build(cls: type, raw: Any, where: str, prefix: str = "", root: type | None =
     values = {}
     for f in dataclasses.fields(cls):
         path = prefix + f.name
+        own_defaults = f.default_factory not in (dataclasses.MISSING, hints[f.name])  # e.g. lambda: LoraConfig(...)
+        section = f.default_factory() if own_defaults else None
         if f.name in raw:
-            values[f.name] = check_value(hints[f.name], raw[f.name], path, where, f.metadata, root)
+            values[f.name] = check_value(hints[f.name], raw[f.name], path, where, f.metadata, root, section)
         elif dataclasses.is_dataclass(hints[f.name]):
-            values[f.name] = build(hints[f.name], {}, where, path + ".", root)
+            values[f.name] = build(hints[f.name], {}, where, path + ".", root, section)
+        elif defaults is not None:
+            values[f.name] = getattr(defaults, f.name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key '{path}' ({f.metadata.get('help', '')})")
     return cls(**values)
 
 
-def check_value(tp: Any, value: Any, path: str, where: str, meta: Any, root: type) -> Any:
+def check_value(tp: Any, value: Any, path: str, where: str, meta: Any, root: type, section: Any = None) -> Any:
     if dataclasses.is_dataclass(tp):
-        return build(tp, value if value is not None else {}, where, path + ".", root)
+        return build(tp, value if value is not None else {}, where, path + ".", root, section)
     ok, converted = coerce(tp, value)
     if not ok:
         raise ConfigError(f"{where}: '{path}' expects {describe(tp)}, got {value!r}")

@@ -23,6 +23,7 @@ from llmft.data import Example, Record, collate, read_records
 from llmft.errors import ConfigError, DataError, ModelError
 from llmft.generation import Generation, encode_prompt, generate, prompt_messages
 from llmft.judges import constraints, text
+from llmft.losses import pairwise_accuracy
 from llmft.modeling import (
     load_model,
     load_tokenizer,
@@ -31,6 +32,9 @@ from llmft.modeling import (
     resolve_source,
     sequence_logps,
 )
+from llmft.preferences import detect_format as detect_pair_format
+from llmft.preferences import tokenize_pairs
+from llmft.reward_model import RewardScorer
 from llmft.training import console
 
 Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, responses, rows) → scores
@@ -63,7 +67,9 @@ def make_judge(name: str, cfg: EvalConfig, records: list[Record]) -> Judge:
         return lambda prompts, responses, rows: [fn(resp, row[col]) for resp, row in zip(responses, rows, strict=True)]
     if ":" in name:
         return user_judge(name)
-    raise ConfigError(f"unknown judge '{name}' (constraints, bleu, rouge_l, or module:function)")
+    if name == "reward":
+        raise ConfigError("judge 'reward' needs reward_model: the path of an llmft reward output")
+    raise ConfigError(f"unknown judge '{name}' (constraints, bleu, rouge_l, reward, or module:function)")
 
 
 def user_judge(spec: str) -> Judge:
@@ -89,16 +95,21 @@ def user_judge(spec: str) -> Judge:
 # --------------------------------------------------------------------------------------------- running
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """The `llmft eval` command: returns (and optionally writes) the JSON report."""
-    if not cfg.models:
-        raise ConfigError("eval: name at least one model (models: [...] or --model)")
-    records = read_records(cfg.prompts)[: cfg.limit]
-    judges = {name: make_judge(name, cfg, records) for name in cfg.judges}
+    check_config(cfg)
+    records = read_records(cfg.prompts)[: cfg.limit] if cfg.models else []
+    judges = {name: make_judge(name, cfg, records) for name in cfg.judges if name != "reward" and cfg.models}
     tokenizers = check_tokenizers(cfg)  # before any generation: a mismatch must not cost minutes
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    runs = [run_policy(name, tokenizers[name], records, judges, cfg.sampling, device, dtype) for name in cfg.models]
-    ref_logps = reference_logps(cfg, tokenizers[cfg.reference], runs, device, dtype) if cfg.reference else None
-    report = summarize(cfg, runs, ref_logps, records)
+    scorer = RewardScorer.load(cfg.reward_model, cfg.device, cfg.dtype) if cfg.reward_model else None
+    report: dict[str, Any] = {"config": to_dict(cfg)}
+    if cfg.preferences:
+        report["reward_model"] = preference_accuracy(scorer, cfg.preferences)
+    if cfg.models:
+        runs = [run_policy(name, tokenizers[name], records, judges, scorer, cfg.sampling, device, dtype)
+                for name in cfg.models]
+        ref_logps = reference_logps(cfg, tokenizers[cfg.reference], runs, device, dtype) if cfg.reference else None
+        report.update(summarize(runs, ref_logps, records))
     show(report)
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
@@ -107,21 +118,46 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     return report
 
 
+def check_config(cfg: EvalConfig) -> None:
+    if not cfg.models and not cfg.preferences:
+        raise ConfigError("eval: name at least one model (models: [...] or --model), or a preferences file for "
+                          "the reward model's pairwise accuracy")
+    if cfg.models and not cfg.prompts:
+        raise ConfigError("eval: 'prompts' is required to evaluate models (a file of held-out prompts)")
+    if cfg.preferences and not cfg.reward_model:
+        raise ConfigError("eval: 'preferences' measures a reward model's pairwise accuracy; set reward_model")
+
+
 def check_tokenizers(cfg: EvalConfig) -> dict[str, Any]:
-    """Load every model's tokenizer once; a KL reference must tokenize exactly as each policy does."""
-    names = [*cfg.models, *([cfg.reference] if cfg.reference else [])]
+    """Load every model's tokenizer once; a KL reference and a reward model must tokenize exactly as each
+    policy does (they score the policy's own token ids)."""
+    others = [(role, name) for role, name in (("reference", cfg.reference), ("reward model", cfg.reward_model))
+              if name and cfg.models]
+    names = [*cfg.models, *(name for _, name in others)]
     tokenizers = {name: load_tokenizer(resolve_source(name)) for name in dict.fromkeys(names)}
-    if cfg.reference:
-        vocab = tokenizers[cfg.reference].get_vocab()
+    for role, other in others:
+        vocab = tokenizers[other].get_vocab()
         for name in cfg.models:
             if tokenizers[name].get_vocab() != vocab:
-                raise ModelError(f"reference {cfg.reference} tokenizes differently from policy {name}: "
-                                 f"a log-ratio (KL) needs the same tokenizer")
+                raise ModelError(f"{role} {other} tokenizes differently from policy {name}: it must score the "
+                                 f"policy's own tokens, so it needs the same tokenizer")
     return tokenizers
 
 
-def run_policy(name: str, tok, records: list[Record], judges: dict[str, Judge], sampling: SamplingConfig, device,
-               dtype) -> PolicyRun:
+def preference_accuracy(scorer: RewardScorer, path: str) -> dict[str, Any]:
+    """The reward model's pairwise accuracy (r_chosen > r_rejected) on a preference file."""
+    records = read_records(path)
+    pairs = tokenize_pairs(records, scorer.tokenizer, detect_pair_format(records, "auto"), max_length=1 << 30)
+    console.print(f"[bold]{scorer.path}[/]: scoring {len(pairs.pairs)} preference pairs of {path}")
+    r_c = scorer.score_ids([p.prompt_ids + p.chosen_ids for p in pairs.pairs])
+    r_r = scorer.score_ids([p.prompt_ids + p.rejected_ids for p in pairs.pairs])
+    return {"path": scorer.path, "preferences": path, "pairs": len(pairs.pairs),
+            "pairwise_accuracy": pairwise_accuracy(r_c, r_r), "margin": float((r_c - r_r).mean()),
+            "reward_chosen": float(r_c.mean()), "reward_rejected": float(r_r.mean())}
+
+
+def run_policy(name: str, tok, records: list[Record], judges: dict[str, Judge], scorer: RewardScorer | None,
+               sampling: SamplingConfig, device, dtype) -> PolicyRun:
     console.print(f"[bold]{name}[/]: generating {len(records)} responses")
     model = load_model(resolve_source(name), dtype, device, ModelConfig(name=name))
     prompts = [encode_prompt(tok, prompt_messages(r), r.where) for r in records]
@@ -129,6 +165,8 @@ def run_policy(name: str, tok, records: list[Record], judges: dict[str, Judge], 
     texts, rows = [g.text for g in gens], [r.row for r in records]
     prompt_texts = [tok.decode(p, skip_special_tokens=True) for p in prompts]
     scores = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}
+    if scorer:  # the tokens as generated: a response cut at max_new_tokens is scored without an EOS
+        scores["reward"] = scorer.score_ids([g.prompt_ids + g.response_ids for g in gens]).tolist()
     logps = response_logps(model, gens, tok.pad_token_id, sampling, device)
     return PolicyRun(name, gens, scores, logps)
 
@@ -165,7 +203,7 @@ def win_rate(a: list[float], b: list[float]) -> float:
     return mean(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True))
 
 
-def summarize(cfg: EvalConfig, runs: list[PolicyRun], ref_logps, records: list[Record]) -> dict[str, Any]:
+def summarize(runs: list[PolicyRun], ref_logps, records: list[Record]) -> dict[str, Any]:
     models = {}
     for i, r in enumerate(runs):
         m: dict[str, float] = {}
@@ -184,10 +222,15 @@ def summarize(cfg: EvalConfig, runs: list[PolicyRun], ref_logps, records: list[R
     samples = {r.name: [{"prompt": prompt_messages(rec)[-1]["content"], "response": g.text, "finished": g.finished,
                          **{j: s[k] for j, s in r.scores.items()}}
                         for k, (rec, g) in enumerate(zip(records, r.generations, strict=True))] for r in runs}
-    return {"config": to_dict(cfg), "models": models, "win_rates": wins, "samples": samples}
+    return {"models": models, "win_rates": wins, "samples": samples}
 
 
 def show(report: dict[str, Any]) -> None:
+    if rm := report.get("reward_model"):
+        Console().print(f"reward model {rm['path']}: pairwise accuracy [bold]{rm['pairwise_accuracy']:.3f}[/] on "
+                        f"{rm['pairs']} pairs of {rm['preferences']} (mean margin {rm['margin']:.3f})")
+    if "models" not in report:
+        return
     names = list(report["models"])
     t = Table(title="llmft eval")
     t.add_column("metric")

@@ -180,6 +180,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cfg: Any):
     """Load a causal LM; for a stage output, load its base and merge its adapter into it."""
+    if source.kind == "stage" and source.manifest.get("stage") == "reward":
+        raise ModelError(f"{source.name} is a reward model (an llmft reward output); name it where a reward model "
+                         f"is expected (reward_model), not as a model to generate with or fine-tune")
     if source.kind == "stage":
         from peft import PeftModel
 
@@ -232,6 +235,37 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def unwrap(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states [B, T, d] of the transformer body, without the LM head; positions are counted
+    over real tokens, so left and right padding give the same states."""
+    base = unwrap(model)
+    body = getattr(base, base.base_model_prefix)
+    return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                use_cache=False).last_hidden_state
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token [B], under left or right padding."""
+    width = attention_mask.shape[1]
+    return (attention_mask * torch.arange(width, device=attention_mask.device)).argmax(-1)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere: reward and RL stages compare outputs of the same network, so no randomness.
+    Covers nn.Dropout modules (LoRA's included) and the float rates attention layers read at run time."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+
+
 def supervised_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (fp32) at the positions that predict a supervised token, and those tokens.
@@ -240,10 +274,8 @@ def supervised_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     (`hidden[:, :-1]` predicts `ids[:, 1:]`): prompt and padding positions never pay for the vocabulary
     projection. Returns logits [N, V] and targets [N], N = number of supervised tokens in the batch.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(base, base.base_model_prefix)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    base = unwrap(model)
+    hidden = hidden_states(model, input_ids, attention_mask)  # [B, T, d]
     keep = labels[:, 1:] != -100  # [B, T-1]
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()  # [N, V]
     softcap = getattr(base.config, "final_logit_softcapping", None)

@@ -72,6 +72,23 @@ def sft_data(tmp_path) -> Path:
     return path
 
 
+PAIRS = [{"prompt": f"write {w} words about the sea", "chosen": f"the sea is {c}", "rejected": r}
+         for w, c, r in [("two", "blue", "hello world"), ("three", "deep and wide", "the lazy dog"),
+                         ("one", "salty", "paris is the capital of france"), ("four", "calm at night", "hello"),
+                         ("five", "home to the quick fish", "the quick brown fox jumps over the lazy dog"),
+                         ("six", "where ships go at night", "water boils at one hundred degrees"),
+                         ("seven", "lazy and warm in summer", "answer in lowercase please"),
+                         ("eight", "the capital of blue", "the dog jumps")]]
+
+
+@pytest.fixture
+def pref_data(tmp_path) -> Path:
+    """Eight {prompt, chosen, rejected} pairs: the chosen answers talk about the sea."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    return path
+
+
 @pytest.fixture
 def write_config(tmp_path):
     """Write a YAML config for the tiny model and return its path."""

@@ -1,0 +1,156 @@
+"""Preference data: rows → (prompt, chosen, rejected[, margin]) pairs → token ids for pairwise stages.
+
+Row formats (`data.format`, auto-detected from the first row):
+    pairs    {prompt, chosen, rejected[, margin]}; prompt a string or chat messages; chosen/rejected a
+             string, or messages ending with the assistant turn. Without `prompt`, chosen and rejected are
+             whole conversations that share everything but their last (assistant) turn.
+    ranked   {prompt, responses: [best, ..., worst]}: listwise data, expanded into every ordered pair.
+
+A pair is tokenised as the model sees it when it answers: `prompt_ids` is the prompt with the chat
+template's generation prompt, a response is its own tokens followed by EOS. This is exactly what
+`generation.generate` produces, so a reward model scores PPO rollouts the way it was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmft.data import Example, Record, as_turns, check_messages, collate, nonempty_str
+from llmft.errors import DataError
+from llmft.generation import encode_prompt
+
+FORMATS = {"pairs": ("chosen", "rejected"), "ranked": ("prompt", "responses")}
+
+
+@dataclass
+class Pair:
+    prompt: list[dict]  # chat messages
+    chosen: str
+    rejected: str
+    margin: float | None
+    where: str
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # response tokens, EOS included
+    rejected_ids: list[int]
+    margin: float | None
+
+    @property
+    def tokens(self) -> int:
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass
+class PairSet:
+    pairs: list[TokenizedPair]
+    rows: int  # rows read
+    identical: int = 0  # pairs dropped because chosen == rejected
+    too_long: int = 0  # pairs dropped because prompt + response exceeds max_length
+    tokens: int = 0
+
+    @property
+    def has_margin(self) -> bool:
+        return any(p.margin is not None for p in self.pairs)
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def detect_format(records: list[Record], fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    first = records[0]
+    for name, keys in FORMATS.items():
+        if all(k in first.row for k in keys):
+            return name
+    raise DataError(f"{first.where}: cannot tell the preference format from its fields {sorted(first.row)}; "
+                    f"expected {{prompt, chosen, rejected}} or {{prompt, responses}} (or set data.format)")
+
+
+def to_pairs(rec: Record, fmt: str) -> list[Pair]:
+    """Every preference pair one row holds (one for `pairs`, K·(K−1)/2 for `ranked`)."""
+    row, where = rec.row, rec.where
+    for key in FORMATS[fmt]:
+        if row.get(key) is None:
+            raise DataError(f"{where}: missing field '{key}' (format {fmt})")
+    if fmt == "ranked":
+        prompt = as_turns(row["prompt"], "prompt", "user", where)
+        responses = row["responses"]
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise DataError(f"{where}: 'responses' must be a list of at least 2 answers, best first")
+        texts = [response_text(r, f"responses[{i}]", where)[1] for i, r in enumerate(responses)]
+        return [Pair(prompt, texts[i], texts[j], None, where)
+                for i in range(len(texts)) for j in range(i + 1, len(texts))]
+    prefix_c, chosen = response_text(row["chosen"], "chosen", where)
+    prefix_r, rejected = response_text(row["rejected"], "rejected", where)
+    if prefix_c != prefix_r:
+        raise DataError(f"{where}: 'chosen' and 'rejected' must share every turn before the answer")
+    prompt = (as_turns(row["prompt"], "prompt", "user", where) if row.get("prompt") is not None else []) + prefix_c
+    if not prompt:
+        raise DataError(f"{where}: no prompt: give a 'prompt' field or conversations in chosen/rejected")
+    return [Pair(prompt, chosen, rejected, margin_of(row, where), where)]
+
+
+def response_text(value: object, key: str, where: str) -> tuple[list[dict], str]:
+    """(turns before the answer, answer text) of a response given as a string or as chat messages."""
+    if isinstance(value, str):
+        return [], nonempty_str(value, key, where)
+    messages = check_messages(value, key, where)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: '{key}' must end with an assistant turn")
+    return messages[:-1], nonempty_str(messages[-1]["content"], f"{key}[-1].content", where)
+
+
+def margin_of(row: dict, where: str) -> float | None:
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: 'margin' must be a number, got {value!r}")
+    return float(value)
+
+
+# ------------------------------------------------------------------------------------------ tokenising
+def response_ids(tok, text: str) -> list[int]:
+    """A finished answer's tokens as the model emits them after the generation prompt: text, then EOS."""
+    return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def tokenize_pairs(records: list[Record], tok, fmt: str, max_length: int) -> PairSet:
+    """Read, expand and tokenise every pair; drop (and count) identical and over-long pairs."""
+    out = PairSet(pairs=[], rows=len(records))
+    for rec in records:
+        pairs = to_pairs(rec, fmt)
+        prompt_ids = encode_prompt(tok, pairs[0].prompt, rec.where)
+        for p in pairs:
+            if p.chosen.strip() == p.rejected.strip():
+                out.identical += 1
+                continue
+            tp = TokenizedPair(prompt_ids, response_ids(tok, p.chosen), response_ids(tok, p.rejected), p.margin)
+            if len(prompt_ids) + max(len(tp.chosen_ids), len(tp.rejected_ids)) > max_length:
+                out.too_long += 1
+                continue
+            out.pairs.append(tp)
+            out.tokens += tp.tokens
+    if not out.pairs:
+        name = records[0].where.split(":")[0] if records else "data"
+        raise DataError(f"{name}: no usable preference pair ({out.identical} with chosen == rejected, "
+                        f"{out.too_long} longer than max_length={max_length})")
+    return out
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, side: str = "right",
+                  default_margin: float = 0.0) -> dict[str, torch.Tensor]:
+    """One batch of 2B sequences, chosen rows first: input_ids/attention_mask/labels [2B, T] (labels are the
+    response tokens, -100 on the prompt and padding) and margin [B] (`default_margin` where a pair has none)."""
+    def example(p: TokenizedPair, response: list[int]) -> Example:
+        return Example(p.prompt_ids + response, [-100] * len(p.prompt_ids) + response)
+
+    examples = [example(p, p.chosen_ids) for p in pairs] + [example(p, p.rejected_ids) for p in pairs]
+    batch = collate(examples, pad_id, side)
+    batch["margin"] = torch.tensor([default_margin if p.margin is None else p.margin for p in pairs],
+                                   dtype=torch.float32)
+    return batch

@@ -1,0 +1,139 @@
+"""The reward model, and the scoring API that `llmft eval` (and PPO) use.
+
+    r(x, y) = w · h(x ⊕ y)[last real token] + b        computed in fp32
+    w ~ N(0, 1/sqrt(d + 1)), b = 0 at initialisation
+
+`h` is the last hidden state of the causal LM body (the LM head is never run). A reward checkpoint is a
+PEFT adapter plus `reward_head.safetensors` in the same folder; loading one whose head is missing or does
+not fit the model is an error, never a freshly initialised head.
+
+Scoring:
+
+    from llmft.reward_model import RewardScorer
+    scorer = RewardScorer.load("runs/reward")                     # device="auto" | "cpu" | "cuda"
+    scorer.score(["Describe a lighthouse."], ["A lighthouse is a tall tower ..."])   # tensor [1]
+
+Prompts are strings or chat messages; responses are finished answers (EOS is appended, as in training).
+`score_ids` takes token ids directly (the tokenizer must be the reward model's own).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmft.checkpoint import HEAD_FILE, load_adapter
+from llmft.config import ModelConfig
+from llmft.data import Example, collate
+from llmft.errors import ModelError
+from llmft.modeling import (
+    disable_dropout,
+    hidden_states,
+    last_token_index,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+    unwrap,
+)
+
+
+class RewardModel(nn.Module):
+    """A causal LM (usually with a LoRA adapter) and a scalar head on the last real token's hidden state."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        d = unwrap(lm).config.hidden_size
+        self.head = nn.Linear(d, 1, dtype=torch.float32, device=next(lm.parameters()).device)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards [B] (fp32) of right- or left-padded sequences."""
+        hidden = hidden_states(self.lm, input_ids, attention_mask)  # [B, T, d]
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(last.float()).squeeze(-1)  # [B]
+
+    def save_pretrained(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        self.lm.save_pretrained(directory)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                  str(Path(directory) / HEAD_FILE), metadata={"hidden_size": str(self.head.in_features)})
+
+    def load_trained(self, directory: Path) -> None:
+        """Adapter and head from a checkpoint or stage output (for resuming)."""
+        load_adapter(Path(directory), self.lm)
+        self.load_head(Path(directory))
+
+    def load_head(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = directory / HEAD_FILE
+        if not path.is_file():
+            raise ModelError(f"{directory} has no {HEAD_FILE}: it is not a complete reward model (refusing to "
+                             f"score with a randomly initialised head)")
+        weights = load_file(str(path), device=str(self.head.weight.device))
+        expected = {k: tuple(v.shape) for k, v in self.head.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in weights.items()}
+        if found != expected:
+            raise ModelError(f"{path}: the head does not fit this model (found {found}, expected {expected})")
+        self.head.load_state_dict(weights)
+
+
+class RewardScorer:
+    """A trained reward model, ready to score (prompt, response) batches; no gradients, dropout off."""
+
+    def __init__(self, model: RewardModel, tokenizer, batch_size: int = 16, path: str = ""):
+        self.model, self.tokenizer, self.batch_size, self.path = model.eval(), tokenizer, batch_size, path
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 16) -> RewardScorer:
+        from peft import PeftModel
+
+        source = resolve_source(path)
+        if source.kind != "stage" or source.manifest.get("stage") != "reward":
+            stage = source.manifest.get("stage") if source.manifest else None
+            raise ModelError(f"{path} is not a reward model (an llmft reward output); "
+                             f"it is {f'an llmft {stage} output' if stage else f'a {source.kind} model'}")
+        dev = resolve_device(device)
+        model_cfg = ModelConfig(**source.manifest["config"]["model"])
+        base = load_model(source.base, resolve_dtype(dtype, dev), dev, model_cfg)
+        try:
+            lm = PeftModel.from_pretrained(base, source.path).merge_and_unload()
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"cannot load the adapter of reward model {path}: {e}") from None
+        model = RewardModel(lm)
+        model.load_head(Path(source.path))
+        disable_dropout(model)
+        return cls(model, load_tokenizer(source), batch_size, path)
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Rewards [N] (fp32, on CPU) of token-id sequences (prompt + response, as the model saw them)."""
+        out = []
+        for i in range(0, len(sequences), self.batch_size):
+            batch = collate([Example(s, s) for s in sequences[i:i + self.batch_size]], self.tokenizer.pad_token_id)
+            out.append(self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)))
+        return torch.cat(out).float().cpu() if out else torch.zeros(0)
+
+    def score(self, prompts: list[str | list[dict]], responses: list[str]) -> torch.Tensor:
+        """Rewards [N] of finished responses to prompts (strings or chat messages)."""
+        from llmft.generation import encode_prompt
+        from llmft.preferences import response_ids
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        seqs = []
+        for p, r in zip(prompts, responses, strict=True):
+            messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
+            seqs.append(encode_prompt(self.tokenizer, messages, "prompt") + response_ids(self.tokenizer, r))
+        return self.score_ids(seqs)
+
