@@ -131,4 +131,6 @@ def test_eval_rows_without_constraints_and_reference_tokenizer(capsys, monkeypat
 
 def test_eval_needs_a_model(capsys, monkeypatch, tmp_path):
     code, _, err = llmft(capsys, monkeypatch, "eval", "--prompts", tmp_path / "p.jsonl")
-    assert_one_line_error(code, err, "missing required key 'models'")
+    assert_one_line_error(code, err, "name at least one model")
+    code, _, err = llmft(capsys, monkeypatch, "eval", "--preferences", tmp_path / "p.jsonl")
+    assert_one_line_error(code, err, "set reward_model")

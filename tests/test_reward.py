@@ -214,3 +214,57 @@ def test_lora_dropout_is_refused(tiny_model_dir, pref_data, write_config):
     cfg = reward_config(write_config, tiny_model_dir, pref_data, lora__dropout=0.1)
     with pytest.raises(ConfigError, match="lora.dropout"):
         reward.setup(cfg)
+
+
+# ---------------------------------------------------------------------------------- command line and eval
+def test_cli_trains_then_eval_reports_accuracy_reward_and_win_rates(capsys, monkeypatch, tiny_model_dir, pref_data,
+                                                                    write_config, tmp_path):
+    from tests.test_cli import llmft
+
+    path = write_config(tiny_model_dir, pref_data, data__eval=str(pref_data), train__epochs=4)
+    code, _, err = llmft(capsys, monkeypatch, "reward", path)
+    assert code == 0, err
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "constraints": [{"type": "lowercase"}]}) + "\n"
+                               for r in map(json.loads, pref_data.read_text().splitlines())))
+    out = tmp_path / "report.json"
+    code, _, err = llmft(capsys, monkeypatch, "eval", "--model", tiny_model_dir, "--compare", tiny_model_dir,
+                         "--prompts", prompts, "--reward-model", tmp_path / "run", "--preferences", pref_data,
+                         "--out", out, "--set", "sampling.max_new_tokens=4")
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    rm = report["reward_model"]
+    assert rm["pairs"] == 8 and rm["pairwise_accuracy"] == 1.0 and rm["margin"] > 0
+    [m] = report["models"].values()  # the same model twice: one column
+    samples = report["samples"][str(tiny_model_dir)]
+    assert "reward" in m and m["reward"] == pytest.approx(sum(s["reward"] for s in samples) / 8)
+
+
+def test_reward_bad_input_is_one_clear_line(capsys, monkeypatch, tiny_model_dir, pref_data, write_config, tmp_path):
+    from tests.conftest import build_model, build_tokenizer
+    from tests.test_cli import assert_one_line_error, llmft
+
+    rows = tmp_path / "bad.jsonl"
+    rows.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    code, _, err = llmft(capsys, monkeypatch, "reward", write_config(tiny_model_dir, rows))
+    assert_one_line_error(code, err, "bad.jsonl:2: missing field 'rejected'")
+    code, _, err = llmft(capsys, monkeypatch, "reward", write_config(tiny_model_dir, pref_data), "--set",
+                         "lora.dropout=0.1")
+    assert_one_line_error(code, err, "lora.dropout")
+    code, _, err = llmft(capsys, monkeypatch, "reward", write_config(tiny_model_dir, pref_data), "--set",
+                         "loss.type=cross_entropy")
+    assert_one_line_error(code, err, "'loss.type'")
+
+    path = write_config(tiny_model_dir, pref_data, train__max_steps=1)
+    assert llmft(capsys, monkeypatch, "reward", path)[0] == 0
+    other = tmp_path / "other"
+    tok = build_tokenizer()
+    tok.add_tokens(["zebra"])
+    build_model(len(tok)).save_pretrained(other)
+    tok.save_pretrained(other)
+    code, _, err = llmft(capsys, monkeypatch, "eval", "--model", other, "--prompts", pref_data, "--reward-model",
+                         tmp_path / "run", "--set", "judges=[]")
+    assert_one_line_error(code, err, "reward model", "tokenizes differently from policy")
+    code, _, err = llmft(capsys, monkeypatch, "eval", "--model", tmp_path / "run", "--prompts", pref_data,
+                         "--set", "judges=[]")
+    assert_one_line_error(code, err, "is a reward model")
