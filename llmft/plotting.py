@@ -8,8 +8,8 @@ from llmft.data import read_jsonl
 from llmft.errors import DataError, LlmftError
 
 # the figures worth a panel, in display order (each stage logs the ones that apply to it)
-PANELS = ["loss", "eval/loss", "rewards/accuracies", "accuracy", "eval/accuracy", "rewards/margins", "score",
-          "reward", "kl", "length", "entropy", "lr", "tokens_per_s"]
+PANELS = ["loss", "eval/loss", "accuracy", "eval/accuracy", "margin", "eval/margin", "reward_mean", "reward_std",
+          "score", "reward", "kl", "length", "entropy", "lr", "tokens_per_s", "pairs_per_s"]
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The main job: set up (if needed), fine-tune the embedded SmolLM2-135M-Instruct on the demo task, then
-# evaluate the base model and the SFT output on the held-out prompts (table + runs/eval/report.json).
-# Rerunning continues a killed SFT run from its last checkpoint, or skips it when it is finished.
+# The main job: set up (if needed), fine-tune the embedded SmolLM2-135M-Instruct on the demo task, train a
+# reward model from the SFT output, then evaluate the base model and the SFT output on the held-out prompts
+# (judge, reward model, KL; table + runs/eval/report.json).
+# Rerunning continues a killed run from its last checkpoint, or skips a stage that is finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 venv=${LLMFT_VENV:-.venv}
 "$venv/bin/llmft" sft configs/sft.yaml "$@"
+"$venv/bin/llmft" reward configs/reward.yaml
 "$venv/bin/llmft" eval configs/eval.yaml

@@ -55,3 +55,18 @@ def test_shipped_sft_config_trains_and_the_output_generates(embedded, tmp_path):
     enc = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     assert model.generate(**enc, max_new_tokens=3, do_sample=False).shape[1] == enc["input_ids"].shape[1] + 3
+
+
+def test_preference_data_regenerates_byte_identical(embedded, tmp_path):
+    """The first chunk of prompts (8) regenerates the first pairs of the shipped files exactly; the
+    prompt-only PPO file regenerates whole."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(ROOT / "scripts/make_pref_data.py"), "--seed", "0", "--limit", "8",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    for name in ("pref_train.jsonl", "pref_eval.jsonl"):
+        fresh = (tmp_path / name).read_text().splitlines()
+        shipped = (ROOT / "data/demo" / name).read_text().splitlines()
+        assert fresh and fresh == shipped[:len(fresh)], name
+    assert (tmp_path / "ppo_train.jsonl").read_bytes() == (ROOT / "data/demo/ppo_train.jsonl").read_bytes()
