@@ -121,6 +121,14 @@ def as_record(row: object, where: str) -> Record:
     return Record(row, where)
 
 
+def read_splits(d, seed: int) -> tuple[list[Record], list[Record]]:
+    """Train and eval rows of a stage's `data` section: `d.eval` when given, else `d.eval_fraction` of train."""
+    train = read_records(d.train, d.split)
+    if d.eval:
+        return train, read_records(d.eval, d.split)
+    return split_eval(train, d.eval_fraction, seed)
+
+
 def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Hold out `fraction` of the records (at least one) for evaluation, chosen by `seed`."""
     if fraction <= 0:
@@ -135,15 +143,17 @@ def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[
 
 
 # --------------------------------------------------------------------------------------------- formats
-def detect_format(records: list[Record], fmt: str) -> str:
+def detect_format(records: list[Record], fmt: str, formats: dict[str, tuple[str, ...]] = FORMATS) -> str:
+    """`fmt`, or for 'auto' the first of `formats` (name → required fields) whose fields the first row has."""
     if fmt != "auto":
         return fmt
     first = records[0]
-    for name, keys in FORMATS.items():
+    for name, keys in formats.items():
         if all(k in first.row for k in keys):
             return name
+    expected = " or ".join("{" + ", ".join(keys) + "}" for keys in formats.values())
     raise DataError(f"{first.where}: cannot tell the row format from its fields {sorted(first.row)}; "
-                    f"expected {{prompt, completion}}, {{messages}} or {{text}} (or set data.format)")
+                    f"expected {expected} (or set data.format)")
 
 
 def to_messages(rec: Record, fmt: str) -> list[dict] | str:

@@ -19,19 +19,26 @@ from typing import Any
 
 import torch
 
-from llmft.checkpoint import content_hash, load_checkpoint, save_checkpoint
-from llmft.config import to_dict
-from llmft.modeling import file_sha256, root_source
+from llmft.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_final
+from llmft.config import to_dict, to_yaml
+from llmft.modeling import file_sha256, parameter_counts, root_source
 from llmft.training import (
     MetricsLog,
     StepPlan,
     Throughput,
+    check_output_dir,
+    configure_backend,
     console,
     describe_step,
     ensure_finite,
+    finished_already,
+    make_optimizer,
+    make_scheduler,
     now,
     optimizer_step,
+    prepare_output_dir,
     progress_bar,
+    seed_everything,
     versions,
 )
 
@@ -56,6 +63,37 @@ class Stage:
     evaluate: Callable[[], dict[str, float]] | None = None
     shown: tuple[str, ...] = ("loss", "lr", "tokens_per_s")  # metrics in the progress line
     extra_state: dict = field(default_factory=dict)
+
+
+def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict | None:
+    """A training stage from start to end; `recipe` (the stage's module) provides
+    setup(cfg) → Setup, show_plan(setup), build_model(setup) → model, stage(setup, model) → Stage.
+
+    Returns the final metrics (None for a dry run, or when output_dir already holds this run, finished).
+    """
+    run_dir = Path(cfg.output_dir)
+    if finished_already(cfg):
+        console.print(f"[green]{run_dir} already holds this run, finished; nothing to do")
+        return None
+    check_output_dir(cfg)  # refuse early, before the model and data are loaded
+    s = recipe.setup(cfg)
+    recipe.show_plan(s)
+    if dry_run:
+        console.print(to_yaml(cfg), markup=False, highlight=False)
+        return None
+    resume_from = prepare_output_dir(cfg)
+    configure_backend(s.device)
+    seed_everything(cfg.seed)
+    model = recipe.build_model(s)
+    trainable, total = parameter_counts(model)
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    optimizer = make_optimizer(model, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train, s.plan.total)
+    start = restore(resume_from, model, optimizer, scheduler, s.plan.total)
+    metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, start, resume_from)
+    save_final(run_dir, model, s.tokenizer, manifest(name, cfg, s.source, metrics))
+    console.print(f"[green]done: {name} output (adapter, tokenizer, manifest) in {run_dir}")
+    return metrics
 
 
 def restore(resume_from: Path | None, model, optimizer, scheduler, total: int) -> int:

@@ -159,6 +159,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_model(model_cfg: Any, device: str) -> tuple[ModelSource, Any, torch.device, torch.dtype]:
+    """A stage's model section resolved: (source, tokenizer, device, dtype)."""
+    dev = resolve_device(device)
+    source = resolve_source(model_cfg.name, model_cfg.revision)
+    tok = load_tokenizer(source, model_cfg.trust_remote_code, model_cfg.revision)
+    return source, tok, dev, resolve_dtype(model_cfg.dtype, dev)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

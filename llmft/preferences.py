@@ -17,11 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
+from llmft import data
 from llmft.data import Example, Record, as_turns, check_messages, collate, nonempty_str
 from llmft.errors import DataError
 from llmft.generation import encode_prompt
 
 FORMATS = {"pairs": ("chosen", "rejected"), "ranked": ("prompt", "responses")}
+
+
+def detect_format(records: list[Record], fmt: str) -> str:
+    return data.detect_format(records, fmt, FORMATS)
 
 
 @dataclass
@@ -59,17 +64,6 @@ class PairSet:
 
 
 # ---------------------------------------------------------------------------------------------- rows
-def detect_format(records: list[Record], fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    first = records[0]
-    for name, keys in FORMATS.items():
-        if all(k in first.row for k in keys):
-            return name
-    raise DataError(f"{first.where}: cannot tell the preference format from its fields {sorted(first.row)}; "
-                    f"expected {{prompt, chosen, rejected}} or {{prompt, responses}} (or set data.format)")
-
-
 def to_pairs(rec: Record, fmt: str) -> list[Pair]:
     """Every preference pair one row holds (one for `pairs`, K·(K−1)/2 for `ranked`)."""
     row, where = rec.row, rec.where

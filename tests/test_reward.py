@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmft import loop
+from llmft import loop, training
 from llmft.config import load_config
 from llmft.data import Record
 from llmft.errors import ConfigError, DataError, ModelError
@@ -133,10 +133,10 @@ def test_training_learns_the_preferences_and_changes_only_lora_and_head(tiny_mod
     s = reward.setup(cfg)
     model = reward.build_model(s)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    reward.prepare_output_dir(cfg)
-    opt = reward.make_optimizer(model, cfg.train)
-    sched = reward.make_scheduler(opt, cfg.train, s.plan.total)
-    metrics = reward.fit(reward.stage(s, model), model, opt, sched, 0, None)
+    training.prepare_output_dir(cfg)
+    opt = training.make_optimizer(model, cfg.train)
+    sched = training.make_scheduler(opt, cfg.train, s.plan.total)
+    metrics = loop.fit(reward.stage(s, model), model, opt, sched, 0, None)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n or n.startswith("head.") for n in changed)
     assert {"head.weight", "head.bias"} <= changed

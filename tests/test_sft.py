@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmft import loop
+from llmft import loop, training
 from llmft.checkpoint import content_hash
 from llmft.config import load_config
 from llmft.errors import RunError, TrainingAborted
@@ -66,9 +66,9 @@ def test_only_lora_parameters_change_and_loss_goes_down(tiny_model_dir, sft_data
     s = sft.setup(cfg)
     model = sft.add_lora(sft.load_model(s.source, s.dtype, s.device, cfg.model), cfg.lora)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    sft.prepare_output_dir(cfg)
-    opt = sft.make_optimizer(model, cfg.train)
-    sft.fit(sft.stage(s, model), model, opt, sft.make_scheduler(opt, cfg.train, s.plan.total), 0, None)
+    training.prepare_output_dir(cfg)
+    opt = training.make_optimizer(model, cfg.train)
+    loop.fit(sft.stage(s, model), model, opt, training.make_scheduler(opt, cfg.train, s.plan.total), 0, None)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     assert {n for n in before if "lora_B" in n} <= changed  # every adapter learned (B starts at 0)

@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,34 +18,22 @@ from rich.table import Table
 
 from llmft import data as D
 from llmft import preferences as P
-from llmft.checkpoint import save_final
-from llmft.config import RewardConfig, to_yaml
+from llmft.config import RewardConfig
 from llmft.errors import ConfigError
-from llmft.loop import Stage, fit, manifest, restore
+from llmft.loop import Stage, run_stage
 from llmft.losses import pairwise_accuracy, reward_loss
 from llmft.modeling import (
     add_lora,
     disable_dropout,
     load_model,
-    load_tokenizer,
-    parameter_counts,
-    resolve_device,
-    resolve_dtype,
-    resolve_source,
+    resolve_model,
 )
 from llmft.reward_model import RewardModel
 from llmft.training import (
     StepPlan,
     autocast,
-    check_output_dir,
-    configure_backend,
     console,
-    finished_already,
-    make_optimizer,
-    make_scheduler,
     plan_steps,
-    prepare_output_dir,
-    seed_everything,
 )
 
 
@@ -66,29 +54,18 @@ def setup(cfg: RewardConfig) -> Setup:
     if cfg.lora.dropout:
         raise ConfigError("lora.dropout: the reward stage trains with dropout off (r_c and r_r must come from "
                           "the same network); set it to 0")
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    source = resolve_source(cfg.model.name, cfg.model.revision)
-    tok = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
-    train_set, eval_set = load_data(cfg, tok)
-    plan = plan_steps(len(train_set.pairs), cfg.train.batch_size, cfg.train.grad_accum,
-                      cfg.train.epochs, cfg.train.max_steps, cfg.seed)
-    return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype)
-
-
-def load_data(cfg: RewardConfig, tok) -> tuple[P.PairSet, P.PairSet | None]:
-    d = cfg.data
-    train_rows = D.read_records(d.train, d.split)
-    eval_rows = D.read_records(d.eval, d.split) if d.eval else []
-    if not d.eval:
-        train_rows, eval_rows = D.split_eval(train_rows, d.eval_fraction, cfg.seed)
-    fmt = P.detect_format(train_rows, d.format)
-    sets = [P.tokenize_pairs(rows, tok, fmt, d.max_length) if rows else None for rows in (train_rows, eval_rows)]
-    for name, ps in zip(("train", "eval"), sets, strict=True):
+    source, tok, device, dtype = resolve_model(cfg.model, cfg.device)
+    train_rows, eval_rows = D.read_splits(cfg.data, cfg.seed)
+    fmt = P.detect_format(train_rows, cfg.data.format)
+    train_set, eval_set = [P.tokenize_pairs(rows, tok, fmt, cfg.data.max_length) if rows else None
+                           for rows in (train_rows, eval_rows)]
+    for name, ps in (("train", train_set), ("eval", eval_set)):
         if ps and ps.identical:
             console.print(f"[yellow]warning: dropped {ps.identical} {name} pairs whose chosen and rejected "
                           f"answers are identical")
-    return sets[0], sets[1]
+    plan = plan_steps(len(train_set.pairs), cfg.train.batch_size, cfg.train.grad_accum,
+                      cfg.train.epochs, cfg.train.max_steps, cfg.seed)
+    return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype)
 
 
 def show_plan(s: Setup) -> None:
@@ -112,36 +89,13 @@ def show_plan(s: Setup) -> None:
 # --------------------------------------------------------------------------------------------- train
 def run(cfg: RewardConfig, dry_run: bool = False) -> dict | None:
     """The `llmft reward` command: returns the final metrics (None for a dry run or a finished run)."""
-    run_dir = Path(cfg.output_dir)
-    if finished_already(cfg):
-        console.print(f"[green]{run_dir} already holds this run, finished; nothing to do")
-        return None
-    check_output_dir(cfg)
-    s = setup(cfg)
-    show_plan(s)
-    if dry_run:
-        console.print(to_yaml(cfg), markup=False, highlight=False)
-        return None
-    resume_from = prepare_output_dir(cfg)
-    configure_backend(s.device)
-    seed_everything(cfg.seed)
-    model = build_model(s)
-    optimizer = make_optimizer(model, cfg.train)
-    scheduler = make_scheduler(optimizer, cfg.train, s.plan.total)
-    start = restore(resume_from, model, optimizer, scheduler, s.plan.total)
-    metrics = fit(stage(s, model), model, optimizer, scheduler, start, resume_from)
-    save_final(run_dir, model, s.tokenizer, manifest("reward", cfg, s.source, metrics))
-    console.print(f"[green]done: adapter, reward head, tokenizer and manifest in {run_dir}")
-    return metrics
+    return run_stage("reward", cfg, sys.modules[__name__], dry_run)
 
 
 def build_model(s: Setup) -> RewardModel:
     lm = load_model(s.source, s.dtype, s.device, s.cfg.model)
     model = RewardModel(add_lora(lm, s.cfg.lora, s.cfg.train.gradient_checkpointing))
     disable_dropout(model)
-    trainable, total = parameter_counts(model)
-    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), "
-                  f"head included")
     return model
 
 

@@ -7,40 +7,28 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from rich.table import Table
 
 from llmft import data as D
-from llmft.checkpoint import save_final
-from llmft.config import SFTConfig, to_yaml
-from llmft.loop import Stage, fit, manifest, restore
+from llmft.config import SFTConfig
+from llmft.loop import Stage, run_stage
 from llmft.losses import sft_loss
 from llmft.modeling import (
     add_lora,
     load_model,
-    load_tokenizer,
-    parameter_counts,
-    resolve_device,
-    resolve_dtype,
-    resolve_source,
+    resolve_model,
     supervised_logits,
 )
 from llmft.training import (
     StepPlan,
     autocast,
-    check_output_dir,
-    configure_backend,
     console,
-    finished_already,
-    make_optimizer,
-    make_scheduler,
     plan_steps,
-    prepare_output_dir,
-    seed_everything,
 )
 
 
@@ -58,26 +46,15 @@ class Setup:
 
 # --------------------------------------------------------------------------------------------- setup
 def setup(cfg: SFTConfig) -> Setup:
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    source = resolve_source(cfg.model.name, cfg.model.revision)
-    tok = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
-    train_set, eval_set = load_data(cfg, tok)
+    source, tok, device, dtype = resolve_model(cfg.model, cfg.device)
+    train_rows, eval_rows = D.read_splits(cfg.data, cfg.seed)
+    fmt = D.detect_format(train_rows, cfg.data.format)
+    d = cfg.data
+    train_set = D.tokenize_records(train_rows, tok, fmt, d.max_length, d.loss_on)
+    eval_set = D.tokenize_records(eval_rows, tok, fmt, d.max_length, d.loss_on) if eval_rows else None
     plan = plan_steps(len(train_set.examples), cfg.train.batch_size, cfg.train.grad_accum,
                       cfg.train.epochs, cfg.train.max_steps, cfg.seed)
     return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype)
-
-
-def load_data(cfg: SFTConfig, tok) -> tuple[D.TokenizedSet, D.TokenizedSet | None]:
-    d = cfg.data
-    train_rows = D.read_records(d.train, d.split)
-    eval_rows = D.read_records(d.eval, d.split) if d.eval else []
-    if not d.eval:
-        train_rows, eval_rows = D.split_eval(train_rows, d.eval_fraction, cfg.seed)
-    fmt = D.detect_format(train_rows, d.format)
-    train_set = D.tokenize_records(train_rows, tok, fmt, d.max_length, d.loss_on)
-    eval_set = D.tokenize_records(eval_rows, tok, fmt, d.max_length, d.loss_on) if eval_rows else None
-    return train_set, eval_set
 
 
 def show_plan(s: Setup) -> None:
@@ -100,30 +77,12 @@ def show_plan(s: Setup) -> None:
 # --------------------------------------------------------------------------------------------- train
 def run(cfg: SFTConfig, dry_run: bool = False) -> dict | None:
     """The `llmft sft` command: returns the final metrics (None for a dry run or a finished run)."""
-    run_dir = Path(cfg.output_dir)
-    if finished_already(cfg):
-        console.print(f"[green]{run_dir} already holds this run, finished; nothing to do")
-        return None
-    check_output_dir(cfg)  # refuse early, before the model and data are loaded
-    s = setup(cfg)
-    show_plan(s)
-    if dry_run:
-        console.print(to_yaml(cfg), markup=False, highlight=False)
-        return None
-    resume_from = prepare_output_dir(cfg)
-    configure_backend(s.device)
-    seed_everything(cfg.seed)
-    model = load_model(s.source, s.dtype, s.device, cfg.model)
-    model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
-    trainable, total = parameter_counts(model)
-    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    optimizer = make_optimizer(model, cfg.train)
-    scheduler = make_scheduler(optimizer, cfg.train, s.plan.total)
-    start = restore(resume_from, model, optimizer, scheduler, s.plan.total)
-    metrics = fit(stage(s, model), model, optimizer, scheduler, start, resume_from)
-    save_final(run_dir, model, s.tokenizer, manifest("sft", cfg, s.source, metrics))
-    console.print(f"[green]done: adapter, tokenizer and manifest in {run_dir}")
-    return metrics
+    return run_stage("sft", cfg, sys.modules[__name__], dry_run)
+
+
+def build_model(s: Setup):
+    model = load_model(s.source, s.dtype, s.device, s.cfg.model)
+    return add_lora(model, s.cfg.lora, s.cfg.train.gradient_checkpointing)
 
 
 def stage(s: Setup, model) -> Stage:
