@@ -23,7 +23,7 @@ SET = typer.Option([], "--set", help="Override a config key, e.g. --set train.le
                                      "(repeatable; the value is read as YAML).")
 DRY_RUN = typer.Option(False, "--dry-run", help="Validate, resolve model and data, print the resolved "
                                                 "config and the plan, and exit without training.")
-PLANNED = {"dpo": 5, "ppo": 6}
+PLANNED = {"ppo": 6}
 
 
 def version_callback(value: bool) -> None:
@@ -54,6 +54,15 @@ def reward(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN
     from llmft.stages import reward as stage
 
     stage.run(load_config("reward", config, set_), dry_run=dry_run)
+
+
+@app.command()
+def dpo(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
+    """Direct preference optimisation (DPO, cDPO, robust, hinge, IPO, SimPO, ORPO) of a LoRA adapter."""
+    from llmft.config import load_config
+    from llmft.stages import dpo as stage
+
+    stage.run(load_config("dpo", config, set_), dry_run=dry_run)
 
 
 @app.command()
@@ -127,7 +136,7 @@ def plot(
 def not_built(stage: str):
     def command(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
         raise LlmftError(f"the {stage} stage is not built yet (planned in issue #{PLANNED[stage]}); "
-                         f"available now: llmft sft, llmft reward")
+                         f"available now: llmft sft, llmft reward, llmft dpo")
 
     command.__doc__ = f"[dim](not built yet)[/] The {stage} stage."
     return command

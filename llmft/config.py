@@ -144,6 +144,29 @@ class RewardConfig(RunConfig):
 
 
 @dataclass
+class DPOLossConfig:
+    type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"] = opt(
+        "sigmoid", "sigmoid = DPO (cDPO with label_smoothing > 0), robust, hinge, ipo; simpo and orpo need no "
+                   "reference model.")
+    beta: float = opt(0.1, "β: strength of the pull towards the reference (simpo: reward scale, ~2).", gt=0)
+    label_smoothing: float = opt(0.0, "ε: assumed rate of flipped labels (sigmoid → cDPO, robust).", ge=0, lt=0.5)
+    gamma: float = opt(0.5, "γ: SimPO's target reward margin.", ge=0)
+    orpo_lambda: float = opt(0.1, "λ: weight of ORPO's odds-ratio term.", gt=0)
+    precompute_reference: bool = opt(False, "Compute the reference log-probs once before training and reuse "
+                                            "them every epoch (saves a forward per step after the first epoch).")
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0),
+                             metadata={"help": "LoRA adapter (dropout must stay 0: the policy starts equal to "
+                                               "the reference)."})
+    output_dir: str = opt("runs/dpo", "Where the adapter, checkpoints, metrics and manifest go.")
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig, metadata={"help": "Preferences."})
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig, metadata={"help": "Preference objective."})
+
+
+@dataclass
 class SamplingConfig:
     max_new_tokens: int = opt(128, "Longest response.", ge=1)
     temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.", ge=0)
@@ -186,7 +209,7 @@ class GenerateConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "eval": EvalConfig,
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "eval": EvalConfig,
                                   "generate": GenerateConfig}
 
 # Keys that do not change what a run computes: a resumed run may differ from the original in these.

@@ -69,3 +69,85 @@ def reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, num_pairs: int
 def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
     """Share of pairs ranked correctly, r_c > r_r (a tie counts as wrong)."""
     return float((r_chosen > r_rejected).float().mean())
+
+
+# ------------------------------------------------------------------------------------ the DPO family
+# Δ = (log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x)), summed over response tokens.
+# Each function returns one loss per pair [B]; the stage averages over the pairs of the optimizer step.
+
+def dpo_sigmoid(delta: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023), and cDPO with label smoothing ε (the label is flipped with probability ε):
+
+        ℓ = −(1 − ε) log σ(βΔ) − ε log σ(−βΔ)
+    """
+    return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+
+
+def dpo_robust(delta: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024), unbiased under preference noise of rate ε < 1/2:
+
+        ℓ = [−(1 − ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε)
+    """
+    return (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
+            + label_smoothing * F.logsigmoid(-beta * delta)) / (1 - 2 * label_smoothing)
+
+
+def dpo_hinge(delta: torch.Tensor, beta: float) -> torch.Tensor:
+    """Hinge (SLiC-style, Zhao et al. 2023):  ℓ = max(0, 1 − βΔ)"""
+    return torch.relu(1 - beta * delta)
+
+
+def ipo_loss(delta_mean: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023) on per-token-averaged log-ratios Δ̄ (β plays the role of τ):
+
+        ℓ = (Δ̄ − 1 / (2β))²
+    """
+    return (delta_mean - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO (Meng et al. 2024), reference-free, on length-normalised log-probs (mean over response tokens):
+
+        ℓ = −log σ(β·avg log π(y_c|x) − β·avg log π(y_r|x) − γ)
+    """
+    return -F.logsigmoid(beta * (avg_chosen - avg_rejected) - gamma)
+
+
+def orpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, lam: float) -> torch.Tensor:
+    """ORPO (Hong et al. 2024), reference-free: the chosen answer's NLL plus an odds-ratio term, with
+    odds(y|x) = p / (1 − p) for p = exp(avg log π(y|x)) (mean-token probability):
+
+        ℓ = −avg log π(y_c|x) − λ log σ(log odds(y_c|x) − log odds(y_r|x))
+    """
+    def log_odds(avg: torch.Tensor) -> torch.Tensor:
+        return avg - torch.log1p(-torch.exp(avg).clamp(max=1 - 1e-7))
+
+    return -avg_chosen - lam * F.logsigmoid(log_odds(avg_chosen) - log_odds(avg_rejected))
+
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def preference_loss(kind: str, logps: torch.Tensor, ref_logps: torch.Tensor | None, counts: torch.Tensor,
+                    beta: float, label_smoothing: float = 0.0, gamma: float = 0.5,
+                    lam: float = 0.1) -> torch.Tensor:
+    """Per-pair loss [B] of the named DPO-family objective.
+
+    logps, ref_logps: [2, B] summed response log-probs (row 0 chosen, row 1 rejected) of the policy and the
+    reference (None for the reference-free simpo and orpo); counts: [2, B] response token counts.
+    """
+    if kind in REFERENCE_FREE:
+        avg = logps / counts
+        return simpo_loss(avg[0], avg[1], beta, gamma) if kind == "simpo" else orpo_loss(avg[0], avg[1], lam)
+    ratio = logps - ref_logps  # [2, B]
+    delta = ratio[0] - ratio[1]
+    if kind == "sigmoid":
+        return dpo_sigmoid(delta, beta, label_smoothing)
+    if kind == "robust":
+        return dpo_robust(delta, beta, label_smoothing)
+    if kind == "hinge":
+        return dpo_hinge(delta, beta)
+    if kind == "ipo":
+        avg_ratio = ratio / counts
+        return ipo_loss(avg_ratio[0] - avg_ratio[1], beta)
+    raise ValueError(f"unknown preference loss {kind!r}")

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from llmft import __version__
 from llmft.checkpoint import latest_checkpoint, remove_stale_tmp
 from llmft.config import differing_keys, to_dict, to_yaml
-from llmft.errors import RunError, TrainingAborted
+from llmft.errors import ConfigError, RunError, TrainingAborted
 
 console = Console(stderr=True)
 
@@ -38,6 +38,11 @@ def configure_backend(device: torch.device) -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def require_dropout_off(cfg: Any, stage: str, why: str) -> None:
+    if cfg.lora.dropout:
+        raise ConfigError(f"lora.dropout: the {stage} stage trains with dropout off ({why}); set it to 0")
 
 
 def seed_everything(seed: int) -> None:

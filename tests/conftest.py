@@ -112,3 +112,23 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+def crash_then_resume(run, cfg, monkeypatch, at_step: int = 5) -> None:
+    """Run a stage, kill it (KeyboardInterrupt) inside optimizer step `at_step`, then resume it to the end."""
+    from llmft import loop
+
+    real_step, calls = loop.optimizer_step, []
+
+    def crash(*args):
+        calls.append(1)
+        if len(calls) == at_step:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(loop, "optimizer_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    cfg.resume = "auto"
+    run(cfg)

@@ -17,6 +17,7 @@ from llmft.losses import pairwise_accuracy, reward_loss
 from llmft.preferences import collate_pairs, to_pairs, tokenize_pairs
 from llmft.reward_model import RewardModel, RewardScorer
 from llmft.stages import reward
+from tests.conftest import crash_then_resume
 
 R_C, R_R = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])  # pair 1 ranked right (+2), pair 2 wrong (-1)
 
@@ -191,20 +192,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, pref_data, writ
     straight = reward_config(write_config, tiny_model_dir, pref_data, output_dir=str(tmp_path / "a"), **settings)
     reward.run(straight)
     cfg = reward_config(write_config, tiny_model_dir, pref_data, output_dir=str(tmp_path / "b"), **settings)
-    real_step, calls = loop.optimizer_step, []
-
-    def crash_at_step_5(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(loop, "optimizer_step", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        reward.run(cfg)
-    monkeypatch.setattr(loop, "optimizer_step", real_step)
-    cfg.resume = "auto"
-    reward.run(cfg)
+    crash_then_resume(reward.run, cfg, monkeypatch)  # killed between checkpoint-3 and checkpoint-6
     for name in ("adapter_model.safetensors", "reward_head.safetensors"):
         a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
         assert all(torch.equal(a[k], b[k]) for k in a)

@@ -19,7 +19,6 @@ from rich.table import Table
 from llmft import data as D
 from llmft import preferences as P
 from llmft.config import RewardConfig
-from llmft.errors import ConfigError
 from llmft.loop import Stage, run_stage
 from llmft.losses import pairwise_accuracy, reward_loss
 from llmft.modeling import (
@@ -34,6 +33,7 @@ from llmft.training import (
     autocast,
     console,
     plan_steps,
+    require_dropout_off,
 )
 
 
@@ -51,9 +51,7 @@ class Setup:
 
 # --------------------------------------------------------------------------------------------- setup
 def setup(cfg: RewardConfig) -> Setup:
-    if cfg.lora.dropout:
-        raise ConfigError("lora.dropout: the reward stage trains with dropout off (r_c and r_r must come from "
-                          "the same network); set it to 0")
+    require_dropout_off(cfg, "reward", "r_c and r_r must come from the same network")
     source, tok, device, dtype = resolve_model(cfg.model, cfg.device)
     train_rows, eval_rows = D.read_splits(cfg.data, cfg.seed)
     fmt = P.detect_format(train_rows, cfg.data.format)
