@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 
 from llmft.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_final
 from llmft.config import to_dict, to_yaml
@@ -41,6 +42,21 @@ from llmft.training import (
     seed_everything,
     versions,
 )
+
+
+@dataclass
+class Setup:
+    """What a stage's setup resolves before any model is built."""
+
+    cfg: Any
+    source: Any  # modeling.ModelSource
+    tokenizer: Any
+    train: Any  # the stage's training examples (data.TokenizedSet, preferences.PairSet, ...)
+    eval: Any | None
+    plan: StepPlan
+    device: torch.device
+    dtype: torch.dtype
+
 
 StepFn = Callable[[list[list[int]]], tuple[dict[str, float], dict[str, int]]]
 
@@ -94,6 +110,20 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     save_final(run_dir, model, s.tokenizer, manifest(name, cfg, s.source, metrics))
     console.print(f"[green]done: {name} output (adapter, tokenizer, manifest) in {run_dir}")
     return metrics
+
+
+def plan_table(name: str, s: Any) -> Table:
+    """The start of every stage's plan: where it writes, the model, device and dtype."""
+    t = Table(title=f"llmft {name} → {s.cfg.output_dir}", show_header=False)
+    t.add_row("model", f"{s.cfg.model.name} ({s.source.kind}: {s.source.path})")
+    t.add_row("device / dtype", f"{s.device} / {str(s.dtype).removeprefix('torch.')}")
+    return t
+
+
+def steps_row(t: Table, s: Any, unit: str) -> None:
+    tr = s.cfg.train
+    t.add_row("steps", f"{s.plan.total} optimizer steps ({s.plan.steps_per_epoch}/epoch) × "
+              f"{tr.batch_size} {unit} × {tr.grad_accum} accumulation")
 
 
 def restore(resume_from: Path | None, model, optimizer, scheduler, total: int) -> int:

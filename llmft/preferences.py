@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from llmft import data
-from llmft.data import Example, Record, as_turns, check_messages, collate, nonempty_str
+from llmft.data import Example, Record, as_turns, check_messages, collate, nonempty_str, read_splits
 from llmft.errors import DataError
 from llmft.generation import encode_prompt
 
@@ -134,6 +134,25 @@ def tokenize_pairs(records: list[Record], tok, fmt: str, max_length: int) -> Pai
         raise DataError(f"{name}: no usable preference pair ({out.identical} with chosen == rejected, "
                         f"{out.too_long} longer than max_length={max_length})")
     return out
+
+
+def load_pair_sets(cfg, tok) -> tuple[PairSet, PairSet | None]:
+    """Train and eval pairs of a reward or DPO config (`cfg.data`), identical pairs dropped with a warning."""
+    from llmft.training import console
+
+    train_rows, eval_rows = read_splits(cfg.data, cfg.seed)
+    fmt = detect_format(train_rows, cfg.data.format)
+    sets = [tokenize_pairs(rows, tok, fmt, cfg.data.max_length) if rows else None for rows in (train_rows, eval_rows)]
+    for name, ps in zip(("train", "eval"), sets, strict=True):
+        if ps and ps.identical:
+            console.print(f"[yellow]warning: dropped {ps.identical} {name} pairs whose chosen and rejected "
+                          f"answers are identical")
+    return sets[0], sets[1]
+
+
+def describe(ps: PairSet, max_length: int) -> str:
+    return (f"{len(ps.pairs)} pairs from {ps.rows} rows, {ps.tokens} tokens; dropped {ps.identical} identical, "
+            f"{ps.too_long} longer than {max_length}")
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int, side: str = "right",

@@ -153,6 +153,12 @@ def plan_steps(n: int, batch_size: int, grad_accum: int, epochs: int, max_steps:
     return StepPlan(steps[:max_steps] if max_steps else steps, per_epoch)
 
 
+def plan_for(cfg: Any, n: int) -> StepPlan:
+    """The step plan of a stage config over `n` training examples."""
+    tr = cfg.train
+    return plan_steps(n, tr.batch_size, tr.grad_accum, tr.epochs, tr.max_steps, cfg.seed)
+
+
 # -------------------------------------------------------------------------------- optimizer & schedule
 def make_optimizer(model, train) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]

@@ -13,58 +13,41 @@ from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
-from rich.table import Table
 
-from llmft import data as D
+from llmft import loop
 from llmft import preferences as P
 from llmft.config import DPOConfig
-from llmft.loop import Stage, run_stage
+from llmft.loop import Stage, plan_table, run_stage, steps_row
 from llmft.losses import REFERENCE_FREE, preference_loss
 from llmft.modeling import add_lora, disable_dropout, load_model, resolve_model, sequence_logps
-from llmft.training import StepPlan, autocast, console, plan_steps, require_dropout_off
+from llmft.training import autocast, console, plan_for, require_dropout_off
 
 
 @dataclass
-class Setup:
-    cfg: DPOConfig
-    source: Any
-    tokenizer: Any
-    train: P.PairSet
-    eval: P.PairSet | None
-    plan: StepPlan
-    device: torch.device
-    dtype: torch.dtype
-    reference: dict[str, torch.Tensor | None]  # precomputed reference log-probs [2, N] per split (or None)
+class Setup(loop.Setup):
+    reference: dict[str, torch.Tensor | None] = field(default_factory=lambda: {"train": None, "eval": None})
+    # precomputed reference log-probs [2, N] per split (None: computed in each step)
 
 
 # --------------------------------------------------------------------------------------------- setup
 def setup(cfg: DPOConfig) -> Setup:
     require_dropout_off(cfg, "dpo", "at step 0 the policy must equal the reference")
     source, tok, device, dtype = resolve_model(cfg.model, cfg.device)
-    train_rows, eval_rows = D.read_splits(cfg.data, cfg.seed)
-    fmt = P.detect_format(train_rows, cfg.data.format)
-    train_set, eval_set = [P.tokenize_pairs(rows, tok, fmt, cfg.data.max_length) if rows else None
-                           for rows in (train_rows, eval_rows)]
-    plan = plan_steps(len(train_set.pairs), cfg.train.batch_size, cfg.train.grad_accum,
-                      cfg.train.epochs, cfg.train.max_steps, cfg.seed)
-    return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype, {"train": None, "eval": None})
+    train_set, eval_set = P.load_pair_sets(cfg, tok)
+    plan = plan_for(cfg, len(train_set.pairs))
+    return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype)
 
 
 def show_plan(s: Setup) -> None:
-    t = Table(title=f"llmft dpo → {s.cfg.output_dir}", show_header=False)
-    t.add_row("model", f"{s.cfg.model.name} ({s.source.kind}: {s.source.path})")
-    t.add_row("device / dtype", f"{s.device} / {str(s.dtype).removeprefix('torch.')}")
+    t = plan_table("dpo", s)
     for name, ps in (("train", s.train), ("eval", s.eval)):
         if ps:
-            t.add_row(f"{name} pairs", f"{len(ps.pairs)} pairs from {ps.rows} rows, {ps.tokens} tokens; dropped "
-                      f"{ps.identical} identical, {ps.too_long} longer than {s.cfg.data.max_length}")
-    tr, loss = s.cfg.train, s.cfg.loss
-    t.add_row("steps", f"{s.plan.total} optimizer steps ({s.plan.steps_per_epoch}/epoch) × "
-              f"{tr.batch_size} pairs × {tr.grad_accum} accumulation")
+            t.add_row(f"{name} pairs", P.describe(ps, s.cfg.data.max_length))
+    steps_row(t, s, "pairs")
+    loss = s.cfg.loss
     ref = "none (reference-free)" if loss.type in REFERENCE_FREE else (
         "the policy with its adapter disabled" + (", precomputed once" if loss.precompute_reference else ""))
     t.add_row("loss", f"{loss.type}, β={loss.beta}; reference: {ref}")

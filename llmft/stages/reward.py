@@ -10,16 +10,12 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-from rich.table import Table
 
-from llmft import data as D
 from llmft import preferences as P
 from llmft.config import RewardConfig
-from llmft.loop import Stage, run_stage
+from llmft.loop import Setup, Stage, plan_table, run_stage, steps_row
 from llmft.losses import pairwise_accuracy, reward_loss
 from llmft.modeling import (
     add_lora,
@@ -29,55 +25,30 @@ from llmft.modeling import (
 )
 from llmft.reward_model import RewardModel
 from llmft.training import (
-    StepPlan,
     autocast,
     console,
-    plan_steps,
+    plan_for,
     require_dropout_off,
 )
-
-
-@dataclass
-class Setup:
-    cfg: RewardConfig
-    source: Any
-    tokenizer: Any
-    train: P.PairSet
-    eval: P.PairSet | None
-    plan: StepPlan
-    device: torch.device
-    dtype: torch.dtype
 
 
 # --------------------------------------------------------------------------------------------- setup
 def setup(cfg: RewardConfig) -> Setup:
     require_dropout_off(cfg, "reward", "r_c and r_r must come from the same network")
     source, tok, device, dtype = resolve_model(cfg.model, cfg.device)
-    train_rows, eval_rows = D.read_splits(cfg.data, cfg.seed)
-    fmt = P.detect_format(train_rows, cfg.data.format)
-    train_set, eval_set = [P.tokenize_pairs(rows, tok, fmt, cfg.data.max_length) if rows else None
-                           for rows in (train_rows, eval_rows)]
-    for name, ps in (("train", train_set), ("eval", eval_set)):
-        if ps and ps.identical:
-            console.print(f"[yellow]warning: dropped {ps.identical} {name} pairs whose chosen and rejected "
-                          f"answers are identical")
-    plan = plan_steps(len(train_set.pairs), cfg.train.batch_size, cfg.train.grad_accum,
-                      cfg.train.epochs, cfg.train.max_steps, cfg.seed)
+    train_set, eval_set = P.load_pair_sets(cfg, tok)
+    plan = plan_for(cfg, len(train_set.pairs))
     return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype)
 
 
 def show_plan(s: Setup) -> None:
-    t = Table(title=f"llmft reward → {s.cfg.output_dir}", show_header=False)
-    t.add_row("model", f"{s.cfg.model.name} ({s.source.kind}: {s.source.path})")
-    t.add_row("device / dtype", f"{s.device} / {str(s.dtype).removeprefix('torch.')}")
+    t = plan_table("reward", s)
     for name, ps in (("train", s.train), ("eval", s.eval)):
         if ps:
-            t.add_row(f"{name} pairs", f"{len(ps.pairs)} pairs from {ps.rows} rows, {ps.tokens} tokens; dropped "
-                      f"{ps.identical} identical, {ps.too_long} longer than {s.cfg.data.max_length}"
+            t.add_row(f"{name} pairs", P.describe(ps, s.cfg.data.max_length)
                       + ("; per-pair margins" if ps.has_margin and s.cfg.loss.use_margin_column else ""))
-    tr, loss = s.cfg.train, s.cfg.loss
-    t.add_row("steps", f"{s.plan.total} optimizer steps ({s.plan.steps_per_epoch}/epoch) × "
-              f"{tr.batch_size} pairs × {tr.grad_accum} accumulation")
+    steps_row(t, s, "pairs")
+    loss = s.cfg.loss
     t.add_row("loss", f"{loss.type}, margin {loss.margin}, centering {loss.center_coef}")
     t.add_row("LoRA", f"r={s.cfg.lora.r} alpha={s.cfg.lora.alpha} targets={s.cfg.lora.target_modules}; "
               f"scalar head on the last token")

@@ -8,15 +8,12 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-from rich.table import Table
 
 from llmft import data as D
 from llmft.config import SFTConfig
-from llmft.loop import Stage, run_stage
+from llmft.loop import Setup, Stage, plan_table, run_stage, steps_row
 from llmft.losses import sft_loss
 from llmft.modeling import (
     add_lora,
@@ -25,23 +22,10 @@ from llmft.modeling import (
     supervised_logits,
 )
 from llmft.training import (
-    StepPlan,
     autocast,
     console,
-    plan_steps,
+    plan_for,
 )
-
-
-@dataclass
-class Setup:
-    cfg: SFTConfig
-    source: Any
-    tokenizer: Any
-    train: D.TokenizedSet
-    eval: D.TokenizedSet | None
-    plan: StepPlan
-    device: torch.device
-    dtype: torch.dtype
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -52,23 +36,18 @@ def setup(cfg: SFTConfig) -> Setup:
     d = cfg.data
     train_set = D.tokenize_records(train_rows, tok, fmt, d.max_length, d.loss_on)
     eval_set = D.tokenize_records(eval_rows, tok, fmt, d.max_length, d.loss_on) if eval_rows else None
-    plan = plan_steps(len(train_set.examples), cfg.train.batch_size, cfg.train.grad_accum,
-                      cfg.train.epochs, cfg.train.max_steps, cfg.seed)
+    plan = plan_for(cfg, len(train_set.examples))
     return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype)
 
 
 def show_plan(s: Setup) -> None:
-    t = Table(title=f"llmft sft → {s.cfg.output_dir}", show_header=False)
-    t.add_row("model", f"{s.cfg.model.name} ({s.source.kind}: {s.source.path})")
-    t.add_row("device / dtype", f"{s.device} / {str(s.dtype).removeprefix('torch.')}")
+    t = plan_table("sft", s)
     for name, ts in (("train", s.train), ("eval", s.eval)):
         if ts:
             t.add_row(f"{name} data", f"{len(ts.examples)} examples, {ts.tokens} tokens "
                       f"({ts.supervised} supervised); {ts.truncated} truncated to {s.cfg.data.max_length}, "
                       f"{ts.dropped} dropped with nothing to train on")
-    tr = s.cfg.train
-    t.add_row("steps", f"{s.plan.total} optimizer steps ({s.plan.steps_per_epoch}/epoch) × "
-              f"{tr.batch_size} examples × {tr.grad_accum} accumulation")
+    steps_row(t, s, "examples")
     t.add_row("LoRA", f"r={s.cfg.lora.r} alpha={s.cfg.lora.alpha} dropout={s.cfg.lora.dropout} "
               f"targets={s.cfg.lora.target_modules}")
     console.print(t)
