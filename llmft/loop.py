@@ -67,7 +67,8 @@ class Stage:
 
     step(micro_batches) runs forward and backward on every micro-batch of one optimizer step (each a list
     of example indices) and returns (metrics, counts): metrics hold at least "loss"; counts are amounts of
-    work, e.g. {"tokens": 4096, "pairs": 16}, logged as they are and as "tokens_per_s", "pairs_per_s".
+    work of that step, e.g. {"tokens": 4096, "pairs": 16}, logged as they are; "tokens_per_s", "pairs_per_s"
+    are measured over the timed work of every step since the last logged row (train.log_every).
     evaluate() returns metrics named "eval/...".
     """
 

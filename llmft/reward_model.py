@@ -1,7 +1,7 @@
 """The reward model, and the scoring API that `llmft eval` (and PPO) use.
 
     r(x, y) = w · h(x ⊕ y)[last real token] + b        computed in fp32
-    w ~ N(0, 1/sqrt(d + 1)), b = 0 at initialisation
+    w ~ N(0, σ = 1/sqrt(d + 1)), b = 0 at initialisation (σ is the standard deviation)
 
 `h` is the last hidden state of the causal LM body (the LM head is never run). A reward checkpoint is a
 PEFT adapter plus `reward_head.safetensors` in the same folder; loading one whose head is missing or does

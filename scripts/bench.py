@@ -1,11 +1,13 @@
-"""Benchmark llmft against TRL, one subcommand per post-training stage (only `sft` so far).
+"""Benchmark llmft against TRL, one subcommand per post-training stage (`sft`, `reward`).
 
-    python scripts/bench.py sft [--batch-size 8 --grad-accum 1 --steps 6 ...]   # needs `pip install trl`
+    python scripts/bench.py sft [--batch-size 8 --grad-accum 1 --steps 6 ...]      # needs `pip install trl`
+    python scripts/bench.py reward [--batch-size 4 --max-length 384 --steps 4 ...]
 
 Each implementation runs as its own subprocess on the same model, data, max length, LoRA settings and
 batch; the parent takes its peak RSS with os.wait4. Only optimizer steps after --warmup-steps are timed.
-TRL runs twice: as shipped, and with torch.set_flush_denormal(True) (which llmft sets on CPU).
-See docs/benchmarks.md.
+sft: TRL runs twice, as shipped and with torch.set_flush_denormal(True) (which llmft sets on CPU).
+reward: the same for trl.RewardTrainer (--no-trl-flush: as shipped only) vs `llmft reward`, on the
+pairs both sides keep. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,9 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / "benchmarks" / "tmp"
 
 
-def add_common(p: argparse.ArgumentParser, out: str) -> None:
+def add_common(p: argparse.ArgumentParser, out: str, data: str = "data/demo/sft_train.jsonl",
+               data_help: str = "prompt/completion JSONL") -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="llmft model source (alias, dir, ...)")
-    p.add_argument("--data", default=str(ROOT / "data/demo/sft_train.jsonl"), help="prompt/completion JSONL")
+    p.add_argument("--data", default=str(ROOT / data), help=data_help)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -55,18 +59,21 @@ def run_child(cmd: list[str], log: Path) -> float:
     return usage.ru_maxrss / 1024  # KiB on Linux
 
 
-def timed_rates(rows: list[dict], warmup: int, per_step: int) -> dict:
-    """Tokens/s and samples/s over the optimizer steps after `warmup` (llmft metrics.jsonl rows)."""
+def timed_rates(rows: list[dict], warmup: int, per_step: int, unit: str = "samples") -> dict:
+    """Tokens/s and `unit`/s over the optimizer steps after `warmup` (llmft metrics.jsonl rows); a row's
+    `unit` count is its own column when llmft logs one (reward: "pairs"), else `per_step`."""
     timed = [r for r in rows if r["step"] > warmup]
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
     tokens = sum(r["tokens"] for r in timed)
-    return {"tokens_per_s": tokens / seconds, "samples_per_s": per_step * len(timed) / seconds,
-            "steps": len(timed), "seconds": seconds, "tokens": tokens, "samples": per_step * len(timed)}
+    done = sum(r.get(unit, per_step) for r in timed)
+    return {"tokens_per_s": tokens / seconds, f"{unit}_per_s": done / seconds,
+            "steps": len(timed), "seconds": seconds, "tokens": tokens, unit: done}
 
 
-def llmft_sft(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
+def llmft_config(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
+    """The llmft YAML config of a bench run (keys every training stage shares)."""
     targets = args.target_modules
-    cfg = {
+    return {
         "model": {"name": model_dir},
         "data": {"train": args.data, "max_length": args.max_length},
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
@@ -76,31 +83,63 @@ def llmft_sft(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
                   "log_every": 1, "save_every": 100000},
         "output_dir": str(work / "llmft_out"), "overwrite": True, "seed": args.seed,
     }
-    (work / "llmft.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    rss = run_child([sys.executable, "-m", "llmft", "sft", str(work / "llmft.yaml")], work / "llmft.log")
+
+
+def run_llmft(stage: str, args: argparse.Namespace, model_dir: str, work: Path) -> tuple[list[dict], float]:
+    """`python -m llmft STAGE CFG`: its metrics.jsonl step rows and its peak RSS (MiB)."""
+    cfg = work / f"llmft-{stage}.yaml"
+    cfg.write_text(yaml.safe_dump(llmft_config(args, model_dir, work)), encoding="utf-8")
+    rss = run_child([sys.executable, "-m", "llmft", stage, str(cfg)], work / f"llmft-{stage}.log")
     lines = (work / "llmft_out" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    rows = [r for r in map(json.loads, lines) if "tokens_per_s" in r]
-    per_step = args.batch_size * args.grad_accum
-    return {"impl": "llmft", **timed_rates(rows, args.warmup_steps, per_step), "peak_rss_mib": rss,
+    return [r for r in map(json.loads, lines) if "tokens_per_s" in r], rss
+
+
+def llmft_result(rows: list[dict], rss: float, args: argparse.Namespace, unit: str) -> dict:
+    return {"impl": "llmft", **timed_rates(rows, args.warmup_steps, args.batch_size * args.grad_accum, unit),
+            "peak_rss_mib": rss,
             "peak_cuda_mib": max((r["cuda_peak_mib"] for r in rows if "cuda_peak_mib" in r), default=None),
             "losses": [r["loss"] for r in rows], "step_tokens": [r["tokens"] for r in rows],
             "step_seconds": [r["tokens"] / r["tokens_per_s"] for r in rows if r["step"] > args.warmup_steps],
             "flush_denormal": True}
 
 
-def trl_sft(args: argparse.Namespace, model_dir: str, work: Path, flush: bool) -> dict:
+def llmft_sft(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
+    return llmft_result(*run_llmft("sft", args, model_dir, work), args, "samples")
+
+
+def llmft_reward(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
+    rows, rss = run_llmft("reward", args, model_dir, work)
+    log = (work / "llmft-reward.log").read_text(encoding="utf-8", errors="replace")
+    trainable = re.search(r"trainable parameters: ([\d,]+)", log)
+    return llmft_result(rows, rss, args, "pairs") | {
+        "step_pairs": [r["pairs"] for r in rows], "accuracies": [r["accuracy"] for r in rows],
+        "trainable_params": int(trainable[1].replace(",", "")) if trainable else None}
+
+
+def run_trl(script: str, args: argparse.Namespace, model_dir: str, work: Path, flush: bool,
+            keep: list[str]) -> dict:
+    """Run a bench_trl*.py child with the common options; `keep` its result keys, add the RSS from wait4."""
     name = "trl+flush" if flush else "trl"
     opts = ["model", "data", "max_length", "batch_size", "grad_accum", "steps", "warmup_steps", "lora_r",
             "lora_alpha", "lora_dropout", "target_modules", "lr", "seed"]
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_trl.py"), "--out", str(work / f"{name}.json")]
+    cmd = [sys.executable, str(ROOT / "scripts" / script), "--out", str(work / f"{name}.json")]
     for k in opts:
         cmd += [f"--{k.replace('_', '-')}", str(model_dir if k == "model" else getattr(args, k))]
     rss = run_child(cmd + ["--flush-denormal"] * flush, work / f"{name}.log")
     res = json.loads((work / f"{name}.json").read_text(encoding="utf-8"))
-    keep = ["tokens_per_s", "samples_per_s", "steps", "seconds", "tokens", "samples", "peak_cuda_mib",
-            "losses", "step_tokens", "step_seconds"]
+    keep = ["tokens_per_s", "steps", "seconds", "tokens", "peak_cuda_mib", "losses", "step_tokens",
+            "step_seconds", *keep]
     return {"impl": name, **{k: res[k] for k in keep}, "peak_rss_mib": rss, "flush_denormal": flush,
             "child_rss_mib": res["peak_rss_mib"]}
+
+
+def trl_sft(args: argparse.Namespace, model_dir: str, work: Path, flush: bool) -> dict:
+    return run_trl("bench_trl.py", args, model_dir, work, flush, ["samples_per_s", "samples"])
+
+
+def trl_reward(args: argparse.Namespace, model_dir: str, work: Path, flush: bool) -> dict:
+    return run_trl("bench_trl_reward.py", args, model_dir, work, flush,
+                   ["pairs_per_s", "pairs", "step_pairs", "train_pairs", "trainable_params"])
 
 
 def machine_info() -> dict:
@@ -114,12 +153,12 @@ def machine_info() -> dict:
     return info
 
 
-def report(title: str, results: list[dict], machine: dict) -> None:
-    base = results[0]["tokens_per_s"]
-    cols = ["impl", "tokens/s", "samples/s", "peak RSS MiB", "peak CUDA MiB", "first-step loss", "vs TRL"]
-    rows = [[r["impl"], f"{r['tokens_per_s']:.0f}", f"{r['samples_per_s']:.2f}", f"{r['peak_rss_mib']:.0f}",
+def report(title: str, results: list[dict], machine: dict, notes: list[str], unit: str = "samples") -> None:
+    """Print the results table (ratio = each result's `ratio_vs_trl`), the machine and `notes`."""
+    cols = ["impl", f"{unit}/s", "tokens/s", "peak RSS MiB", "peak CUDA MiB", "first-step loss", "vs TRL"]
+    rows = [[r["impl"], f"{r[f'{unit}_per_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mib']:.0f}",
              "-" if r["peak_cuda_mib"] is None else f"{r['peak_cuda_mib']:.0f}", f"{r['losses'][0]:.4f}",
-             f"{r['tokens_per_s'] / base:.2f}x"] for r in results]
+             f"{r['ratio_vs_trl']:.2f}x"] for r in results]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -131,36 +170,111 @@ def report(title: str, results: list[dict], machine: dict) -> None:
     except ImportError:
         print(title, *("  ".join(row) for row in [cols, *rows]), sep="\n")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
-    if all(r["step_tokens"] == results[0]["step_tokens"] for r in results):
-        print("Same tokens in every step on all sides: same batches (llmft's data order, "
-              "randperm(seed), is TRL's RandomSampler order), so first-step losses should agree closely.")
-    else:
-        print("Per-step token counts differ: the sides saw different batches (different shuffles), "
-              "so first-step losses need only be of similar magnitude.")
+    print(*notes, sep="\n")
 
 
-def cmd_sft(args: argparse.Namespace) -> dict:
+def bench(stage: str, args: argparse.Namespace, runs, unit: str, rate: str, notes) -> dict:
+    """Run `runs(model_dir, work)` (the implementations, TRL first) in a scratch folder; ratio = `rate`
+    over TRL's; print the table and `notes(results, extra)`; write --out."""
     from llmft.modeling import resolve_source
 
     model_dir = resolve_source(args.model).path
     args.data = str(Path(args.data).resolve())  # children run in the repo root
     SCRATCH.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sft-", dir=SCRATCH) as tmp:
-        work = Path(tmp)
-        results = [trl_sft(args, model_dir, work, flush=False), trl_sft(args, model_dir, work, flush=True),
-                   llmft_sft(args, model_dir, work)]
+    with tempfile.TemporaryDirectory(prefix=f"{stage}-", dir=SCRATCH) as tmp:
+        results, extra = runs(model_dir, Path(tmp))
     for r in results:
-        r["ratio_vs_trl"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
+        r["ratio_vs_trl"] = r[rate] / results[0][rate]
     machine = machine_info()
-    title = (f"SFT {Path(model_dir).name}: batch {args.batch_size} x accum {args.grad_accum}, "
-             f"max_length {args.max_length}, {args.steps} timed steps")
-    report(title, results, machine)
-    out = {"stage": "sft", "args": vars(args) | {"func": None, "model_dir": model_dir},
+    title = (f"{stage.upper()} {Path(model_dir).name}: batch {args.batch_size} {unit} x accum {args.grad_accum}, "
+             f"max_length {args.max_length}, {args.steps} timed steps (ratio: {rate} vs TRL)")
+    report(title, results, machine, notes(results, extra), unit)
+    out = {"stage": stage, "args": vars(args) | {"func": None, "model_dir": model_dir}, **extra,
            "machine": machine, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return out
+
+
+def sft_notes(results: list[dict], extra: dict) -> list[str]:
+    if all(r["step_tokens"] == results[0]["step_tokens"] for r in results):
+        return ["Same tokens in every step on all sides: same batches (llmft's data order, "
+                "randperm(seed), is TRL's RandomSampler order), so first-step losses should agree closely."]
+    return ["Per-step token counts differ: the sides saw different batches (different shuffles), "
+            "so first-step losses need only be of similar magnitude."]
+
+
+def cmd_sft(args: argparse.Namespace) -> dict:
+    def runs(model_dir: str, work: Path) -> tuple[list[dict], dict]:
+        return [trl_sft(args, model_dir, work, flush=False), trl_sft(args, model_dir, work, flush=True),
+                llmft_sft(args, model_dir, work)], {}
+
+    return bench("sft", args, runs, "samples", "tokens_per_s", sft_notes)
+
+
+# ------------------------------------------------------------------------------------------------ reward
+def chat(value: str | list, role: str) -> list[dict]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def pair_lengths(tok, row: dict) -> list[int]:
+    """Token counts of a pair's sequences as llmft (prompt + generation prompt, answer, EOS) and TRL (the whole
+    conversation through the chat template, which adds a newline after EOS) build them."""
+    prompt = chat(row["prompt"], "user")
+    gen = len(tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+    out = []
+    for answer in (row["chosen"], row["rejected"]):
+        whole = tok.apply_chat_template(prompt + chat(answer, "assistant"), return_dict=True)["input_ids"]
+        out += [gen + len(tok(answer, add_special_tokens=False)["input_ids"]) + 1, len(whole)]
+    return out
+
+
+def write_pairs(args: argparse.Namespace, model_dir: str, work: Path) -> tuple[Path, dict]:
+    """The {prompt, chosen, rejected} rows (string answers) that both sides keep, in work/pairs.jsonl.
+
+    llmft drops pairs with identical answers or with prompt + answer + EOS over max_length; TRL drops pairs with
+    a side over max_length (its sequences are one token longer). Filtering first gives both the same n pairs,
+    so the same shuffle, randperm(n) from the seed, and the same pairs in every step."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows
+            if r["chosen"].strip() != r["rejected"].strip() and max(pair_lengths(tok, r)) <= args.max_length]
+    path = work / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+    return path, {"data_rows": len(rows), "data_pairs_kept": len(keep)}
+
+
+def reward_notes(results: list[dict], extra: dict) -> list[str]:
+    trl, llmft = results[0], results[-1]
+    extra_tokens = [t - u for t, u in zip(trl["step_tokens"], llmft["step_tokens"], strict=True)]
+    same = trl["step_pairs"] == llmft["step_pairs"] and extra_tokens == [2 * n for n in trl["step_pairs"]]
+    return [
+        f"Data: {extra['data_pairs_kept']} of {extra['data_rows']} rows kept (both sides fit max_length, answers "
+        f"differ); TRL trained on {trl['train_pairs']} pairs. Trainable parameters: TRL {trl['trainable_params']:,} "
+        f"(LoRA + score head, no bias), llmft {llmft['trainable_params'] or 0:,} (LoRA + head with bias).",
+        "Same pairs in every step on both sides (per step, TRL's tokens = llmft's + 2 x pairs)" if same else
+        f"Per-step batches differ (TRL - llmft tokens per step: {extra_tokens}; pairs {trl['step_pairs']} vs "
+        f"{llmft['step_pairs']})",
+        "Tokens: TRL renders the whole conversation, so each sequence ends '<|im_end|>\\n' (one token more than "
+        "llmft's prompt + answer + EOS), and its head reads that trailing newline (last token != pad id); llmft's "
+        "reads the EOS (last token by attention mask). Compare pairs/s; tokens/s counts the extra token for TRL.",
+        "First-step losses: the reward heads start differently (llmft: w ~ N(0, 1/sqrt(d+1)), b = 0; TRL/"
+        "transformers: score ~ N(0, initializer_range), no bias), so they need only be close to ln 2 = 0.693 on "
+        "both sides, not equal.",
+    ]
+
+
+def cmd_reward(args: argparse.Namespace) -> dict:
+    def runs(model_dir: str, work: Path) -> tuple[list[dict], dict]:
+        data, extra = write_pairs(args, model_dir, work)
+        same = argparse.Namespace(**{**vars(args), "data": str(data)})
+        trl = [trl_reward(same, model_dir, work, flush) for flush in [False] + [True] * args.trl_flush]
+        return [*trl, llmft_reward(same, model_dir, work)], extra
+
+    return bench("reward", args, runs, "pairs", "pairs_per_s", reward_notes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,7 +283,13 @@ def main(argv: list[str] | None = None) -> None:
     sft = stages.add_parser("sft", help="llmft sft vs trl.SFTTrainer (LoRA)")
     add_common(sft, out=str(ROOT / "benchmarks/sft-cpu.json"))
     sft.set_defaults(func=cmd_sft)
-    # reward / dpo / ppo: add a parser + cmd_<stage> here the same way.
+    reward = stages.add_parser("reward", help="llmft reward vs trl.RewardTrainer (LoRA + scalar head)")
+    add_common(reward, out=str(ROOT / "benchmarks/reward-cpu.json"), data="data/demo/pref_train.jsonl",
+               data_help="{prompt, chosen, rejected} JSONL (string answers)")
+    reward.add_argument("--trl-flush", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run TRL with torch.set_flush_denormal(True), as llmft sets on CPU")
+    reward.set_defaults(func=cmd_reward, max_length=384, batch_size=4, steps=4)
+    # dpo / ppo: add a parser + cmd_<stage> here the same way.
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -33,6 +33,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def step_meter(unit: str):
+    """A TrainerCallback timing each optimizer step; `pending` gets (tokens, rows, loss) per micro-batch
+    from the trainer's training_step, turned into {step, seconds, tokens, `unit`, loss} at the step's end."""
+    import torch
+    from transformers import TrainerCallback
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    class StepMeter(TrainerCallback):
+        def __init__(self) -> None:
+            self.pending: list[tuple] = []
+            self.records: list[dict] = []
+
+        def on_step_begin(self, args_, state, control, **kwargs):
+            self.pending = []
+            sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            sync()
+            dt = time.perf_counter() - self.t0
+            self.records.append({
+                "step": state.global_step, "seconds": dt,
+                "tokens": int(sum(int(t) for t, _, _ in self.pending)),
+                unit: sum(n for _, n, _ in self.pending),
+                # micro-batch losses come back scaled for grad accumulation: their sum is the step loss
+                "loss": float(sum(float(v) for _, _, v in self.pending)),
+            })
+
+    return StepMeter()
+
+
 def load_rows(path: str) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -58,41 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
     import trl
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     if args.flush_denormal:
         torch.set_flush_denormal(True)
     cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    class StepMeter(TrainerCallback):
-        """Wall time per optimizer step; tokens / samples / loss of the micro-batches fed in that step."""
-
-        def __init__(self) -> None:
-            self.pending: list[tuple] = []
-            self.records: list[dict] = []
-
-        def on_step_begin(self, args_, state, control, **kwargs):
-            self.pending = []
-            sync()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            sync()
-            dt = time.perf_counter() - self.t0
-            self.records.append(
-                {
-                    "step": state.global_step,
-                    "seconds": dt,
-                    "tokens": int(sum(int(t) for t, _, _ in self.pending)),
-                    "samples": sum(n for _, n, _ in self.pending),
-                    # micro-batch losses come back scaled for grad accumulation: their sum is the step loss
-                    "loss": float(sum(float(v) for _, _, v in self.pending)),
-                }
-            )
-
-    meter = StepMeter()
+    meter = step_meter("samples")
 
     class MeteredSFTTrainer(SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
