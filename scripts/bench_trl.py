@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
-    import trl
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
@@ -161,28 +160,41 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()
     tmp.cleanup()
 
+    return write_result(meter, args, "samples")
+
+
+def write_result(meter, args: argparse.Namespace, unit: str, **extra) -> dict:
+    """Rates over the timed steps (after warmup) and per-step records; written to --out and printed as the
+    last stdout line."""
+
+    import torch
+    import trl
+
+    cuda = torch.cuda.is_available()
     timed = [r for r in meter.records if r["step"] > args.warmup_steps]
     seconds = sum(r["seconds"] for r in timed)
     tokens = sum(r["tokens"] for r in timed)
-    samples = sum(r["samples"] for r in timed)
+    done = sum(r[unit] for r in timed)
     result = {
         "impl": "trl",
         "trl_version": trl.__version__,
         "tokens_per_s": tokens / seconds if seconds else None,
-        "samples_per_s": samples / seconds if seconds else None,
+        f"{unit}_per_s": done / seconds if seconds else None,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "steps": len(timed),
         "warmup_steps": args.warmup_steps,
         "losses": [r["loss"] for r in meter.records],  # every optimizer step, warmup included
         "step_tokens": [r["tokens"] for r in meter.records],  # likewise
+        f"step_{unit}": [r[unit] for r in meter.records],  # likewise
         "seconds": seconds,
         "tokens": tokens,
-        "samples": samples,
+        unit: done,
         "step_seconds": [r["seconds"] for r in timed],
         "device": "cuda" if cuda else "cpu",
         "flush_denormal": args.flush_denormal,
         "threads": torch.get_num_threads(),
+        **extra,
     }
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 
@@ -57,7 +56,6 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
-    import trl
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoTokenizer, PrinterCallback
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_flush_denormal(True)
     cuda = torch.cuda.is_available()
 
-    from bench_trl import step_meter  # scripts/ is on sys.path
+    from bench_trl import step_meter, write_result  # scripts/ is on sys.path
 
     meter = step_meter("pairs")
 
@@ -133,37 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()
     tmp.cleanup()
 
-    timed = [r for r in meter.records if r["step"] > args.warmup_steps]
-    seconds = sum(r["seconds"] for r in timed)
-    tokens = sum(r["tokens"] for r in timed)
-    pairs = sum(r["pairs"] for r in timed)
-    result = {
-        "impl": "trl",
-        "trl_version": trl.__version__,
-        "tokens_per_s": tokens / seconds if seconds else None,
-        "pairs_per_s": pairs / seconds if seconds else None,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        "steps": len(timed),
-        "warmup_steps": args.warmup_steps,
-        "losses": [r["loss"] for r in meter.records],  # every optimizer step, warmup included
-        "step_tokens": [r["tokens"] for r in meter.records],  # likewise
-        "step_pairs": [r["pairs"] for r in meter.records],  # likewise
-        "seconds": seconds,
-        "tokens": tokens,
-        "pairs": pairs,
-        "step_seconds": [r["seconds"] for r in timed],
-        "train_pairs": len(trainer.train_dataset),
-        "trainable_params": trainable,
-        "pad_token_id": tokenizer.pad_token_id,
-        "device": "cuda" if cuda else "cpu",
-        "flush_denormal": args.flush_denormal,
-        "threads": torch.get_num_threads(),
-    }
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result), flush=True)
-    return result
+    return write_result(meter, args, "pairs", train_pairs=len(trainer.train_dataset), trainable_params=trainable,
+                        pad_token_id=tokenizer.pad_token_id)
 
 
 if __name__ == "__main__":
