@@ -9,7 +9,8 @@ from llmft.errors import DataError, LlmftError
 
 # the figures worth a panel, in display order (each stage logs the ones that apply to it)
 PANELS = ["loss", "eval/loss", "accuracy", "eval/accuracy", "margin", "eval/margin", "reward_mean", "reward_std",
-          "score", "reward", "kl", "length", "entropy", "lr", "tokens_per_s", "pairs_per_s"]
+          "rewards/accuracies", "eval/rewards/accuracies", "rewards/margins", "eval/rewards/margins", "score",
+          "reward", "kl", "length", "entropy", "lr", "tokens_per_s", "pairs_per_s"]
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -42,10 +43,11 @@ def plot(run_dirs: list[Path], out: Path) -> list[str]:
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     for ax, name in zip(axes.flat, panels, strict=False):
-        for run, series in runs.items():
-            if name in series:
+        for i, (run, series) in enumerate(runs.items()):
+            if name in series:  # one colour per run in every panel
                 steps, values = zip(*series[name], strict=True)
-                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=run)
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=run,
+                        color=f"C{i % 10}")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
