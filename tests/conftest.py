@@ -132,3 +132,16 @@ def crash_then_resume(run, cfg, monkeypatch, at_step: int = 5) -> None:
     monkeypatch.setattr(loop, "optimizer_step", real_step)
     cfg.resume = "auto"
     run(cfg)
+
+
+def train_in_process(stage, cfg):
+    """Set up and train a stage module in this process: (model, its parameters before training, final metrics)."""
+    from llmft import loop, training
+
+    s = stage.setup(cfg)
+    model = stage.build_model(s)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    training.prepare_output_dir(cfg)
+    opt = training.make_optimizer(model, cfg.train)
+    final = loop.fit(stage.stage(s, model), model, opt, training.make_scheduler(opt, cfg.train, s.plan.total), 0, None)
+    return model, before, final

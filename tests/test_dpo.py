@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmft import loop, training
 from llmft.config import load_config
 from llmft.data import Record
 from llmft.errors import ConfigError
@@ -17,7 +16,7 @@ from llmft.losses import dpo_hinge, dpo_robust, dpo_sigmoid, ipo_loss, orpo_loss
 from llmft.modeling import sequence_logps
 from llmft.preferences import collate_pairs, tokenize_pairs
 from llmft.stages import dpo
-from tests.conftest import crash_then_resume
+from tests.conftest import crash_then_resume, train_in_process
 
 DELTA = torch.tensor([1.0, -2.0])  # with β = 0.5: βΔ = 0.5 and −1
 
@@ -91,12 +90,7 @@ def metrics_rows(run_dir) -> list[dict]:
 
 def test_step_zero_is_ln2_then_only_the_adapter_learns(tiny_model_dir, pref_data, write_config):
     cfg = dpo_config(write_config, tiny_model_dir, pref_data)
-    s = dpo.setup(cfg)
-    model = dpo.build_model(s)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    training.prepare_output_dir(cfg)
-    opt = training.make_optimizer(model, cfg.train)
-    final = loop.fit(dpo.stage(s, model), model, opt, training.make_scheduler(opt, cfg.train, s.plan.total), 0, None)
+    model, before, final = train_in_process(dpo, cfg)
     rows = metrics_rows(cfg.output_dir)
     start, first = rows[0], rows[1]
     assert start["step"] == 0 and start["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)

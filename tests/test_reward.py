@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmft import loop, training
 from llmft.config import load_config
 from llmft.data import Record
 from llmft.errors import ConfigError, DataError, ModelError
@@ -17,7 +16,7 @@ from llmft.losses import pairwise_accuracy, reward_loss
 from llmft.preferences import collate_pairs, to_pairs, tokenize_pairs
 from llmft.reward_model import RewardModel, RewardScorer
 from llmft.stages import reward
-from tests.conftest import crash_then_resume
+from tests.conftest import crash_then_resume, train_in_process
 
 R_C, R_R = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])  # pair 1 ranked right (+2), pair 2 wrong (-1)
 
@@ -131,13 +130,7 @@ def reward_config(write_config, tiny_model_dir, pref_data, **overrides):
 
 def test_training_learns_the_preferences_and_changes_only_lora_and_head(tiny_model_dir, pref_data, write_config):
     cfg = reward_config(write_config, tiny_model_dir, pref_data)
-    s = reward.setup(cfg)
-    model = reward.build_model(s)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    training.prepare_output_dir(cfg)
-    opt = training.make_optimizer(model, cfg.train)
-    sched = training.make_scheduler(opt, cfg.train, s.plan.total)
-    metrics = loop.fit(reward.stage(s, model), model, opt, sched, 0, None)
+    model, before, metrics = train_in_process(reward, cfg)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n or n.startswith("head.") for n in changed)
     assert {"head.weight", "head.bias"} <= changed

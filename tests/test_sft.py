@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmft import loop, training
+from llmft import loop
 from llmft.checkpoint import content_hash
 from llmft.config import load_config
 from llmft.errors import RunError, TrainingAborted
 from llmft.stages import sft
+from tests.conftest import train_in_process
 
 
 def run(path, *overrides):
@@ -63,12 +64,7 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, sft_data, write_conf
 def test_only_lora_parameters_change_and_loss_goes_down(tiny_model_dir, sft_data, write_config):
     cfg = load_config("sft", write_config(tiny_model_dir, sft_data, train__epochs=15,
                                           data__eval=str(sft_data), train__eval_every=4))
-    s = sft.setup(cfg)
-    model = sft.add_lora(sft.load_model(s.source, s.dtype, s.device, cfg.model), cfg.lora)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    training.prepare_output_dir(cfg)
-    opt = training.make_optimizer(model, cfg.train)
-    loop.fit(sft.stage(s, model), model, opt, training.make_scheduler(opt, cfg.train, s.plan.total), 0, None)
+    model, before, _ = train_in_process(sft, cfg)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     assert {n for n in before if "lora_B" in n} <= changed  # every adapter learned (B starts at 0)
