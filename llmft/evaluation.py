@@ -67,8 +67,6 @@ def make_judge(name: str, cfg: EvalConfig, records: list[Record]) -> Judge:
         return lambda prompts, responses, rows: [fn(resp, row[col]) for resp, row in zip(responses, rows, strict=True)]
     if ":" in name:
         return user_judge(name)
-    if name == "reward":
-        raise ConfigError("judge 'reward' needs reward_model: the path of an llmft reward output")
     raise ConfigError(f"unknown judge '{name}' (constraints, bleu, rouge_l, reward, or module:function)")
 
 
@@ -124,6 +122,8 @@ def check_config(cfg: EvalConfig) -> None:
                           "the reward model's pairwise accuracy")
     if cfg.models and not cfg.prompts:
         raise ConfigError("eval: 'prompts' is required to evaluate models (a file of held-out prompts)")
+    if "reward" in cfg.judges and not cfg.reward_model:
+        raise ConfigError("judge 'reward' needs reward_model: the path of an llmft reward output")
     if cfg.preferences and not cfg.reward_model:
         raise ConfigError("eval: 'preferences' measures a reward model's pairwise accuracy; set reward_model")
 

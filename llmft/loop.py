@@ -13,7 +13,7 @@ checkpoints, throughput, the progress bar.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class Stage:
     step: StepFn
     evaluate: Callable[[], dict[str, float]] | None = None
     shown: tuple[str, ...] = ("loss", "lr", "tokens_per_s")  # metrics in the progress line
-    extra_state: dict = field(default_factory=dict)
 
 
 def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict | None:
@@ -168,7 +167,7 @@ def fit(stage: Stage, model, optimizer, scheduler, start: int, last_ckpt: Path |
                 log.log(step, evaluated)
             if step % tr.save_every == 0 and step < plan.total:
                 last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                            {"epoch": values["epoch"], **stage.extra_state}, tr.keep_checkpoints)
+                                            {"epoch": values["epoch"]}, tr.keep_checkpoints)
             final.update(values)
             shown = describe_step({k: values[k] for k in stage.shown if k in values})
             bar.update(task, completed=step, info=shown)

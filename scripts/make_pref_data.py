@@ -24,6 +24,7 @@ so `--limit N` (N a multiple of --chunk) reproduces the first N prompts of a ful
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import random
 from pathlib import Path
@@ -60,8 +61,7 @@ def sample_answers(model, tok, rows: list[dict], k: int, chunk: int, sampling: S
     for c in range(0, len(rows), chunk):
         part = rows[c:c + chunk]
         prompts = [encode_prompt(tok, [{"role": "user", "content": r["prompt"]}], "prompt") for r in part]
-        s = SamplingConfig(**{**sampling.__dict__, "seed": seed * 100_003 + c // chunk,
-                              "batch_size": len(part) * k})
+        s = dataclasses.replace(sampling, seed=seed * 100_003 + c // chunk, batch_size=len(part) * k)
         gens = generate(model, tok, [p for p in prompts for _ in range(k)], s)
         answers += [[g.text for g in gens[i * k:(i + 1) * k]] for i in range(len(part))]
         print(f"  {c + len(part)}/{len(rows)} prompts", flush=True)

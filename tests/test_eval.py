@@ -102,6 +102,7 @@ def raising_judge(prompts, responses, rows):
     (["--set", "judges=[nosuchmodule:f]"], "cannot import f from nosuchmodule"),
     (["--set", "judges=[bleu]", "--set", "reference_column=answer"], "needs a text column 'answer'"),
     (["--set", "sampling.temperature=-1"], "'sampling.temperature' must be >= 0"),
+    (["--set", "judges=[constraints, reward]"], "judge 'reward' needs reward_model"),
 ])
 def test_eval_bad_input(args, expected, capsys, monkeypatch, tiny_model_dir, prompts_file):
     monkeypatch.syspath_prepend(str(prompts_file.parents[0]))
