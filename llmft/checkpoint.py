@@ -106,13 +106,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
-def load_adapter(path: Path, model) -> None:
-    """Put the adapter weights saved in `path` into a live PEFT model."""
+def load_adapter(path: Path, model, adapter_name: str = "default") -> None:
+    """Put the adapter weights saved in `path` into the adapter `adapter_name` of a live PEFT model."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     weights = load_file(Path(path) / "adapter_model.safetensors", device=str(next(model.parameters()).device))
-    set_peft_model_state_dict(model, weights)
+    set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
 
 
 def rng_state() -> dict:
@@ -137,8 +137,11 @@ def save_final(run_dir: Path, model, tokenizer, manifest: dict) -> None:
     tmp.mkdir()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        fsync_file(f)
+    for f in tmp.iterdir():  # files, and folders such as PPO's value/
+        for g in [f] if f.is_file() else [g for g in f.rglob("*") if g.is_file()]:
+            fsync_file(g)
+        if f.is_dir() and (run_dir / f.name).exists():
+            shutil.rmtree(run_dir / f.name)
         os.replace(f, run_dir / f.name)
     tmp.rmdir()
     manifest["adapter_sha256"] = content_hash(run_dir)

@@ -23,7 +23,6 @@ SET = typer.Option([], "--set", help="Override a config key, e.g. --set train.le
                                      "(repeatable; the value is read as YAML).")
 DRY_RUN = typer.Option(False, "--dry-run", help="Validate, resolve model and data, print the resolved "
                                                 "config and the plan, and exit without training.")
-PLANNED = {"ppo": 6}
 
 
 def version_callback(value: bool) -> None:
@@ -63,6 +62,15 @@ def dpo(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -
     from llmft.stages import dpo as stage
 
     stage.run(load_config("dpo", config, set_), dry_run=dry_run)
+
+
+@app.command()
+def ppo(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
+    """RLHF with PPO: policy, value, reward and reference on one base model (LoRA adapters)."""
+    from llmft.config import load_config
+    from llmft.stages import ppo as stage
+
+    stage.run(load_config("ppo", config, set_), dry_run=dry_run)
 
 
 @app.command()
@@ -131,19 +139,6 @@ def plot(
     target = out or runs[0] / "curves.png"
     panels = draw(runs, target)
     print(f"wrote {target} ({', '.join(panels)})")
-
-
-def not_built(stage: str):
-    def command(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
-        raise LlmftError(f"the {stage} stage is not built yet (planned in issue #{PLANNED[stage]}); "
-                         f"available now: llmft sft, llmft reward, llmft dpo")
-
-    command.__doc__ = f"[dim](not built yet)[/] The {stage} stage."
-    return command
-
-
-for _stage in PLANNED:
-    app.command(name=_stage)(not_built(_stage))
 
 
 @app.command()

@@ -25,8 +25,8 @@ def opt(default: Any, help: str, *, gt: float | None = None, ge: float | None = 
         lt: float | None = None, le: float | None = None) -> Any:
     """A config field with documentation and an optional numeric range."""
     meta = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -167,6 +167,47 @@ class DPOConfig(RunConfig):
 
 
 @dataclass
+class PromptDataConfig:
+    train: str = field(default=REQUIRED, metadata={
+        "help": "Prompt rows: {prompt} or {messages: [...]}, plus the columns the reward judges read "
+                "(e.g. 'constraints'); a .jsonl/.json/.parquet/.csv file or a hub dataset id."})
+    eval: str | None = opt(None, "Held-out prompt rows, answered greedily and scored at eval steps; null = none.")
+    split: str = opt("train", "Split to read from hub datasets.")
+    max_prompt_length: int = opt(512, "Longest prompt in tokens; longer prompts are dropped (and counted).", ge=1)
+
+
+@dataclass
+class PPORewardConfig:
+    model: str | None = opt(None, "A reward model (an llmft reward output). Trained on the policy's own base "
+                                  "weights it shares them; else it is loaded on its own.")
+    model_weight: float = opt(1.0, "Weight of the reward model's score in the total score.")
+    judges: dict[str, float] = opt({}, "Program judges and their weights, added to the score: constraints, "
+                                       "bleu, rouge_l, or module:function taking (prompts, responses, rows).")
+    reference_column: str = opt("completion", "Column with the reference text for bleu and rouge_l.")
+    missing_eos_penalty: float = opt(1.0, "Subtracted from the score of a response that never emits EOS.", ge=0)
+    normalize: bool = opt(False, "Normalise scores by the running mean and std of every score seen so far.")
+    clip: float | None = opt(None, "Clip scores (after normalising) to ±clip; null = no clipping.", gt=0)
+
+
+@dataclass
+class PPOAlgoConfig:
+    epochs: int = opt(2, "PPO epochs over each rollout batch.", ge=1)
+    num_minibatches: int = opt(1, "Minibatches (optimizer steps) per PPO epoch; the rollout batch is "
+                                  "train.batch_size × train.grad_accum × num_minibatches episodes.", ge=1)
+    clip_range: float = opt(0.2, "ε of the clipped policy objective.", gt=0)
+    value_clip_range: float = opt(0.2, "ε_v of the clipped value loss.", gt=0)
+    vf_coef: float = opt(0.1, "Weight of the value loss.", ge=0)
+    gamma: float = opt(1.0, "Discount γ of GAE.", ge=0, le=1)
+    lam: float = opt(0.95, "λ of GAE.", ge=0, le=1)
+    whiten_advantages: bool = opt(True, "Whiten advantages over the valid tokens of the rollout batch.")
+    kl_coef: float = opt(0.05, "β of the per-token KL penalty (the starting value when kl_target is set).", ge=0)
+    kl_estimator: Literal["k1", "k3"] = opt("k1", "k1 = log π − log π_ref; k3 = (r − 1) − log r, r = π_ref/π.")
+    kl_target: float | None = opt(None, "Adaptive β: the KL (summed per response) to steer towards; null = "
+                                        "fixed β.", gt=0)
+    kl_horizon: int = opt(10_000, "Adaptive β: horizon in episodes.", ge=1)
+
+
+@dataclass
 class SamplingConfig:
     max_new_tokens: int = opt(128, "Longest response.", ge=1)
     temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.", ge=0)
@@ -174,6 +215,22 @@ class SamplingConfig:
     top_k: int = opt(0, "Top-k sampling; 0 = off.", ge=0)
     seed: int = opt(0, "Sampling seed.", ge=0)
     batch_size: int = opt(16, "Prompts per generation batch.", ge=1)
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0),
+                             metadata={"help": "The policy's LoRA adapter (dropout must stay 0: ratios and KL "
+                                               "compare outputs of the same network)."})
+    output_dir: str = opt("runs/ppo", "Where the policy adapter, value adapter and head, checkpoints, metrics, "
+                                      "samples and manifest go.")
+    data: PromptDataConfig = field(default_factory=PromptDataConfig, metadata={"help": "Prompts."})
+    rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=96, temperature=0.7),
+                                    metadata={"help": "Sampling of the responses (temperature > 0)."})
+    reward: PPORewardConfig = field(default_factory=PPORewardConfig, metadata={"help": "What scores a response."})
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig, metadata={"help": "The PPO update."})
+    samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
+                             ge=1)
 
 
 @dataclass
@@ -209,7 +266,8 @@ class GenerateConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "eval": EvalConfig,
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+                                  "eval": EvalConfig,
                                   "generate": GenerateConfig}
 
 # Keys that do not change what a run computes: a resumed run may differ from the original in these.
@@ -353,6 +411,12 @@ def coerce(tp: Any, value: Any) -> tuple[bool, Any]:
         return False, None
     if origin is Literal:
         return value in typing.get_args(tp), value
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            return False, None
+        items = [(coerce(key_tp, k), coerce(value_tp, v)) for k, v in value.items()]
+        return all(k[0] and v[0] for k, v in items), {k[1]: v[1] for k, v in items}
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -387,6 +451,9 @@ def describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {describe(typing.get_args(tp)[0])}s"
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        return f"a mapping of {describe(key_tp)} to {describe(value_tp)}"
     return {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
             str: "a string"}.get(tp, str(tp))
 

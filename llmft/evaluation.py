@@ -5,10 +5,7 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +17,9 @@ from rich.table import Table
 from llmft.checkpoint import atomic_write_text
 from llmft.config import EvalConfig, ModelConfig, SamplingConfig, to_dict
 from llmft.data import Example, Record, collate, read_records
-from llmft.errors import ConfigError, DataError, ModelError
+from llmft.errors import ConfigError, ModelError
 from llmft.generation import Generation, encode_prompt, generate, prompt_messages
-from llmft.judges import constraints, text
+from llmft.judges import Judge, make_judge
 from llmft.losses import pairwise_accuracy
 from llmft.modeling import (
     load_model,
@@ -37,8 +34,6 @@ from llmft.preferences import tokenize_pairs
 from llmft.reward_model import RewardScorer
 from llmft.training import console
 
-Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, responses, rows) → scores
-
 
 @dataclass
 class PolicyRun:
@@ -48,54 +43,13 @@ class PolicyRun:
     logps: torch.Tensor  # [n] summed response log-probs under the policy itself
 
 
-# ------------------------------------------------------------------------------------------------ judges
-def make_judge(name: str, cfg: EvalConfig, records: list[Record]) -> Judge:
-    """A judge by name, after checking that every row has what it needs."""
-    if name == "constraints":
-        for r in records:
-            if "constraints" not in r.row:
-                raise DataError(f"{r.where}: the constraints judge needs a 'constraints' column")
-            constraints.validate(r.row["constraints"], r.where)
-        return lambda prompts, responses, rows: [constraints.Verdict(constraints.check(row["constraints"], resp)).score
-                                                 for resp, row in zip(responses, rows, strict=True)]
-    if name in ("bleu", "rouge_l"):
-        col = cfg.reference_column
-        for r in records:
-            if not isinstance(r.row.get(col), str):
-                raise DataError(f"{r.where}: the {name} judge needs a text column '{col}' (eval.reference_column)")
-        fn = text.bleu if name == "bleu" else text.rouge_l
-        return lambda prompts, responses, rows: [fn(resp, row[col]) for resp, row in zip(responses, rows, strict=True)]
-    if ":" in name:
-        return user_judge(name)
-    raise ConfigError(f"unknown judge '{name}' (constraints, bleu, rouge_l, reward, or module:function)")
-
-
-def user_judge(spec: str) -> Judge:
-    module, _, func = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"judge '{spec}': cannot import {func} from {module}: {e}") from None
-
-    def call(prompts: list[str], responses: list[str], rows: list[dict]) -> list[float]:
-        try:
-            scores = list(fn(prompts, responses, rows))
-        except Exception as e:  # noqa: BLE001 - the user's code
-            raise ConfigError(f"judge '{spec}' raised {type(e).__name__}: {e}") from None
-        if len(scores) != len(responses) or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
-            raise ConfigError(f"judge '{spec}' must return one finite number per response ({len(responses)}), "
-                              f"got {str(scores)[:80]}")
-        return [float(s) for s in scores]
-
-    return call
-
-
 # --------------------------------------------------------------------------------------------- running
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """The `llmft eval` command: returns (and optionally writes) the JSON report."""
     check_config(cfg)
     records = read_records(cfg.prompts)[: cfg.limit] if cfg.models else []
-    judges = {name: make_judge(name, cfg, records) for name in cfg.judges if name != "reward" and cfg.models}
+    judges = {name: make_judge(name, records, cfg.reference_column)
+              for name in cfg.judges if name != "reward" and cfg.models}
     tokenizers = check_tokenizers(cfg)  # before any generation: a mismatch must not cost minutes
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

@@ -70,6 +70,11 @@ class Stage:
     work of that step, e.g. {"tokens": 4096, "pairs": 16}, logged as they are; "tokens_per_s", "pairs_per_s"
     are measured over the timed work of every step since the last logged row (train.log_every).
     evaluate() returns metrics named "eval/...".
+
+    A stage with `inner_steps` (PPO: several optimizer steps per rollout) is called as
+    step(micro_batches, update), calls update() (clip → AdamW → zero) itself and reports "grad_norm";
+    the learning-rate schedule still advances once per step of the plan. `state()` is extra loop state
+    saved in every checkpoint; `resume(state)` gets it back (None on a fresh start) before the first step.
     """
 
     name: str
@@ -79,6 +84,9 @@ class Stage:
     step: StepFn
     evaluate: Callable[[], dict[str, float]] | None = None
     shown: tuple[str, ...] = ("loss", "lr", "tokens_per_s")  # metrics in the progress line
+    inner_steps: bool = False
+    state: Callable[[], dict] | None = None
+    resume: Callable[[dict | None], None] | None = None
 
 
 def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict | None:
@@ -105,8 +113,8 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, s.plan.total)
-    start = restore(resume_from, model, optimizer, scheduler, s.plan.total)
-    metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, start, resume_from)
+    state = restore(resume_from, model, optimizer, scheduler, s.plan.total)
+    metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, state, resume_from)
     save_final(run_dir, model, s.tokenizer, manifest(name, cfg, s.source, metrics))
     console.print(f"[green]done: {name} output (adapter, tokenizer, manifest) in {run_dir}")
     return metrics
@@ -126,18 +134,23 @@ def steps_row(t: Table, s: Any, unit: str) -> None:
               f"{tr.batch_size} {unit} × {tr.grad_accum} accumulation")
 
 
-def restore(resume_from: Path | None, model, optimizer, scheduler, total: int) -> int:
-    """Load a checkpoint into the live objects when resuming; return the step to continue after."""
+def restore(resume_from: Path | None, model, optimizer, scheduler, total: int) -> dict | None:
+    """Load a checkpoint into the live objects when resuming; return its loop state ("step": the step to
+    continue after), None on a fresh start."""
     if not resume_from:
-        return 0
-    start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
-    console.print(f"resuming from {resume_from} (step {start} of {total})")
-    return start
+        return None
+    state = load_checkpoint(resume_from, model, optimizer, scheduler)
+    console.print(f"resuming from {resume_from} (step {state['step']} of {total})")
+    return state
 
 
-def fit(stage: Stage, model, optimizer, scheduler, start: int, last_ckpt: Path | None) -> dict:
-    """Run the plan from step `start + 1` to the end; return the last values of every metric."""
+def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt: Path | None) -> dict:
+    """Run the plan from the step after `state["step"]` (the first, when state is None) to the end; return the
+    last values of every metric."""
     cfg, tr, run_dir, plan = stage.cfg, stage.cfg.train, Path(stage.cfg.output_dir), stage.plan
+    start = state["step"] if state else 0
+    if stage.resume:
+        stage.resume(state)
     log = MetricsLog(run_dir, start if last_ckpt else None, cfg.tensorboard)
     speed = Throughput()
     final: dict = {}
@@ -149,10 +162,7 @@ def fit(stage: Stage, model, optimizer, scheduler, start: int, last_ckpt: Path |
         for step in range(start + 1, plan.total + 1):
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             with speed.timed(stage.device):
-                metrics, counts = stage.step(plan.steps[step - 1])
-                ensure_finite(step, last_ckpt, loss=metrics["loss"])
-                grad_norm = optimizer_step(model, optimizer, scheduler, tr.max_grad_norm)
-                ensure_finite(step, last_ckpt, grad_norm=grad_norm)
+                metrics, counts, grad_norm = run_step(stage, step, model, optimizer, scheduler, last_ckpt)
             speed.add(counts)
             values = {**metrics, "lr": lr, "grad_norm": grad_norm, "epoch": round(plan.epoch_of(step), 4),
                       **counts}
@@ -166,8 +176,9 @@ def fit(stage: Stage, model, optimizer, scheduler, start: int, last_ckpt: Path |
                 values.update(evaluated)
                 log.log(step, evaluated)
             if step % tr.save_every == 0 and step < plan.total:
+                extra = stage.state() if stage.state else {}
                 last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                            {"epoch": values["epoch"]}, tr.keep_checkpoints)
+                                            {"epoch": values["epoch"], **extra}, tr.keep_checkpoints)
             final.update(values)
             shown = describe_step({k: values[k] for k in stage.shown if k in values})
             bar.update(task, completed=step, info=shown)
@@ -175,6 +186,23 @@ def fit(stage: Stage, model, optimizer, scheduler, start: int, last_ckpt: Path |
                 console.print(f"step {step}/{plan.total}  {shown}", highlight=False)
     log.close()
     return final
+
+
+def run_step(stage: Stage, step: int, model, optimizer, scheduler, last_ckpt: Path | None):
+    """One step of the plan: the stage's forward/backward, then the optimizer (or the stage's own updates)."""
+    max_norm = stage.cfg.train.max_grad_norm
+    micro_batches = stage.plan.steps[step - 1]
+    if stage.inner_steps:
+        metrics, counts = stage.step(micro_batches, lambda: optimizer_step(model, optimizer, None, max_norm))
+        ensure_finite(step, last_ckpt, loss=metrics["loss"])
+        grad_norm = metrics.pop("grad_norm")
+        scheduler.step()
+    else:
+        metrics, counts = stage.step(micro_batches)
+        ensure_finite(step, last_ckpt, loss=metrics["loss"])
+        grad_norm = optimizer_step(model, optimizer, scheduler, max_norm)
+    ensure_finite(step, last_ckpt, grad_norm=grad_norm)
+    return metrics, counts, grad_norm
 
 
 # -------------------------------------------------------------------------------------------- manifest

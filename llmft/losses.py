@@ -151,3 +151,46 @@ def preference_loss(kind: str, logps: torch.Tensor, ref_logps: torch.Tensor | No
         avg_ratio = ratio / counts
         return ipo_loss(avg_ratio[0] - avg_ratio[1], beta)
     raise ValueError(f"unknown preference loss {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- PPO
+def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    num_tokens: int | torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate objective of PPO (Schulman et al. 2017, eq. 7), as a loss to minimise:
+
+        ρ_t = exp(log π_θ(y_t) − log π_old(y_t))
+        L   = (1/N) Σ_t max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε))
+
+    summed over the valid tokens (mask) of this micro-batch and divided by N (`num_tokens`), the valid tokens
+    of the whole minibatch, so that summing over micro-batches gives the minibatch's token mean.
+    Returns (loss, stats): clipfrac (share of tokens where the clipped term is taken), approx_kl
+    (½ (log ρ)², mean over tokens) and the mean ratio, all over this micro-batch.
+    """
+    log_ratio = (logps - old_logps) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = (torch.max(unclipped, clipped) * mask).sum() / num_tokens
+    n = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        stats = {"clipfrac": float(((clipped > unclipped).float() * mask).sum() / n),
+                 "approx_kl": float((0.5 * log_ratio ** 2).sum() / n),
+                 "ratio": float((ratio * mask).sum() / n)}
+    return loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   num_tokens: int | torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, float]:
+    """The clipped value loss of PPO implementations for RLHF (Ziegler et al. 2019; "The N+ implementation
+    details of RLHF with PPO"):
+
+        V_clip = V_old + clip(V − V_old, −ε_v, ε_v)
+        L      = (1/N) Σ_t ½ max((V_t − R_t)², (V_clip,t − R_t)²)
+
+    with N as in `ppo_policy_loss`. Returns (loss, clipfrac: share of tokens where the clipped term is taken).
+    """
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    err, err_clipped = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * (torch.max(err, err_clipped) * mask).sum() / num_tokens
+    clipfrac = float(((err_clipped > err).float() * mask).sum() / mask.sum().clamp(min=1))
+    return loss, clipfrac

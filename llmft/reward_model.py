@@ -48,24 +48,15 @@ class RewardModel(nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
-        d = unwrap(lm).config.hidden_size
-        self.head = nn.Linear(d, 1, dtype=torch.float32, device=next(lm.parameters()).device)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))
-        nn.init.zeros_(self.head.bias)
+        self.head = scalar_head(unwrap(lm).config.hidden_size, next(lm.parameters()).device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards [B] (fp32) of right- or left-padded sequences."""
-        hidden = hidden_states(self.lm, input_ids, attention_mask)  # [B, T, d]
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        with torch.autocast(hidden.device.type, enabled=False):
-            return self.head(last.float()).squeeze(-1)  # [B]
+        return last_token_scores(self.head, hidden_states(self.lm, input_ids, attention_mask), attention_mask)
 
     def save_pretrained(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
         self.lm.save_pretrained(directory)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                  str(Path(directory) / HEAD_FILE), metadata={"hidden_size": str(self.head.in_features)})
+        save_head(self.head, Path(directory) / HEAD_FILE)
 
     def load_trained(self, directory: Path) -> None:
         """Adapter and head from a checkpoint or stage output (for resuming)."""
@@ -73,18 +64,45 @@ class RewardModel(nn.Module):
         self.load_head(Path(directory))
 
     def load_head(self, directory: Path) -> None:
-        from safetensors.torch import load_file
+        load_head(self.head, Path(directory) / HEAD_FILE)
 
-        path = directory / HEAD_FILE
-        if not path.is_file():
-            raise ModelError(f"{directory} has no {HEAD_FILE}: it is not a complete reward model (refusing to "
-                             f"score with a randomly initialised head)")
-        weights = load_file(str(path), device=str(self.head.weight.device))
-        expected = {k: tuple(v.shape) for k, v in self.head.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in weights.items()}
-        if found != expected:
-            raise ModelError(f"{path}: the head does not fit this model (found {found}, expected {expected})")
-        self.head.load_state_dict(weights)
+
+def scalar_head(d: int, device) -> nn.Linear:
+    """A fresh fp32 head d → 1: weights N(0, σ = 1/sqrt(d + 1)), bias 0."""
+    head = nn.Linear(d, 1, dtype=torch.float32, device=device)
+    nn.init.normal_(head.weight, std=1 / math.sqrt(d + 1))
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def last_token_scores(head: nn.Linear, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The head (fp32) on each row's last real token: hidden [B, T, d] → [B]."""
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(last.float()).squeeze(-1)
+
+
+def save_head(head: nn.Linear, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(path),
+              metadata={"hidden_size": str(head.in_features)})
+
+
+def load_head(head: nn.Linear, path: Path) -> None:
+    """Weights saved by `save_head` into `head`; a missing file or a shape mismatch is an error, never a
+    silently re-initialised head."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelError(f"{path.parent} has no {path.name}: it is not a complete reward model (refusing to "
+                         f"score with a randomly initialised head)")
+    weights = load_file(str(path), device=str(head.weight.device))
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if found != expected:
+        raise ModelError(f"{path}: the head does not fit this model (found {found}, expected {expected})")
+    head.load_state_dict(weights)
 
 
 class RewardScorer:

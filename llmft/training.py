@@ -184,11 +184,12 @@ def make_scheduler(optimizer, train, total_steps: int):
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float | None) -> float:
-    """Clip, step, schedule, zero; return the gradient norm before clipping."""
+    """Clip, step, schedule (unless scheduler is None), zero; return the gradient norm before clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
     optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
 
@@ -211,8 +212,8 @@ def ensure_finite(step: int, last_checkpoint: Path | None, **values: float) -> N
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl (and TensorBoard, when asked)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool, name: str = "metrics.jsonl"):
+        self.path = run_dir / name
         if resume_step is not None and self.path.is_file():  # drop what was logged after the checkpoint
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))

@@ -143,5 +143,6 @@ def train_in_process(stage, cfg):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     training.prepare_output_dir(cfg)
     opt = training.make_optimizer(model, cfg.train)
-    final = loop.fit(stage.stage(s, model), model, opt, training.make_scheduler(opt, cfg.train, s.plan.total), 0, None)
+    scheduler = training.make_scheduler(opt, cfg.train, s.plan.total)
+    final = loop.fit(stage.stage(s, model), model, opt, scheduler, None, None)
     return model, before, final

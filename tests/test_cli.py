@@ -41,11 +41,6 @@ def test_version_and_help(capsys, monkeypatch):
     assert code == 0 and all(stage in out for stage in ("sft", "reward", "dpo", "ppo"))
 
 
-def test_unbuilt_stage_says_so(capsys, monkeypatch, tmp_path):
-    code, _, err = llmft(capsys, monkeypatch, "ppo", tmp_path / "x.yaml")
-    assert_one_line_error(code, err, "the ppo stage is not built yet")
-
-
 @pytest.fixture
 def good(tiny_model_dir, sft_data, write_config):
     return lambda **kw: write_config(tiny_model_dir, sft_data, train__max_steps=1, **kw)

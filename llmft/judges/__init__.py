@@ -1,1 +1,67 @@
-"""Judges: programs that score responses exactly (no model can argue with them)."""
+"""Judges: programs that score responses exactly (no model can argue with them).
+
+A judge takes (prompts, responses, rows) — the prompt texts, the response texts and the data rows they came
+from — and returns one finite score per response. `make_judge` builds one by name for `llmft eval` and for
+PPO's reward: constraints, bleu, rouge_l, or a user's `module:function`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+
+from llmft.data import Record
+from llmft.errors import ConfigError, DataError
+
+Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, responses, rows) → scores
+NAMES = ("constraints", "bleu", "rouge_l")
+
+
+def make_judge(name: str, records: list[Record], reference_column: str = "completion") -> Judge:
+    """A judge by name, after checking that every row has what it needs."""
+    from llmft.judges import constraints, text
+
+    if name == "constraints":
+        for r in records:
+            if "constraints" not in r.row:
+                raise DataError(f"{r.where}: the constraints judge needs a 'constraints' column")
+            constraints.validate(r.row["constraints"], r.where)
+        return lambda prompts, responses, rows: [constraints.Verdict(constraints.check(row["constraints"], resp)).score
+                                                 for resp, row in zip(responses, rows, strict=True)]
+    if name in ("bleu", "rouge_l"):
+        col = reference_column
+        for r in records:
+            if not isinstance(r.row.get(col), str):
+                raise DataError(f"{r.where}: the {name} judge needs a text column '{col}' (reference_column)")
+        fn = text.bleu if name == "bleu" else text.rouge_l
+        return lambda prompts, responses, rows: [fn(resp, row[col]) for resp, row in zip(responses, rows, strict=True)]
+    if ":" in name:
+        return user_judge(name)
+    raise ConfigError(f"unknown judge '{name}' ({', '.join(NAMES)}, reward, or module:function)")
+
+
+def user_judge(spec: str) -> Judge:
+    """A user's `module:function(prompts, responses, rows)`; whatever it raises or returns amiss becomes one clear
+    error naming it."""
+    module, _, func = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"judge '{spec}': cannot import {func} from {module}: {e}") from None
+
+    def call(prompts: list[str], responses: list[str], rows: list[dict]) -> list[float]:
+        try:
+            result = fn(prompts, responses, rows)
+        except Exception as e:  # noqa: BLE001 - the user's code
+            raise ConfigError(f"judge '{spec}' raised {type(e).__name__}: {e}") from None
+        try:
+            scores = [float(s) for s in result]
+        except (TypeError, ValueError):
+            scores = None
+        if scores is None or len(scores) != len(responses) or not all(math.isfinite(s) for s in scores):
+            raise ConfigError(f"judge '{spec}' must return one finite number per response ({len(responses)}), "
+                              f"got {str(result)[:80]}")
+        return scores
+
+    return call

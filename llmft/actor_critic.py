@@ -1,0 +1,111 @@
+"""PPO's four roles on one copy of the base weights: several LoRA adapters on one PEFT model.
+
+    policy    = base + adapter "default" (new, trained)       → what PPO optimises, saved as the stage output
+    value     = base + adapter "value" + value head (trained)  ← initialised from the reward model
+    reward    = base + adapter "reward" + reward head (frozen) ← the reward checkpoint, when it shares the base
+    reference = base with every adapter disabled               = the SFT model the policy starts from
+
+The base is the policy's source with its own adapter merged (e.g. the SFT output), so "adapters disabled" is
+exactly the SFT model. A reward model trained on other base weights cannot share them; the PPO stage then
+scores with a separate `RewardScorer` and only the value adapter and head are initialised from it.
+
+Saved layout (a stage output or checkpoint): the policy adapter at the top level — a plain PEFT adapter that
+the next stage or `llmft eval` loads like any other — and `value/` (adapter) plus `value_head.safetensors`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmft.checkpoint import HEAD_FILE, load_adapter
+from llmft.errors import ModelError
+from llmft.modeling import hidden_states, unwrap
+from llmft.reward_model import last_token_scores, load_head, save_head, scalar_head
+
+POLICY, VALUE, REWARD = "default", "value", "reward"
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, lm, reward_path: str | None, share_reward: bool):
+        """lm: a PEFT model whose "default" adapter is the new policy adapter. With a reward checkpoint, the
+        value adapter and head start as copies of its adapter and head (and, when `share_reward`, a frozen copy
+        of both scores the responses)."""
+        super().__init__()
+        self.lm = lm
+        d, device = unwrap(lm).config.hidden_size, next(lm.parameters()).device
+        self.value_head = scalar_head(d, device)
+        self.reward_head = None
+        if reward_path:
+            self._load_adapter(reward_path, VALUE, trainable=True)
+            load_head(self.value_head, Path(reward_path) / HEAD_FILE)
+            if share_reward:
+                self._load_adapter(reward_path, REWARD, trainable=False)
+                self.reward_head = scalar_head(d, device).requires_grad_(False)
+                load_head(self.reward_head, Path(reward_path) / HEAD_FILE)
+        else:  # no reward model: a fresh critic with the policy's LoRA settings
+            lm.add_adapter(VALUE, lm.peft_config[POLICY])
+        self.trainable = (POLICY, VALUE)
+        self.use(POLICY)
+
+    def _load_adapter(self, path: str, name: str, trainable: bool) -> None:
+        try:
+            self.lm.load_adapter(path, adapter_name=name, is_trainable=trainable)
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"cannot load the adapter of reward model {path} onto the policy's base: {e}") from None
+
+    # -------------------------------------------------------------------------------------------- roles
+    def use(self, role: str) -> None:
+        """Make `role`'s adapter the active one; the policy and value adapters stay trainable, the reward one
+        frozen (PEFT's set_adapter alone would freeze every inactive adapter)."""
+        self.lm.set_adapter(role, inference_mode=True)
+        self.lm.set_requires_grad(list(self.trainable), True)
+
+    @contextmanager
+    def reference(self):
+        """The reference model: every adapter off."""
+        with self.lm.disable_adapter():
+            yield
+
+    def hidden(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, T, d] under a role ("reference": adapters off)."""
+        if role == "reference":
+            with self.reference():
+                return hidden_states(self.lm, input_ids, attention_mask)
+        self.use(role)
+        try:
+            return hidden_states(self.lm, input_ids, attention_mask)
+        finally:
+            self.use(POLICY)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states, fp32: [..., d] → [..., V]."""
+        return unwrap(self.lm).get_output_embeddings()(hidden).float()
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head, fp32: [..., d] → [...]."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The shared reward model's scores [B] at each sequence's last real token."""
+        return last_token_scores(self.reward_head, self.hidden(REWARD, input_ids, attention_mask), attention_mask)
+
+    # --------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, directory: Path) -> None:
+        directory = Path(directory)
+        self.lm.save_pretrained(directory, selected_adapters=[POLICY])  # "default" → the top level
+        self.lm.save_pretrained(directory, selected_adapters=[VALUE])  # → directory/value/
+        save_head(self.value_head, directory / VALUE_HEAD_FILE)
+
+    def load_trained(self, directory: Path) -> None:
+        """Policy and value adapters and the value head from a checkpoint (for resuming)."""
+        directory = Path(directory)
+        load_adapter(directory, self.lm)
+        load_adapter(directory / VALUE, self.lm, adapter_name=VALUE)
+        load_head(self.value_head, directory / VALUE_HEAD_FILE)

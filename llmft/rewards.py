@@ -1,0 +1,55 @@
+"""PPO's score of a response: a weighted sum of reward sources, a penalty for missing EOS, optional
+normalisation and clipping.
+
+    score   = w_rm · r_rm(x, y) + Σ_j w_j · judge_j(x, y, row) − penalty · [y has no EOS]
+    score' = clip((score − μ) / σ, −c, c)      μ, σ: running moments of every score so far (reward.normalize)
+
+The reward model's scores are computed by the stage (on the shared base, or by a separate scorer) and handed
+in as one more source, "reward_model"; the judges are `llmft.judges` (constraints, bleu, rouge_l, module:function).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmft.config import PPORewardConfig
+from llmft.data import Record
+from llmft.errors import ConfigError
+from llmft.judges import make_judge
+from llmft.rl import RunningMoments
+
+REWARD_MODEL = "reward_model"
+
+
+class Scorer:
+    def __init__(self, cfg: PPORewardConfig, records: list[Record]):
+        if not cfg.model and not cfg.judges:
+            raise ConfigError("reward: name a reward model (reward.model) or at least one judge (reward.judges)")
+        self.cfg = cfg
+        self.judges = {name: make_judge(name, records, cfg.reference_column) for name in cfg.judges}
+        self.weights = {**({REWARD_MODEL: cfg.model_weight} if cfg.model else {}), **cfg.judges}
+        self.moments = RunningMoments()
+
+    def parts(self, prompts: list[str], responses: list[str], rows: list[dict],
+              model_scores: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Every source's raw scores [B] (fp32, CPU)."""
+        out = {name: torch.tensor(judge(prompts, responses, rows), dtype=torch.float32)
+               for name, judge in self.judges.items()}
+        if model_scores is not None:
+            out[REWARD_MODEL] = model_scores.float().cpu()
+        return out
+
+    def total(self, parts: dict[str, torch.Tensor], finished: torch.Tensor) -> torch.Tensor:
+        """The weighted sum [B], with the penalty for responses that never emitted EOS."""
+        score = sum(self.weights[name] * parts[name] for name in self.weights)
+        return score - self.cfg.missing_eos_penalty * (~finished).float()
+
+    def shape(self, score: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """What PPO optimises: the score, normalised by the running moments and clipped when asked."""
+        if self.cfg.normalize:
+            if update:
+                self.moments.update(score)
+            score = (score - self.moments.mean) / self.moments.std
+        if self.cfg.clip is not None:
+            score = score.clamp(-self.cfg.clip, self.cfg.clip)
+        return score

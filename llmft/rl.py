@@ -1,0 +1,136 @@
+"""The maths of PPO for language models, pure tensor functions (no models, nothing from llmft).
+
+Every per-token tensor is [B, R]: B responses, R = the longest response of the batch; `mask` [B, R] is 1 on a
+response's real tokens (up to and including its first EOS) and 0 on the padding after it. Position t holds
+the t-th response token y_t, its log-probs, the value V_t of the state before it, its reward r_t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of x over the positions where mask is 1."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the valid positions; with shift_mean=False the mean is kept (x / std only).
+    Padding positions come back as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π:
+
+        k1 = log π(y_t) − log π_ref(y_t)                  (unbiased; can be negative per token)
+        k3 = (r − 1) − log r,  r = π_ref(y_t) / π(y_t)    (unbiased and ≥ 0, lower variance)
+    """
+    log_ratio = logps - ref_logps
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k3)")
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards [B, R] of RLHF (Ziegler et al. 2019, Stiennon et al. 2020):
+
+        r_t = −β · KL_t                 for every response token
+        r_T += score                    at the last real token T of each response only
+
+    scores [B]; kl, mask [B, R]. Padding positions get 0.
+    """
+    rewards = -beta * kl * mask
+    last = mask.sum(-1).long().clamp(min=1) - 1  # [B]: index of each response's last real token
+    return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each response, right to left:
+
+        δ_t = r_t + γ V_{t+1} − V_t          (V after the last real token is 0: the episode ends)
+        A_t = δ_t + γ λ A_{t+1}
+        R_t = A_t + V_t                       (the value targets, before any whitening)
+
+    rewards, values, mask [B, R] → (advantages, returns), both [B, R] and 0 on padding.
+    """
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(R − V) / Var(R) over valid tokens: 1 = the critic predicts the returns, ≤ 0 = no better than
+    their mean."""
+    var_returns = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_returns) if var_returns > 0 else float("nan")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = −Σ_v p_v log p_v per position, fp32: logits [..., V] → [...]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class KLController:
+    """The KL coefficient β: fixed, or adaptive (Ziegler et al. 2019, eq. 2):
+
+        e = clip(KL / KL_target − 1, −0.2, 0.2)
+        β ← β · (1 + e · n / horizon)           n = episodes in the batch just used
+    """
+
+    value: float
+    target: float | None = None  # None: fixed β
+    horizon: int = 10_000
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n / self.horizon
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and standard deviation of every score seen so far (Chan et al.'s parallel update), to
+    normalise scores across batches."""
+
+    mean: float = 0.0
+    var: float = 1.0
+    count: int = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        n, mean, var = x.numel(), float(x.mean()), float(x.var(unbiased=False)) if x.numel() > 1 else 0.0
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta ** 2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
