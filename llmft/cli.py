@@ -90,8 +90,9 @@ def generate(
 ) -> None:
     """Generate responses for a prompts file (chat template applied); each row comes back with
     [bold]response[/], [bold]finished[/] (ended with EOS) and [bold]response_tokens[/]."""
-    from llmft.config import GenerateConfig, build
+    from llmft.config import GenerateConfig
     from llmft.generation import run_generate
+    from llmft.schema import build
 
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                 "seed": seed, "batch_size": batch_size}
@@ -119,7 +120,8 @@ def evaluate(
     length, share ended with EOS, and win rates against the first model, side by side; and a reward model's
     pairwise accuracy on preference pairs."""
     from llmft import evaluation
-    from llmft.config import load_config, read_yaml
+    from llmft.config import load_config
+    from llmft.schema import read_yaml
 
     models = model or (read_yaml(config).get("models", []) if config else [])  # --compare adds to these
     flags = {"models": [*models, *compare] or None, "prompts": prompts, "reference": reference,
@@ -144,7 +146,8 @@ def plot(
 @app.command()
 def schema(stage: str = typer.Argument("sft", help="Stage whose config keys to list.")) -> None:
     """List every config key of a stage with its type, range, default and meaning."""
-    from llmft.config import STAGE_CONFIGS, schema_rows
+    from llmft.config import STAGE_CONFIGS
+    from llmft.schema import schema_rows
 
     if stage not in STAGE_CONFIGS:
         raise LlmftError(f"unknown stage '{stage}' (stages with configs: {', '.join(STAGE_CONFIGS)})")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmft.checkpoint import atomic_write_text
-from llmft.config import EvalConfig, ModelConfig, SamplingConfig, to_dict
+from llmft.config import EvalConfig, ModelConfig, SamplingConfig
 from llmft.data import Example, Record, collate, read_records
 from llmft.errors import ConfigError, ModelError
 from llmft.generation import Generation, encode_prompt, generate, prompt_messages
@@ -32,6 +32,7 @@ from llmft.modeling import (
 from llmft.preferences import detect_format as detect_pair_format
 from llmft.preferences import tokenize_pairs
 from llmft.reward_model import RewardScorer
+from llmft.schema import to_dict
 from llmft.training import console
 
 

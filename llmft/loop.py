@@ -21,8 +21,8 @@ import torch
 from rich.table import Table
 
 from llmft.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_final
-from llmft.config import to_dict, to_yaml
 from llmft.modeling import file_sha256, parameter_counts, root_source
+from llmft.schema import to_dict, to_yaml
 from llmft.training import (
     MetricsLog,
     StepPlan,

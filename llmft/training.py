@@ -23,8 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from llmft import __version__
 from llmft.checkpoint import latest_checkpoint, remove_stale_tmp
-from llmft.config import differing_keys, to_dict, to_yaml
+from llmft.config import RESUME_NEUTRAL_KEYS
 from llmft.errors import ConfigError, RunError, TrainingAborted
+from llmft.schema import differing_keys, to_dict, to_yaml
 
 console = Console(stderr=True)
 
@@ -106,7 +107,7 @@ def check_same_run(cfg: Any, run_dir: Path) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise RunError(f"resume: output_dir {run_dir} holds no config.yaml, so it is not an llmft run")
-    changed = differing_keys(yaml.safe_load(saved.read_text()), to_dict(cfg))
+    changed = differing_keys(yaml.safe_load(saved.read_text()), to_dict(cfg), RESUME_NEUTRAL_KEYS)
     if changed:
         raise RunError(f"resume: the config differs from the run in {run_dir} in {', '.join(changed)}; "
                        f"resume with the same config or set overwrite: true")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llmft.config import STAGE_CONFIGS, SFTConfig, load_config, schema_rows, to_yaml
+from llmft.config import STAGE_CONFIGS, SFTConfig, load_config
 from llmft.errors import ConfigError
+from llmft.schema import schema_rows, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
