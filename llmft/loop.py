@@ -182,7 +182,7 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
             final.update(values)
             shown = describe_step({k: values[k] for k in stage.shown if k in values})
             bar.update(task, completed=step, info=shown)
-            if not console.is_terminal and (step % 10 == 0 or step == plan.total):  # logs, CI: plain lines
+            if not console.is_terminal and (step % max(1, plan.total // 20) == 0 or step == plan.total):  # ~20 lines
                 console.print(f"step {step}/{plan.total}  {shown}", highlight=False)
     log.close()
     return final

@@ -19,6 +19,11 @@ The held-out prompts for PPO evaluation are data/demo/sft_eval.jsonl.
 
 Regenerate (about 20 minutes on 2 CPU cores):
     python scripts/make_pref_data.py --seed 0 --out data/demo
+
+On-policy pairs for DPO (`--model runs/sft --on-policy`): the samples come from the named model (here the
+SFT output of configs/sft.yaml) and chosen is always a sample, never the template: the best-scoring one,
+kept when it beats the worst. Writes onpolicy_train.jsonl and onpolicy_eval.jsonl (--prefix onpolicy):
+    python scripts/make_pref_data.py --model runs/sft --on-policy --prefix onpolicy --out data/demo
 Prompts are sampled in chunks of --chunk prompts, each chunk generated in one batch seeded by its index,
 so `--limit N` (N a multiple of --chunk) reproduces the first N prompts of a full run exactly.
 """
@@ -68,27 +73,32 @@ def sample_answers(model, tok, rows: list[dict], k: int, chunk: int, sampling: S
     return answers
 
 
-def make_pair(row: dict, samples: list[str]) -> dict | None:
+def make_pair(row: dict, samples: list[str], on_policy: bool = False) -> dict | None:
     scores = [judge(row["constraints"], s).score for s in samples]
     best = max(range(len(samples)), key=lambda i: scores[i])
     worst = min(range(len(samples)), key=lambda i: scores[i])
-    if scores[best] == 1.0:
-        chosen, chosen_score, source = samples[best], 1.0, "model"
+    if scores[best] == 1.0 or on_policy:
+        chosen, chosen_score, source = samples[best], scores[best], "model"
     else:
         chosen, chosen_score, source = (row["completion"], judge(row["constraints"], row["completion"]).score,
                                          "template")
-    if chosen_score != 1.0:
+    if source == "template" and chosen_score != 1.0:
         raise ValueError(f"hand-built completion fails its constraints: {row}")
     if scores[worst] >= chosen_score:
         return None
     return {"prompt": row["prompt"], "chosen": chosen, "rejected": samples[worst], "constraints": row["constraints"],
-            "request_id": row["request_id"], "chosen_score": chosen_score,
+            "request_id": row["request_id"], "chosen_score": round(chosen_score, 4),
             "rejected_score": round(scores[worst], 4), "chosen_source": source}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=MODEL, help="the model to sample from (an llmft model source)")
+    ap.add_argument("--on-policy", action="store_true",
+                    help="chosen is always the best sample (no hand-built fallback)")
+    ap.add_argument("--prefix", default="pref", help="preference files are PREFIX_train/PREFIX_eval.jsonl; "
+                    "ppo_train.jsonl is written only with the default prefix")
     ap.add_argument("--out", default="data/demo", help="output directory")
     ap.add_argument("--train-prompts", type=int, default=256)
     ap.add_argument("--eval-prompts", type=int, default=80)
@@ -104,18 +114,20 @@ def main():
         ap.error("--limit must be a multiple of --chunk")
     quiet_libraries()
     rows = prompt_rows(args.seed, args.train_prompts, args.eval_prompts, args.ppo_prompts)
-    source = resolve_source(MODEL)
+    source = resolve_source(args.model)
     tok = load_tokenizer(source)
-    model = load_model(source, torch.float32, torch.device("cpu"), ModelConfig(name=MODEL))
+    model = load_model(source, torch.float32, torch.device("cpu"), ModelConfig(name=args.model))
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for offset, name in enumerate(("pref_train", "pref_eval")):
-        part = rows[name][:args.limit]
-        print(f"{name}: sampling {args.samples} answers for {len(part)} prompts", flush=True)
+    for offset, split in enumerate(("train", "eval")):
+        part = rows[f"pref_{split}"][:args.limit]
+        print(f"{split}: sampling {args.samples} answers for {len(part)} prompts", flush=True)
         answers = sample_answers(model, tok, part, args.samples, args.chunk, sampling, args.seed * 2 + offset)
-        pairs = [p for r, a in zip(part, answers, strict=True) if (p := make_pair(r, a))]
-        report(out / f"{name}.jsonl", pairs, len(part))
+        pairs = [p for r, a in zip(part, answers, strict=True) if (p := make_pair(r, a, args.on_policy))]
+        report(out / f"{args.prefix}_{split}.jsonl", pairs, len(part))
+    if args.prefix != "pref":
+        return
     ppo = [{k: r[k] for k in ("prompt", "constraints", "request_id")} for r in rows["ppo_train"]]
     report(out / "ppo_train.jsonl", ppo, len(ppo))
 

@@ -242,8 +242,9 @@ def score_rollout(model: ActorCritic, s: Setup, rb: Rollout, rows: list[dict]):
     tok = s.tokenizer
     model_scores = None
     if s.share_reward:
-        model_scores = torch.cat([model.rewards(*batch_rows(rb, chunk, s.device)[:2])
-                                  for chunk in chunks(range(len(rb.generations)), s.cfg.train.batch_size)])
+        groups = chunks(range(len(rb.generations)), s.cfg.train.batch_size)
+        model_scores = torch.cat([model.rewards(mb.input_ids, mb.attention_mask)
+                                  for mb in (micro_batch(rb, rows, s.device) for rows in groups)])
     elif s.external_reward:
         model_scores = s.external_reward.score_ids([g.prompt_ids + g.response_ids for g in rb.generations])
     prompts = [tok.decode(g.prompt_ids, skip_special_tokens=True) for g in rb.generations]
@@ -253,36 +254,55 @@ def score_rollout(model: ActorCritic, s: Setup, rb: Rollout, rows: list[dict]):
 
 
 # ------------------------------------------------------------------------------------------ forwards
-def batch_rows(rb: Rollout, rows, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass
+class MicroBatch:
+    """Rows of a rollout, cut to their own width: columns that are padding in every row are dropped."""
+
+    input_ids: torch.Tensor  # [b, p + r]
+    attention_mask: torch.Tensor  # [b, p + r]
+    mask: torch.Tensor  # [b, r] response mask
+    prompt_width: int  # p
+    full_width: int  # R of the rollout: per-token outputs are padded back to [b, R]
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, self.full_width - x.shape[1]))
+
+
+def micro_batch(rb: Rollout, rows, device) -> MicroBatch:
     rows = torch.as_tensor(list(rows))
-    return rb.input_ids[rows].to(device), rb.attention_mask[rows].to(device), rb.mask[rows].to(device)
+    attention, mask = rb.attention_mask[rows], rb.mask[rows]
+    first = int(attention.argmax(-1).min())  # the earliest real prompt token of these rows
+    r = int(mask.sum(-1).max())  # their longest response
+    cols = slice(first, rb.prompt_width + r)
+    return MicroBatch(rb.input_ids[rows, cols].to(device), attention[:, cols].to(device), mask[:, :r].to(device),
+                      rb.prompt_width - first, mask.shape[1])
 
 
-def response_states(model: ActorCritic, role: str, ids, attention, width: int) -> torch.Tensor:
-    """Hidden states [b, R, d] of the positions that predict each response token (P − 1 … P + R − 2)."""
-    return model.hidden(role, ids, attention)[:, width - 1:-1]
+def response_states(model: ActorCritic, role: str, mb: MicroBatch) -> torch.Tensor:
+    """Hidden states [b, r, d] of the positions that predict each response token (p − 1 … p + r − 2)."""
+    return model.hidden(role, mb.input_ids, mb.attention_mask)[:, mb.prompt_width - 1:-1]
 
 
 def policy_logps(model: ActorCritic, s: Setup, rb: Rollout, rows, role: str = POLICY, with_entropy: bool = False):
     """log π(y_t) at the sampling temperature [b, R] (0 on padding), and the entropy [b, R] when asked; the LM
     head runs on the valid positions only."""
-    ids, attention, mask = batch_rows(rb, rows, s.device)
+    mb = micro_batch(rb, rows, s.device)
     with autocast(s.device, s.dtype):
-        hidden = response_states(model, role, ids, attention, rb.prompt_width)
-        valid = mask.bool()
+        hidden = response_states(model, role, mb)
+        valid = mb.mask.bool()
         logits = model.logits(hidden[valid]) / s.cfg.rollout.temperature  # [N, V] fp32
-    targets = ids[:, rb.prompt_width:][valid]
-    logps = torch.zeros_like(mask).masked_scatter(valid, token_logps(logits, targets))
-    entropy = torch.zeros_like(mask).masked_scatter(valid, entropy_from_logits(logits)) if with_entropy else None
-    return logps, entropy
+    targets = mb.input_ids[:, mb.prompt_width:][valid]
+    logps = torch.zeros_like(mb.mask).masked_scatter(valid, token_logps(logits, targets))
+    entropy = torch.zeros_like(mb.mask).masked_scatter(valid, entropy_from_logits(logits)) if with_entropy else None
+    return mb.pad(logps), mb.pad(entropy) if with_entropy else None
 
 
 def value_estimates(model: ActorCritic, s: Setup, rb: Rollout, rows) -> torch.Tensor:
     """V(s_t) [b, R] (0 on padding): the value head on the state before each response token."""
-    ids, attention, mask = batch_rows(rb, rows, s.device)
+    mb = micro_batch(rb, rows, s.device)
     with autocast(s.device, s.dtype):
-        hidden = response_states(model, VALUE, ids, attention, rb.prompt_width)
-    return model.values(hidden) * mask
+        hidden = response_states(model, VALUE, mb)
+    return mb.pad(model.values(hidden) * mb.mask)
 
 
 @torch.no_grad()
