@@ -40,9 +40,11 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = field(default=REQUIRED, metadata={
-        "help": "Training data: a .jsonl/.json/.parquet/.csv file, or a hub dataset id (online only)."})
-    eval: str | None = opt(None, "Evaluation data (same forms as train); null = none, or see eval_fraction.")
+    train: Union[str, list[str]] = field(default=REQUIRED, metadata={  # noqa: UP007
+        "help": "Training data: a .jsonl/.json/.parquet/.csv file or a hub dataset id (online only), or a list of "
+                "them (read in order)."})
+    eval: Union[str, list[str], None] = opt(  # noqa: UP007
+        None, "Evaluation data (same forms as train); null = none, or see eval_fraction.")
     eval_fraction: float = opt(0.0, "Fraction of train held out for eval when `eval` is null.", ge=0, lt=1)
     split: str = opt("train", "Split to read from hub datasets.")
     format: Literal["auto", "prompt_completion", "messages", "text"] = opt(
@@ -95,10 +97,12 @@ class SFTConfig(RunConfig):
 
 @dataclass
 class PreferenceDataConfig:
-    train: str = field(default=REQUIRED, metadata={
+    train: Union[str, list[str]] = field(default=REQUIRED, metadata={  # noqa: UP007
         "help": "Preference data: {prompt, chosen, rejected[, margin]} or ranked {prompt, responses: "
-                "[best, ..., worst]} rows in a .jsonl/.json/.parquet/.csv file, or a hub dataset id."})
-    eval: str | None = opt(None, "Held-out preference data; null = none, or see eval_fraction.")
+                "[best, ..., worst]} rows in a .jsonl/.json/.parquet/.csv file or a hub dataset id, or a list "
+                "of them (read in order)."})
+    eval: Union[str, list[str], None] = opt(  # noqa: UP007
+        None, "Held-out preference data (same forms as train); null = none, or see eval_fraction.")
     eval_fraction: float = opt(0.0, "Fraction of train held out for eval when `eval` is null.", ge=0, lt=1)
     split: str = opt("train", "Split to read from hub datasets.")
     format: Literal["auto", "pairs", "ranked"] = opt(
@@ -151,10 +155,11 @@ class DPOConfig(RunConfig):
 
 @dataclass
 class PromptDataConfig:
-    train: str = field(default=REQUIRED, metadata={
+    train: Union[str, list[str]] = field(default=REQUIRED, metadata={  # noqa: UP007
         "help": "Prompt rows: {prompt} or {messages: [...]}, plus the columns the reward judges read "
-                "(e.g. 'constraints'); a .jsonl/.json/.parquet/.csv file or a hub dataset id."})
-    eval: str | None = opt(None, "Held-out prompt rows, answered greedily and scored at eval steps; null = none.")
+                "(e.g. 'constraints'); a .jsonl/.json/.parquet/.csv file or a hub dataset id, or a list of them."})
+    eval: Union[str, list[str], None] = opt(  # noqa: UP007
+        None, "Held-out prompt rows, answered greedily and scored at eval steps; null = none.")
     split: str = opt("train", "Split to read from hub datasets.")
     max_prompt_length: int = opt(512, "Longest prompt in tokens; longer prompts are dropped (and counted).", ge=1)
 

@@ -123,10 +123,19 @@ def as_record(row: object, where: str) -> Record:
 
 def read_splits(d, seed: int) -> tuple[list[Record], list[Record]]:
     """Train and eval rows of a stage's `data` section: `d.eval` when given, else `d.eval_fraction` of train."""
-    train = read_records(d.train, d.split)
+    train = read_all(d.train, d.split)
     if d.eval:
-        return train, read_records(d.eval, d.split)
+        return train, read_all(d.eval, d.split)
     return split_eval(train, d.eval_fraction, seed)
+
+
+def read_all(sources: str | list[str], split: str = "train") -> list[Record]:
+    """The rows of one source, or of several in order (`data.train: [a.jsonl, b.jsonl]`)."""
+    return [r for source in as_list(sources) for r in read_records(source, split)]
+
+
+def as_list(sources: str | list[str] | None) -> list[str]:
+    return [] if sources is None else [sources] if isinstance(sources, str) else list(sources)
 
 
 def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -21,6 +21,7 @@ import torch
 from rich.table import Table
 
 from llmft.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_final
+from llmft.data import as_list
 from llmft.modeling import file_sha256, parameter_counts, root_source
 from llmft.schema import to_dict, to_yaml
 from llmft.training import (
@@ -212,7 +213,8 @@ def manifest(stage: str, cfg: Any, source, metrics: dict) -> dict[str, Any]:
     if source.kind == "stage":
         parent = {"path": source.path, "stage": source.manifest.get("stage"),
                   "sha256": content_hash(Path(source.path))}
-    data_files = [(role, path) for role, path in (("train", cfg.data.train), ("eval", cfg.data.eval)) if path]
+    data_files = [(role, path) for role, paths in (("train", cfg.data.train), ("eval", cfg.data.eval))
+                  for path in as_list(paths)]
     return {
         "stage": stage,
         "created": now(),

@@ -89,6 +89,17 @@ def pref_data(tmp_path) -> Path:
     return path
 
 
+def set_keys(cfg: dict, overrides: dict) -> dict:
+    """Set nested keys written with double underscores (train__max_steps=2 → cfg["train"]["max_steps"])."""
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
 @pytest.fixture
 def write_config(tmp_path):
     """Write a YAML config for the tiny model and return its path."""
@@ -101,12 +112,7 @@ def write_config(tmp_path):
                "train": {"batch_size": 4, "learning_rate": 1e-2, "epochs": 2, "warmup_ratio": 0.0,
                          "save_every": 2},
                "output_dir": str(tmp_path / "run"), "seed": 0}
-        for key, value in overrides.items():
-            node = cfg
-            *parents, leaf = key.split("__")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
+        set_keys(cfg, overrides)
         path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*.yaml')))}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path

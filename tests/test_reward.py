@@ -84,6 +84,22 @@ def test_identical_and_too_long_pairs_are_dropped_and_counted(tiny_tokenizer):
         tokenize_pairs(rows[:1], tiny_tokenizer, "pairs", max_length=48)
 
 
+def test_several_data_files_are_read_in_order(tiny_tokenizer, tiny_model_dir, pref_data, write_config, tmp_path):
+    from llmft.loop import manifest
+    from llmft.modeling import resolve_source
+    from llmft.preferences import load_pair_sets
+
+    other = tmp_path / "more.jsonl"
+    other.write_text(json.dumps({"prompt": "hi", "chosen": "the sea", "rejected": "a dog"}) + "\n")
+    cfg = load_config("reward", write_config(tiny_model_dir, pref_data, data__train=[str(pref_data), str(other)],
+                                             data__eval=[str(other)]))
+    train, evals = load_pair_sets(cfg, tiny_tokenizer)
+    assert (train.rows, evals.rows) == (9, 1)
+    assert train.pairs[-1].prompt_ids == evals.pairs[0].prompt_ids  # the second file's row comes last
+    roles = [(d["role"], d["path"]) for d in manifest("reward", cfg, resolve_source(str(tiny_model_dir)), {})["data"]]
+    assert roles == [("train", str(pref_data)), ("train", str(other)), ("eval", str(other))]
+
+
 # --------------------------------------------------------------------------------------------- model
 def tiny_reward_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM

@@ -28,7 +28,7 @@ from llmft import loop
 from llmft.actor_critic import POLICY, VALUE, ActorCritic
 from llmft.checkpoint import content_hash
 from llmft.config import PPOConfig
-from llmft.data import Record, read_records
+from llmft.data import Record, read_all
 from llmft.errors import ConfigError, DataError, ModelError, TrainingAborted
 from llmft.generation import Generation, encode_prompt, generate, prompt_messages
 from llmft.loop import Stage, plan_table, resolved_name, run_stage
@@ -80,9 +80,9 @@ def setup(cfg: PPOConfig) -> Setup:
     return Setup(cfg, source, tok, train, evals, plan, device, dtype, scorer, share, None, kl)
 
 
-def load_prompts(path: str, cfg: PPOConfig, tok) -> PromptSet:
+def load_prompts(path: str | list[str], cfg: PPOConfig, tok) -> PromptSet:
     records, ids, too_long = [], [], 0
-    for r in read_records(path, cfg.data.split):
+    for r in read_all(path, cfg.data.split):
         p = encode_prompt(tok, prompt_messages(r), r.where)
         if len(p) > cfg.data.max_prompt_length:
             too_long += 1
