@@ -139,6 +139,8 @@ class DPOLossConfig:
     label_smoothing: float = opt(0.0, "ε: assumed rate of flipped labels (sigmoid → cDPO, robust).", ge=0, lt=0.5)
     gamma: float = opt(0.5, "γ: SimPO's target reward margin.", ge=0)
     orpo_lambda: float = opt(0.1, "λ: weight of ORPO's odds-ratio term.", gt=0)
+    sft_weight: float = opt(0.0, "α: adds α × the chosen answer's per-token NLL to the loss (RPO), which keeps "
+                                 "the chosen log-probs from falling; 0 = off.", ge=0)
     precompute_reference: bool = opt(False, "Compute the reference log-probs once before training and reuse "
                                             "them every epoch (saves a forward per step after the first epoch).")
 

@@ -125,6 +125,18 @@ def orpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, lam: float) 
     return -avg_chosen - lam * F.logsigmoid(log_odds(avg_chosen) - log_odds(avg_rejected))
 
 
+def with_chosen_nll(losses: torch.Tensor, chosen_logps: torch.Tensor, chosen_counts: torch.Tensor,
+                    alpha: float) -> torch.Tensor:
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): a preference loss plus the
+    per-token negative log-likelihood of the chosen answer,
+
+        L = L_pref − α · log π(y_c | x) / |y_c|
+
+    which keeps DPO from lowering the likelihood of the very answers it prefers. losses, chosen_logps
+    (summed), chosen_counts: [B]."""
+    return losses - alpha * chosen_logps / chosen_counts
+
+
 REFERENCE_FREE = ("simpo", "orpo")
 
 

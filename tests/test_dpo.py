@@ -38,6 +38,14 @@ def test_each_loss_matches_hand_derived_values(fn, expected):
     assert fn().tolist() == pytest.approx(expected, abs=1e-5)
 
 
+def test_rpo_adds_the_chosen_per_token_nll():
+    from llmft.losses import with_chosen_nll
+
+    # chosen log-prob −6 over 3 tokens → NLL 2 per token; α = 0.5 adds 1
+    assert with_chosen_nll(torch.tensor([0.3]), torch.tensor([-6.0]), torch.tensor([3.0]), 0.5).item() == \
+        pytest.approx(1.3)
+
+
 def test_dispatch_uses_summed_ratios_or_per_token_averages():
     logps, ref = torch.tensor([[-4.0], [-6.0]]), torch.tensor([[-6.0], [-4.0]])  # ρ_c = 2, ρ_r = −2
     counts = torch.tensor([[2.0], [4.0]])

@@ -21,7 +21,7 @@ from llmft import loop
 from llmft import preferences as P
 from llmft.config import DPOConfig
 from llmft.loop import Stage, plan_table, run_stage, steps_row
-from llmft.losses import REFERENCE_FREE, preference_loss
+from llmft.losses import REFERENCE_FREE, preference_loss, with_chosen_nll
 from llmft.modeling import add_lora, disable_dropout, load_model, resolve_model, sequence_logps
 from llmft.training import autocast, console, plan_for, require_dropout_off
 
@@ -109,6 +109,8 @@ def pair_losses(model, batch: dict, ref: torch.Tensor | None, s: Setup):
     ref = ref.to(s.device) if ref is not None else None
     losses = preference_loss(loss_cfg.type, logps, ref, counts, loss_cfg.beta, loss_cfg.label_smoothing,
                              loss_cfg.gamma, loss_cfg.orpo_lambda)
+    if loss_cfg.sft_weight:
+        losses = with_chosen_nll(losses, logps[0], counts[0], loss_cfg.sft_weight)
     # implicit rewards: β·ρ, or β·(mean-token log π) for the reference-free losses (what they rank by)
     rewards = loss_cfg.beta * (logps - ref if ref is not None else logps / counts)
     return losses, rewards.detach(), logps.detach()
