@@ -1,13 +1,17 @@
-"""Benchmark llmft against TRL, one subcommand per post-training stage (`sft`, `reward`).
+"""Benchmark llmft against TRL, one subcommand per post-training stage (`sft`, `reward`, `dpo`).
 
     python scripts/bench.py sft [--batch-size 8 --grad-accum 1 --steps 6 ...]      # needs `pip install trl`
     python scripts/bench.py reward [--batch-size 4 --max-length 384 --steps 4 ...]
+    python scripts/bench.py dpo [--batch-size 4 --max-length 384 --steps 4 --beta 0.1 ...]
+    python scripts/bench.py ppo [--batch-size 8 --max-new-tokens 64 --steps 3 ...]
 
 Each implementation runs as its own subprocess on the same model, data, max length, LoRA settings and
 batch; the parent takes its peak RSS with os.wait4. Only optimizer steps after --warmup-steps are timed.
 sft: TRL runs twice, as shipped and with torch.set_flush_denormal(True) (which llmft sets on CPU).
 reward: the same for trl.RewardTrainer (--no-trl-flush: as shipped only) vs `llmft reward`, on the
-pairs both sides keep. See docs/benchmarks.md.
+pairs both sides keep. dpo: trl.DPOTrainer vs `llmft dpo` likewise, plus TRL fed pre-rendered prompts
+(--no-trl-rendered: not), whose tokens are exactly llmft's; the first batch's logps/* are compared.
+ppo (scripts/bench_ppo.py): llmft ppo alone, its peak memory against llmft sft's. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -85,10 +89,12 @@ def llmft_config(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
     }
 
 
-def run_llmft(stage: str, args: argparse.Namespace, model_dir: str, work: Path) -> tuple[list[dict], float]:
-    """`python -m llmft STAGE CFG`: its metrics.jsonl step rows and its peak RSS (MiB)."""
+def run_llmft(stage: str, args: argparse.Namespace, model_dir: str, work: Path,
+              **sections) -> tuple[list[dict], float]:
+    """`python -m llmft STAGE CFG` (CFG: llmft_config + the stage's `sections`): its metrics.jsonl step rows and
+    its peak RSS (MiB)."""
     cfg = work / f"llmft-{stage}.yaml"
-    cfg.write_text(yaml.safe_dump(llmft_config(args, model_dir, work)), encoding="utf-8")
+    cfg.write_text(yaml.safe_dump(llmft_config(args, model_dir, work) | sections), encoding="utf-8")
     rss = run_child([sys.executable, "-m", "llmft", stage, str(cfg)], work / f"llmft-{stage}.log")
     lines = (work / "llmft_out" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [r for r in map(json.loads, lines) if "tokens_per_s" in r], rss
@@ -107,25 +113,40 @@ def llmft_sft(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
     return llmft_result(*run_llmft("sft", args, model_dir, work), args, "samples")
 
 
-def llmft_reward(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
-    rows, rss = run_llmft("reward", args, model_dir, work)
-    log = (work / "llmft-reward.log").read_text(encoding="utf-8", errors="replace")
+def llmft_pairs(stage: str, args: argparse.Namespace, model_dir: str, work: Path, **sections) -> tuple[list, dict]:
+    """A pairwise stage's metrics rows and result (pairs per step, trainable parameters from its log)."""
+    rows, rss = run_llmft(stage, args, model_dir, work, **sections)
+    log = (work / f"llmft-{stage}.log").read_text(encoding="utf-8", errors="replace")
     trainable = re.search(r"trainable parameters: ([\d,]+)", log)
-    return llmft_result(rows, rss, args, "pairs") | {
-        "step_pairs": [r["pairs"] for r in rows], "accuracies": [r["accuracy"] for r in rows],
-        "trainable_params": int(trainable[1].replace(",", "")) if trainable else None}
+    count = int(trainable[1].replace(",", "")) if trainable else None
+    return rows, llmft_result(rows, rss, args, "pairs") | {"step_pairs": [r["pairs"] for r in rows],
+                                                           "trainable_params": count}
+
+
+def llmft_reward(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
+    rows, result = llmft_pairs("reward", args, model_dir, work)
+    return result | {"accuracies": [r["accuracy"] for r in rows]}
+
+
+def llmft_dpo(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
+    loss = {"type": "sigmoid", "beta": args.beta, "label_smoothing": 0.0, "precompute_reference": False}
+    rows, result = llmft_pairs("dpo", args, model_dir, work, loss=loss)
+    return result | {"logps_chosen": [r["logps/chosen"] for r in rows],
+                     "logps_rejected": [r["logps/rejected"] for r in rows],
+                     "reward_accuracies": [r["rewards/accuracies"] for r in rows]}
 
 
 def run_trl(script: str, args: argparse.Namespace, model_dir: str, work: Path, flush: bool,
-            keep: list[str]) -> dict:
-    """Run a bench_trl*.py child with the common options; `keep` its result keys, add the RSS from wait4."""
-    name = "trl+flush" if flush else "trl"
+            keep: list[str], name: str = "", extra: tuple[str, ...] = ()) -> dict:
+    """Run a bench_trl*.py child with the common options (+ `extra`); `keep` its result keys, add the RSS from
+    wait4. `name` (default trl, trl+flush) labels the run."""
+    name = name or ("trl+flush" if flush else "trl")
     opts = ["model", "data", "max_length", "batch_size", "grad_accum", "steps", "warmup_steps", "lora_r",
             "lora_alpha", "lora_dropout", "target_modules", "lr", "seed"]
     cmd = [sys.executable, str(ROOT / "scripts" / script), "--out", str(work / f"{name}.json")]
     for k in opts:
         cmd += [f"--{k.replace('_', '-')}", str(model_dir if k == "model" else getattr(args, k))]
-    rss = run_child(cmd + ["--flush-denormal"] * flush, work / f"{name}.log")
+    rss = run_child(cmd + [*extra] + ["--flush-denormal"] * flush, work / f"{name}.log")
     res = json.loads((work / f"{name}.json").read_text(encoding="utf-8"))
     keep = ["tokens_per_s", "steps", "seconds", "tokens", "peak_cuda_mib", "losses", "step_tokens",
             "step_seconds", *keep]
@@ -137,9 +158,18 @@ def trl_sft(args: argparse.Namespace, model_dir: str, work: Path, flush: bool) -
     return run_trl("bench_trl.py", args, model_dir, work, flush, ["samples_per_s", "samples"])
 
 
+PAIR_KEYS = ["pairs_per_s", "pairs", "step_pairs", "train_pairs", "trainable_params"]
+
+
 def trl_reward(args: argparse.Namespace, model_dir: str, work: Path, flush: bool) -> dict:
-    return run_trl("bench_trl_reward.py", args, model_dir, work, flush,
-                   ["pairs_per_s", "pairs", "step_pairs", "train_pairs", "trainable_params"])
+    return run_trl("bench_trl_reward.py", args, model_dir, work, flush, PAIR_KEYS)
+
+
+def trl_dpo(args: argparse.Namespace, model_dir: str, work: Path, flush: bool, rows: str = "conversational") -> dict:
+    name = "trl-rendered" if rows == "rendered" else ""
+    return run_trl("bench_trl_dpo.py", args, model_dir, work, flush,
+                   [*PAIR_KEYS, "rows", "logps_chosen", "logps_rejected", "step_logs"], name,
+                   ("--beta", str(args.beta), "--rows", rows))
 
 
 def machine_info() -> dict:
@@ -153,12 +183,17 @@ def machine_info() -> dict:
     return info
 
 
-def report(title: str, results: list[dict], machine: dict, notes: list[str], unit: str = "samples") -> None:
-    """Print the results table (ratio = each result's `ratio_vs_trl`), the machine and `notes`."""
-    cols = ["impl", f"{unit}/s", "tokens/s", "peak RSS MiB", "peak CUDA MiB", "first-step loss", "vs TRL"]
+def report(title: str, results: list[dict], machine: dict, notes: list[str], unit: str = "samples",
+           columns: dict | None = None) -> None:
+    """Print the results table (ratios = each result's `ratio_vs_trl`, `rss_vs_trl`; `columns`: more, header →
+    function of a result), the machine and `notes`."""
+    columns = columns or {}
+    cols = ["impl", f"{unit}/s", "tokens/s", "peak RSS MiB", "peak CUDA MiB", "first-step loss", *columns, "vs TRL",
+            "RSS vs TRL"]
     rows = [[r["impl"], f"{r[f'{unit}_per_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mib']:.0f}",
              "-" if r["peak_cuda_mib"] is None else f"{r['peak_cuda_mib']:.0f}", f"{r['losses'][0]:.4f}",
-             f"{r['ratio_vs_trl']:.2f}x"] for r in results]
+             *(f(r) for f in columns.values()), f"{r['ratio_vs_trl']:.2f}x", f"{r['rss_vs_trl']:.2f}x"]
+            for r in results]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -166,16 +201,16 @@ def report(title: str, results: list[dict], machine: dict, notes: list[str], uni
         table = Table(*cols, title=title)
         for row in rows:
             table.add_row(*row)
-        Console().print(table)
+        Console(width=max(Console().width, 150)).print(table)  # logs: not cut to 80 columns
     except ImportError:
         print(title, *("  ".join(row) for row in [cols, *rows]), sep="\n")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
     print(*notes, sep="\n")
 
 
-def bench(stage: str, args: argparse.Namespace, runs, unit: str, rate: str, notes) -> dict:
-    """Run `runs(model_dir, work)` (the implementations, TRL first) in a scratch folder; ratio = `rate`
-    over TRL's; print the table and `notes(results, extra)`; write --out."""
+def bench(stage: str, args: argparse.Namespace, runs, unit: str, rate: str, notes, columns: dict | None = None) -> dict:
+    """Run `runs(model_dir, work)` (the implementations, TRL first) in a scratch folder; ratio = `rate` (and peak
+    RSS) over TRL's; print the table (+ `columns`, see report) and `notes(results, extra)`; write --out."""
     from llmft.modeling import resolve_source
 
     model_dir = resolve_source(args.model).path
@@ -185,10 +220,11 @@ def bench(stage: str, args: argparse.Namespace, runs, unit: str, rate: str, note
         results, extra = runs(model_dir, Path(tmp))
     for r in results:
         r["ratio_vs_trl"] = r[rate] / results[0][rate]
+        r["rss_vs_trl"] = r["peak_rss_mib"] / results[0]["peak_rss_mib"]
     machine = machine_info()
     title = (f"{stage.upper()} {Path(model_dir).name}: batch {args.batch_size} {unit} x accum {args.grad_accum}, "
              f"max_length {args.max_length}, {args.steps} timed steps (ratio: {rate} vs TRL)")
-    report(title, results, machine, notes(results, extra), unit)
+    report(title, results, machine, notes(results, extra), unit, columns)
     out = {"stage": stage, "args": vars(args) | {"func": None, "model_dir": model_dir}, **extra,
            "machine": machine, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -247,17 +283,35 @@ def write_pairs(args: argparse.Namespace, model_dir: str, work: Path) -> tuple[P
     return path, {"data_rows": len(rows), "data_pairs_kept": len(keep)}
 
 
-def reward_notes(results: list[dict], extra: dict) -> list[str]:
-    trl, llmft = results[0], results[-1]
+def on_pairs(args: argparse.Namespace, impls):
+    """bench()'s `runs` for a pairwise stage: write the pairs both sides keep, then run `impls(args reading them,
+    model_dir, work)`."""
+    def runs(model_dir: str, work: Path) -> tuple[list[dict], dict]:
+        data, extra = write_pairs(args, model_dir, work)
+        return impls(argparse.Namespace(**{**vars(args), "data": str(data)}), model_dir, work), extra
+
+    return runs
+
+
+def pair_notes(trl: dict, llmft: dict, extra: dict, params: str, per_seq: int = 1) -> list[str]:
+    """Data kept, trainable parameters (`params`: what they are) and whether the steps saw the same pairs
+    (TRL's tokens = llmft's + `per_seq` per sequence)."""
     extra_tokens = [t - u for t, u in zip(trl["step_tokens"], llmft["step_tokens"], strict=True)]
-    same = trl["step_pairs"] == llmft["step_pairs"] and extra_tokens == [2 * n for n in trl["step_pairs"]]
+    same = trl["step_pairs"] == llmft["step_pairs"] and extra_tokens == [2 * per_seq * n for n in trl["step_pairs"]]
     return [
         f"Data: {extra['data_pairs_kept']} of {extra['data_rows']} rows kept (both sides fit max_length, answers "
-        f"differ); TRL trained on {trl['train_pairs']} pairs. Trainable parameters: TRL {trl['trainable_params']:,} "
-        f"(LoRA + score head, no bias), llmft {llmft['trainable_params'] or 0:,} (LoRA + head with bias).",
-        "Same pairs in every step on both sides (per step, TRL's tokens = llmft's + 2 x pairs)" if same else
-        f"Per-step batches differ (TRL - llmft tokens per step: {extra_tokens}; pairs {trl['step_pairs']} vs "
-        f"{llmft['step_pairs']})",
+        f"differ); {trl['impl']} trained on {trl['train_pairs']} pairs. Trainable parameters: TRL "
+        f"{trl['trainable_params']:,}, llmft {llmft['trainable_params'] or 0:,} ({params}).",
+        f"{trl['impl']}: same pairs in every step as llmft ("
+        + (f"per step, TRL's tokens = llmft's + {2 * per_seq} x pairs)" if per_seq else "and the same tokens)")
+        if same else f"{trl['impl']}: per-step batches differ from llmft's (TRL - llmft tokens per step: "
+        f"{extra_tokens}; pairs {trl['step_pairs']} vs {llmft['step_pairs']})",
+    ]
+
+
+def reward_notes(results: list[dict], extra: dict) -> list[str]:
+    return [
+        *pair_notes(results[0], results[-1], extra, "TRL: LoRA + score head, no bias; llmft: LoRA + head with bias"),
         "Tokens: TRL renders the whole conversation, so each sequence ends '<|im_end|>\\n' (one token more than "
         "llmft's prompt + answer + EOS), and its head reads that trailing newline (last token != pad id); llmft's "
         "reads the EOS (last token by attention mask). Compare pairs/s; tokens/s counts the extra token for TRL.",
@@ -268,13 +322,62 @@ def reward_notes(results: list[dict], extra: dict) -> list[str]:
 
 
 def cmd_reward(args: argparse.Namespace) -> dict:
-    def runs(model_dir: str, work: Path) -> tuple[list[dict], dict]:
-        data, extra = write_pairs(args, model_dir, work)
-        same = argparse.Namespace(**{**vars(args), "data": str(data)})
+    def impls(same: argparse.Namespace, model_dir: str, work: Path) -> list[dict]:
         trl = [trl_reward(same, model_dir, work, flush) for flush in [False] + [True] * args.trl_flush]
-        return [*trl, llmft_reward(same, model_dir, work)], extra
+        return [*trl, llmft_reward(same, model_dir, work)]
 
-    return bench("reward", args, runs, "pairs", "pairs_per_s", reward_notes)
+    return bench("reward", args, on_pairs(args, impls), "pairs", "pairs_per_s", reward_notes)
+
+
+# --------------------------------------------------------------------------------------------------- dpo
+def dpo_notes(results: list[dict], extra: dict) -> list[str]:
+    llmft, trls = results[-1], results[:-1]
+    notes = [*pair_notes(trls[0], llmft, extra, "LoRA only"),
+             *(pair_notes(r, llmft, extra, "", r["rows"] == "conversational")[1] for r in trls[1:])]
+    for key in ("chosen", "rejected"):
+        first = {r["impl"]: r[f"logps_{key}"][0] for r in results}
+        notes.append(f"First batch logps/{key} (mean summed response log-prob, policy = reference): " + ", ".join(
+            f"{k} {v:.4f}" + (f" ({v - first['llmft']:+.4f} vs llmft)" if k != "llmft" else "")
+            for k, v in first.items()))
+    rendered = [r for r in trls if r["rows"] == "rendered"]
+    newline = [trls[0][f"logps_{k}"][0] - rendered[0][f"logps_{k}"][0] for k in ("chosen", "rejected")] if rendered \
+        else None
+    notes += [
+        "Tokens: fed conversational rows, TRL renders prompt + answer through the chat template, so each response "
+        "ends '<|im_end|>\\n': one token more than llmft's answer + EOS, and its log-prob is part of logps/*"
+        + (f" (conversational - rendered on the first batch: {newline[0]:+.4f} chosen, {newline[1]:+.4f} rejected, "
+           "the mean log-prob of that newline)." if newline else ".")
+        + " Fed rendered rows (prompt through the template with the generation prompt, answers as text + EOS), "
+        "TRL's tokens are llmft's exactly.",
+        "First-step loss: ln 2 = 0.6931 on both sides (a fresh LoRA adapter: policy = reference at step 1).",
+        "LM head: on CPU (no Triton) TRL's fused LM head scores every position of the padded batch (prompt and "
+        "padding too, in both the policy and the reference forward) and also computes entropy, mean logits and "
+        "top-1 for its metrics; llmft projects only the response positions.",
+    ]
+    return notes
+
+
+def cmd_dpo(args: argparse.Namespace) -> dict:
+    def impls(same: argparse.Namespace, model_dir: str, work: Path) -> list[dict]:
+        trl = [trl_dpo(same, model_dir, work, flush) for flush in [False] + [True] * args.trl_flush]
+        if args.trl_rendered:
+            trl.append(trl_dpo(same, model_dir, work, False, "rendered"))
+        return [*trl, llmft_dpo(same, model_dir, work)]
+
+    columns = {"1st logps/chosen": lambda r: f"{r['logps_chosen'][0]:.4f}",
+               "1st logps/rejected": lambda r: f"{r['logps_rejected'][0]:.4f}"}
+    return bench("dpo", args, on_pairs(args, impls), "pairs", "pairs_per_s", dpo_notes, columns)
+
+
+def pair_parser(stages, name: str, text: str, func) -> argparse.ArgumentParser:
+    """The subcommand of a pairwise stage: common options, preference data, batch 4 pairs, max_length 384."""
+    p = stages.add_parser(name, help=text)
+    add_common(p, out=str(ROOT / f"benchmarks/{name}-cpu.json"), data="data/demo/pref_train.jsonl",
+               data_help="{prompt, chosen, rejected} JSONL (string answers)")
+    p.add_argument("--trl-flush", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run TRL with torch.set_flush_denormal(True), as llmft sets on CPU")
+    p.set_defaults(func=func, max_length=384, batch_size=4, steps=4)
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,13 +386,15 @@ def main(argv: list[str] | None = None) -> None:
     sft = stages.add_parser("sft", help="llmft sft vs trl.SFTTrainer (LoRA)")
     add_common(sft, out=str(ROOT / "benchmarks/sft-cpu.json"))
     sft.set_defaults(func=cmd_sft)
-    reward = stages.add_parser("reward", help="llmft reward vs trl.RewardTrainer (LoRA + scalar head)")
-    add_common(reward, out=str(ROOT / "benchmarks/reward-cpu.json"), data="data/demo/pref_train.jsonl",
-               data_help="{prompt, chosen, rejected} JSONL (string answers)")
-    reward.add_argument("--trl-flush", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run TRL with torch.set_flush_denormal(True), as llmft sets on CPU")
-    reward.set_defaults(func=cmd_reward, max_length=384, batch_size=4, steps=4)
-    # dpo / ppo: add a parser + cmd_<stage> here the same way.
+    pair_parser(stages, "reward", "llmft reward vs trl.RewardTrainer (LoRA + scalar head)", cmd_reward)
+    dpo = pair_parser(stages, "dpo", "llmft dpo vs trl.DPOTrainer (LoRA; reference = adapter disabled)",
+                      cmd_dpo)
+    dpo.add_argument("--beta", type=float, default=0.1, help="DPO β (sigmoid loss)")
+    dpo.add_argument("--trl-rendered", action=argparse.BooleanOptionalAction, default=True,
+                     help="also run TRL on pre-rendered prompts (its tokens are then exactly llmft's)")
+    import bench_ppo  # llmft ppo alone: speed, generation share, memory against llmft sft
+
+    bench_ppo.add_parser(stages)
     args = parser.parse_args(argv)
     args.func(args)
 

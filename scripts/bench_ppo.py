@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from bench import ROOT, SCRATCH, machine_info, run_child  # scripts/ is on sys.path
 
 

@@ -9,6 +9,9 @@ Only the optimizer steps after ``--warmup-steps`` are timed (``on_step_begin`` -
 batches of a step are fetched before ``on_step_begin``, so data loading is not timed). Tokens = sum of
 ``attention_mask`` over the micro-batches actually fed to the model. Writes the JSON result to ``--out``
 and prints it as the last stdout line.
+
+The helpers below (options, setup, LoRA, common trainer config, step metering, result) are shared by the
+other TRL children, bench_trl_reward.py and bench_trl_dpo.py.
 """
 
 from __future__ import annotations
@@ -22,15 +25,73 @@ import tempfile
 import time
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def child_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options of a TRL child: the parent's common ones (`doc`'s first line as description)."""
     from bench import add_common  # the same options as the parent script (scripts/ is on sys.path)
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common(p, out="benchmarks/tmp/trl.json")
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common(p, out=out)
     p.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default is on; off here")
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) before training (what llmft does on CPU); off = as shipped")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return child_parser(__doc__, "benchmarks/tmp/trl.json").parse_args(argv)
+
+
+def setup(args: argparse.Namespace) -> tuple[bool, str]:
+    """Offline, quiet environment, the denormal flag; returns (cuda available, the model's local directory)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings telemetry at trainer init otherwise
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from llmft.modeling import resolve_source
+
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
+    return torch.cuda.is_available(), resolve_source(args.model).path  # an alias, .gguf or directory, as for llmft
+
+
+def lora_config(args: argparse.Namespace, task_type: str):
+    from peft import LoraConfig
+
+    targets = args.target_modules
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        bias="none",
+        task_type=task_type,
+    )
+
+
+def common_config(args: argparse.Namespace, output_dir: str, cuda: bool) -> dict:
+    """TRL config keys every bench child sets the same way (fp32, constant lr, seeded order, no logging/saving)."""
+    return dict(
+        output_dir=output_dir,
+        max_steps=args.warmup_steps + args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        seed=args.seed,
+        data_seed=args.seed,  # RandomSampler shuffle seed: randperm(n) from it = llmft's epoch-0 order
+        bf16=False,  # TRL defaults bf16=True; benchmark is fp32
+        fp16=False,
+        max_length=args.max_length,
+        pad_to_multiple_of=None,  # pad to longest in batch
+        report_to="none",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        disable_tqdm=True,
+    )
 
 
 def step_meter(unit: str):
@@ -65,6 +126,31 @@ def step_meter(unit: str):
     return StepMeter()
 
 
+def metered(trainer_cls, meter, rows_per_unit: int = 1):
+    """`trainer_cls` whose training_step feeds `meter` (tokens, rows / rows_per_unit, loss) per micro-batch;
+    lazily, as tensors, so there is no host sync inside the timed region (converted in on_step_end)."""
+
+    class Metered(trainer_cls):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            meter.pending.append((inputs["attention_mask"].sum(), inputs["input_ids"].shape[0] // rows_per_unit,
+                                  loss))
+            return loss
+
+    return Metered
+
+
+def train(trainer, cuda: bool) -> None:
+    """Quiet stdout (kept for the result line), reset the CUDA peak, train."""
+    import torch
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+
+
 def load_rows(path: str) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -82,83 +168,34 @@ def load_rows(path: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings telemetry at trainer init otherwise
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cuda, model_dir = setup(args)
 
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    if args.flush_denormal:
-        torch.set_flush_denormal(True)
-    cuda = torch.cuda.is_available()
-
     meter = step_meter("samples")
-
-    class MeteredSFTTrainer(SFTTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            # Record lazily (no host sync inside the timed region); converted in on_step_end.
-            meter.pending.append((inputs["attention_mask"].sum(), inputs["input_ids"].shape[0], loss))
-            return loss
-
-    from llmft.modeling import resolve_source
-
-    model_dir = resolve_source(args.model).path  # an alias, .gguf file or directory, as for llmft
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    targets = args.target_modules
-    lora = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    tmp = tempfile.TemporaryDirectory(prefix="bench_trl_")
-    config = SFTConfig(
-        output_dir=tmp.name,
-        max_steps=args.warmup_steps + args.steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        seed=args.seed,
-        data_seed=args.seed,  # RandomSampler shuffle seed
-        bf16=False,  # TRL defaults bf16=True; benchmark is fp32
-        fp16=False,
-        activation_checkpointing=args.gradient_checkpointing,  # TRL defaults gradient_checkpointing=True
-        max_length=args.max_length,
-        truncation_mode="keep_start",
-        packing=False,
-        padding_free=False,
-        pad_to_multiple_of=None,  # pad to longest in batch
-        completion_only_loss=True,
-        report_to="none",
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=cuda,
-        disable_tqdm=True,
-    )
-    trainer = MeteredSFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(load_rows(args.data)),
-        processing_class=tokenizer,
-        peft_config=lora,
-        callbacks=[meter],
-    )
-    trainer.remove_callback(PrinterCallback)  # keep stdout for the result line
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
+        config = SFTConfig(
+            **common_config(args, tmp, cuda),
+            activation_checkpointing=args.gradient_checkpointing,  # TRL defaults gradient_checkpointing=True
+            truncation_mode="keep_start",
+            packing=False,
+            padding_free=False,
+            completion_only_loss=True,
+        )
+        trainer = metered(SFTTrainer, meter)(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(load_rows(args.data)),
+            processing_class=tokenizer,
+            peft_config=lora_config(args, "CAUSAL_LM"),
+            callbacks=[meter],
+        )
+        train(trainer, cuda)
 
     return write_result(meter, args, "samples")
 
