@@ -44,11 +44,11 @@ class Scorer:
         score = sum(self.weights[name] * parts[name] for name in self.weights)
         return score - self.cfg.missing_eos_penalty * (~finished).float()
 
-    def shape(self, score: torch.Tensor, update: bool = True) -> torch.Tensor:
-        """What PPO optimises: the score, normalised by the running moments and clipped when asked."""
+    def shape(self, score: torch.Tensor) -> torch.Tensor:
+        """What PPO optimises: the score, normalised by the running moments (updated with it first) and
+        clipped when asked."""
         if self.cfg.normalize:
-            if update:
-                self.moments.update(score)
+            self.moments.update(score)
             score = (score - self.moments.mean) / self.moments.std
         if self.cfg.clip is not None:
             score = score.clamp(-self.cfg.clip, self.cfg.clip)

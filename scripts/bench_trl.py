@@ -151,19 +151,20 @@ def train(trainer, cuda: bool) -> None:
     trainer.train()
 
 
-def load_rows(path: str) -> list[dict]:
-    rows = []
+def jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL file (blank lines skipped)."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                rows.append(
-                    {
-                        "prompt": [{"role": "user", "content": r["prompt"]}],
-                        "completion": [{"role": "assistant", "content": r["completion"]}],
-                    }
-                )
-    return rows
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def as_turns(value: str | list, role: str) -> list[dict]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def load_rows(path: str) -> list[dict]:
+    """{prompt, completion} rows in TRL's conversational prompt-completion form."""
+    return [{"prompt": as_turns(r["prompt"], "user"), "completion": as_turns(r["completion"], "assistant")}
+            for r in jsonl(path)]
 
 
 def main(argv: list[str] | None = None) -> dict:

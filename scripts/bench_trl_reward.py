@@ -16,31 +16,31 @@ of pairs per step. Writes the JSON result to ``--out`` and prints it as the last
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 
-from bench_trl import child_parser, common_config, lora_config, metered, setup, step_meter, train, write_result
+from bench_trl import (
+    as_turns,
+    child_parser,
+    common_config,
+    jsonl,
+    lora_config,
+    metered,
+    setup,
+    step_meter,
+    train,
+    write_result,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return child_parser(__doc__, "benchmarks/tmp/trl-reward.json").parse_args(argv)
 
 
-def as_turns(value: str | list, role: str) -> list[dict]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else value
-
-
 def load_rows(path: str) -> list[dict]:
     """{prompt, chosen, rejected} rows in TRL's conversational explicit-prompt form."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                rows.append({"prompt": as_turns(r["prompt"], "user"), "chosen": as_turns(r["chosen"], "assistant"),
-                             "rejected": as_turns(r["rejected"], "assistant")})
-    return rows
+    return [{"prompt": as_turns(r["prompt"], "user"), "chosen": as_turns(r["chosen"], "assistant"),
+             "rejected": as_turns(r["rejected"], "assistant")} for r in jsonl(path)]
 
 
 def main(argv: list[str] | None = None) -> dict:
