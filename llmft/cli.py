@@ -144,6 +144,15 @@ def plot(
 
 
 @app.command()
+def env() -> None:
+    """Print the versions, devices and distributed settings a bug report needs (paste it into the issue)."""
+    from llmft.envinfo import report
+
+    for key, value in report():
+        print(f"- {key}: {value}")
+
+
+@app.command()
 def schema(stage: str = typer.Argument("sft", help="Stage whose config keys to list.")) -> None:
     """List every config key of a stage with its type, range, default and meaning."""
     from llmft.config import STAGE_CONFIGS

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from llmft import distributed
 from llmft.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_final
 from llmft.data import as_list
-from llmft.modeling import file_sha256, parameter_counts, root_source
+from llmft.errors import RunError
+from llmft.modeling import file_sha256, parameter_counts, root_source, unwrap
 from llmft.schema import to_dict, to_yaml
 from llmft.training import (
     MetricsLog,
@@ -97,6 +99,8 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     Returns the final metrics (None for a dry run, or when output_dir already holds this run, finished).
     """
     run_dir = Path(cfg.output_dir)
+    distributed.init()  # a no-op unless torchrun / accelerate launch started several processes
+    console.quiet = not distributed.world().main
     if finished_already(cfg):
         console.print(f"[green]{run_dir} already holds this run, finished; nothing to do")
         return None
@@ -106,18 +110,23 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     if dry_run:
         console.print(to_yaml(cfg), markup=False, highlight=False)
         return None
-    resume_from = prepare_output_dir(cfg)
+    resume_from = distributed.broadcast(prepare_output_dir(cfg) if distributed.world().main else None)
     configure_backend(s.device)
     seed_everything(cfg.seed)
     model = recipe.build_model(s)
+    if units := distributed.shard_model(model, unwrap(getattr(model, "lm", model)), s.device):
+        console.print(f"FSDP: base weights sharded over {distributed.world().size} processes in {units} units; "
+                      f"adapters and heads whole on each")
     trainable, total = parameter_counts(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, s.plan.total)
     state = restore(resume_from, model, optimizer, scheduler, s.plan.total)
     metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, state, resume_from)
-    save_final(run_dir, model, s.tokenizer, manifest(name, cfg, s.source, metrics))
+    if distributed.world().main:
+        save_final(run_dir, model, s.tokenizer, manifest(name, cfg, s.source, metrics))
     console.print(f"[green]done: {name} output (adapter, tokenizer, manifest) in {run_dir}")
+    distributed.finish()  # the output exists on every process's return
     return metrics
 
 
@@ -130,9 +139,11 @@ def plan_table(name: str, s: Any) -> Table:
 
 
 def steps_row(t: Table, s: Any, unit: str) -> None:
-    tr = s.cfg.train
-    t.add_row("steps", f"{s.plan.total} optimizer steps ({s.plan.steps_per_epoch}/epoch) × "
-              f"{tr.batch_size} {unit} × {tr.grad_accum} accumulation")
+    tr, procs = s.cfg.train, distributed.world().size
+    per_step = f"{tr.batch_size} {unit} × {tr.grad_accum} accumulation"
+    if procs > 1:
+        per_step += f" × {procs} processes = {tr.batch_size * tr.grad_accum * procs} {unit} per step"
+    t.add_row("steps", f"{s.plan.total} optimizer steps ({s.plan.steps_per_epoch}/epoch) × {per_step}")
 
 
 def restore(resume_from: Path | None, model, optimizer, scheduler, total: int) -> dict | None:
@@ -141,6 +152,10 @@ def restore(resume_from: Path | None, model, optimizer, scheduler, total: int) -
     if not resume_from:
         return None
     state = load_checkpoint(resume_from, model, optimizer, scheduler)
+    procs = distributed.world().size
+    if state.get("processes", 1) != procs:
+        raise RunError(f"resume: {resume_from} was written by a run on {state.get('processes', 1)} processes; "
+                       f"resume it with the same number (not {procs}): the step plan depends on it")
     console.print(f"resuming from {resume_from} (step {state['step']} of {total})")
     return state
 
@@ -149,14 +164,16 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
     """Run the plan from the step after `state["step"]` (the first, when state is None) to the end; return the
     last values of every metric."""
     cfg, tr, run_dir, plan = stage.cfg, stage.cfg.train, Path(stage.cfg.output_dir), stage.plan
+    main = distributed.world().main
     start = state["step"] if state else 0
     if stage.resume:
         stage.resume(state)
     log = MetricsLog(run_dir, start if last_ckpt else None, cfg.tensorboard)
     speed = Throughput()
     final: dict = {}
-    if stage.evaluate and start == 0:  # the starting point, so the curve shows what training changed
-        log.log(0, stage.evaluate())
+    evaluate = stage.evaluate if main else None  # rank 0 alone evaluates and logs
+    if evaluate and start == 0:  # the starting point, so the curve shows what training changed
+        log.log(0, evaluate())
     model.train()
     with progress_bar() as bar:
         task = bar.add_task(stage.name, total=plan.total, completed=start, info="")
@@ -172,12 +189,12 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
                 if stage.device.type == "cuda":
                     values["cuda_peak_mib"] = torch.cuda.max_memory_allocated(stage.device) / 2**20
                 log.log(step, values)
-            if stage.evaluate and (step == plan.total or (tr.eval_every and step % tr.eval_every == 0)):
-                evaluated = stage.evaluate()
+            if evaluate and (step == plan.total or (tr.eval_every and step % tr.eval_every == 0)):
+                evaluated = evaluate()
                 values.update(evaluated)
                 log.log(step, evaluated)
-            if step % tr.save_every == 0 and step < plan.total:
-                extra = stage.state() if stage.state else {}
+            if step % tr.save_every == 0 and step < plan.total and main:
+                extra = {"processes": distributed.world().size, **(stage.state() if stage.state else {})}
                 last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
                                             {"epoch": values["epoch"], **extra}, tr.keep_checkpoints)
             final.update(values)
@@ -192,14 +209,15 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
 def run_step(stage: Stage, step: int, model, optimizer, scheduler, last_ckpt: Path | None):
     """One step of the plan: the stage's forward/backward, then the optimizer (or the stage's own updates)."""
     max_norm = stage.cfg.train.max_grad_norm
-    micro_batches = stage.plan.steps[step - 1]
+    micro_batches = distributed.shard(stage.plan.steps[step - 1])  # this process's part of the step
     if stage.inner_steps:
         metrics, counts = stage.step(micro_batches, lambda: optimizer_step(model, optimizer, None, max_norm))
-        ensure_finite(step, last_ckpt, loss=metrics["loss"])
         grad_norm = metrics.pop("grad_norm")
+        metrics, counts = distributed.reduce_metrics(metrics, counts)
+        ensure_finite(step, last_ckpt, loss=metrics["loss"])
         scheduler.step()
     else:
-        metrics, counts = stage.step(micro_batches)
+        metrics, counts = distributed.reduce_metrics(*stage.step(micro_batches))
         ensure_finite(step, last_ckpt, loss=metrics["loss"])
         grad_norm = optimizer_step(model, optimizer, scheduler, max_norm)
     ensure_finite(step, last_ckpt, grad_norm=grad_norm)

