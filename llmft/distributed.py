@@ -128,9 +128,9 @@ def sum_tensor(t: torch.Tensor) -> torch.Tensor:
         return t
     import torch.distributed as dist
 
-    out = t.detach().clone()
+    out = t.detach().to(_comm_device(), copy=True)
     dist.all_reduce(out)
-    return out
+    return out.to(t.device)
 
 
 def sync_grads(params: list[torch.nn.Parameter]) -> None:
@@ -140,12 +140,12 @@ def sync_grads(params: list[torch.nn.Parameter]) -> None:
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    flat = torch.cat([g.reshape(-1).float() for g in grads]).to(_comm_device())  # NCCL needs it on the GPU
     dist.all_reduce(flat)
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        p.grad = flat[offset:offset + n].view_as(g).to(device=g.device, dtype=g.dtype)
         offset += n
 
 

@@ -103,12 +103,14 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     console.quiet = not distributed.world().main
     if finished_already(cfg):
         console.print(f"[green]{run_dir} already holds this run, finished; nothing to do")
+        distributed.finish()
         return None
     check_output_dir(cfg)  # refuse early, before the model and data are loaded
     s = recipe.setup(cfg)
     recipe.show_plan(s)
     if dry_run:
         console.print(to_yaml(cfg), markup=False, highlight=False)
+        distributed.finish()
         return None
     resume_from = distributed.broadcast(prepare_output_dir(cfg) if distributed.world().main else None)
     configure_backend(s.device)

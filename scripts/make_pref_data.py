@@ -24,6 +24,10 @@ On-policy pairs for DPO (`--model runs/sft --on-policy`): the samples come from 
 SFT output of configs/sft.yaml) and chosen is always a sample, never the template: the best-scoring one,
 kept when it beats the worst. Writes onpolicy_train.jsonl and onpolicy_eval.jsonl (--prefix onpolicy):
     python scripts/make_pref_data.py --model runs/sft --on-policy --prefix onpolicy --out data/demo
+Pairs for a reward model that scores PPO's own rollouts (`--train-from ppo_train`: the SFT model's answers to
+PPO's prompts, 8 samples each, at PPO's rollout length):
+    python scripts/make_pref_data.py --model runs/sft --on-policy --prefix rollout --train-from ppo_train \
+        --samples 8 --max-new-tokens 64 --skip-eval --out data/demo
 Prompts are sampled in chunks of --chunk prompts, each chunk generated in one batch seeded by its index,
 so `--limit N` (N a multiple of --chunk) reproduces the first N prompts of a full run exactly.
 """
@@ -107,6 +111,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=8, help="prompts per generation batch")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--train-from", choices=["pref_train", "ppo_train"], default="pref_train",
+                    help="the prompts of the train pairs: the preference prompts, or PPO's own prompts")
+    ap.add_argument("--skip-eval", action="store_true", help="write no eval pairs")
     ap.add_argument("--limit", type=int, default=None,
                     help="only the first N prompts of each preference file (a multiple of --chunk)")
     args = ap.parse_args()
@@ -121,7 +128,9 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for offset, split in enumerate(("train", "eval")):
-        part = rows[f"pref_{split}"][:args.limit]
+        if split == "eval" and args.skip_eval:
+            continue
+        part = rows[args.train_from if split == "train" else "pref_eval"][:args.limit]
         print(f"{split}: sampling {args.samples} answers for {len(part)} prompts", flush=True)
         answers = sample_answers(model, tok, part, args.samples, args.chunk, sampling, args.seed * 2 + offset)
         pairs = [p for r, a in zip(part, answers, strict=True) if (p := make_pair(r, a, args.on_policy))]

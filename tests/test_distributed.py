@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,22 @@ def launch(nproc: int, *args, extra_env: dict | None = None) -> subprocess.Compl
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "llmft", *map(str, args)]
     return subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=300)
+
+
+def accelerate_launch(nproc: int, *args, fsdp: bool = False) -> subprocess.CompletedProcess:
+    """`accelerate launch [--use_fsdp] --num_processes N -m llmft ARGS` (without --use_fsdp on a machine without
+    GPUs it would start one process: accelerate runs several CPU processes only under FSDP or MPI)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(["--use_fsdp"] if fsdp else []),
+           f"--num_processes={nproc}", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+           f"--main_process_port={free_port()}", "-m", "llmft", *map(str, args)]
+    return subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=300)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
@@ -123,7 +140,7 @@ def test_reward_then_ppo_on_two_processes_train_and_their_outputs_load(tiny_mode
            "train": {"batch_size": 1, "max_steps": 2, "learning_rate": 1e-2, "save_every": 1},
            "output_dir": str(tmp_path / "ppo"), "seed": 0, "samples_every": 1}
     (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(cfg))
-    ok(launch(2, "ppo", tmp_path / "ppo.yaml"))
+    assert "2 rollouts of 4 prompts" in ok(launch(2, "ppo", tmp_path / "ppo.yaml"))  # the global rollout batch
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["episodes"] for r in rows] == [4, 4]  # 2 prompts on each process per rollout
     for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value_head.safetensors"):
@@ -159,7 +176,7 @@ def test_sft_under_fsdp_shards_the_base_and_matches_ddp(tiny_model_dir, sft_data
     ok(launch(2, "sft", ddp))
     fsdp = write_config(tiny_model_dir, sft_data, train__batch_size=2, train__max_steps=3, train__save_every=2,
                         output_dir=str(tmp_path / "fsdp"))
-    err = ok(launch(2, "sft", fsdp, extra_env={"ACCELERATE_USE_FSDP": "true"}))  # as `accelerate launch --use_fsdp`
+    err = ok(accelerate_launch(2, "sft", fsdp, fsdp=True))
     assert "FSDP: base weights sharded over 2 processes in 3 units" in err  # 2 decoder layers + the model
     torch.testing.assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"), rtol=1e-5, atol=1e-6)
     same_adapter(tmp_path / "ddp", tmp_path / "fsdp")
@@ -168,3 +185,14 @@ def test_sft_under_fsdp_shards_the_base_and_matches_ddp(tiny_model_dir, sft_data
 
     load_model(resolve_source(str(tmp_path / "fsdp")), torch.float32, torch.device("cpu"),
                load_config("sft", fsdp).model)
+
+
+def test_deepspeed_is_refused_with_a_clear_message(monkeypatch):
+    from llmft import distributed
+    from llmft.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported.*--use_fsdp"):
+        distributed.init()
+    assert distributed.world().size == 1  # nothing was started

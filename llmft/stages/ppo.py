@@ -121,10 +121,11 @@ def show_plan(s: Setup) -> None:
         if ps:
             t.add_row(f"{name} prompts", f"{len(ps.ids)} (dropped, longer than {cfg.data.max_prompt_length} "
                                          f"tokens: {ps.too_long})")
-    tr, pp = cfg.train, cfg.ppo
-    t.add_row("steps", f"{s.plan.total} rollouts of {tr.batch_size * tr.grad_accum * pp.num_minibatches} "
+    tr, pp, procs = cfg.train, cfg.ppo, distributed.world().size
+    on_each = f" on each of {procs} processes" if procs > 1 else ""
+    t.add_row("steps", f"{s.plan.total} rollouts of {tr.batch_size * tr.grad_accum * pp.num_minibatches * procs} "
                        f"prompts; each: {pp.epochs} epochs × {pp.num_minibatches} minibatches of "
-                       f"{tr.batch_size} × {tr.grad_accum} accumulation")
+                       f"{tr.batch_size} × {tr.grad_accum} accumulation{on_each}")
     rm = cfg.reward.model
     roles = f"reward model {rm} ({'shares the base' if s.share_reward else 'own base'})" if rm else "no reward model"
     t.add_row("reward", f"{roles}; judges {dict(cfg.reward.judges) or 'none'}; "
