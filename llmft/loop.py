@@ -75,9 +75,10 @@ class Stage:
     evaluate() returns metrics named "eval/...".
 
     A stage with `inner_steps` (PPO: several optimizer steps per rollout) is called as
-    step(micro_batches, update), calls update() (clip → AdamW → zero) itself and reports "grad_norm";
-    the learning-rate schedule still advances once per step of the plan. `state()` is extra loop state
-    saved in every checkpoint; `resume(state)` gets it back (None on a fresh start) before the first step.
+    step(micro_batches, update, step_no) (the plan's step number, from 1), calls update() (clip → AdamW →
+    zero) itself and reports "grad_norm"; the learning-rate schedule still advances once per step of the plan.
+    `state()` is extra loop state saved in every checkpoint; `resume(state)` gets it back (None on a fresh
+    start) before the first step.
     """
 
     name: str
@@ -213,7 +214,7 @@ def run_step(stage: Stage, step: int, model, optimizer, scheduler, last_ckpt: Pa
     max_norm = stage.cfg.train.max_grad_norm
     micro_batches = distributed.shard(stage.plan.steps[step - 1])  # this process's part of the step
     if stage.inner_steps:
-        metrics, counts = stage.step(micro_batches, lambda: optimizer_step(model, optimizer, None, max_norm))
+        metrics, counts = stage.step(micro_batches, lambda: optimizer_step(model, optimizer, None, max_norm), step)
         grad_norm = metrics.pop("grad_norm")
         metrics, counts = distributed.reduce_metrics(metrics, counts)
         ensure_finite(step, last_ckpt, loss=metrics["loss"])

@@ -156,20 +156,18 @@ def build_model(s: Setup) -> ActorCritic:
 
 
 def stage(s: Setup, model: ActorCritic) -> Stage:
-    run_dir, at = s.cfg.output_dir, {"step": 0}
+    run_dir = s.cfg.output_dir
     samples: dict[str, MetricsLog] = {}
 
-    def step(micro_batches: list[list[int]], update) -> tuple[dict, dict]:
-        at["step"] += 1
-        metrics, samples_rows = ppo_step(model, s, micro_batches[0], update, at["step"])
-        if at["step"] % s.cfg.samples_every == 0 or at["step"] == 1:
+    def step(micro_batches: list[list[int]], update, step_no: int) -> tuple[dict, dict]:
+        metrics, samples_rows = ppo_step(model, s, micro_batches[0], update, step_no)
+        if step_no % s.cfg.samples_every == 0 or step_no == 1:
             for row in samples_rows:
-                samples["log"].log(at["step"], row)
+                samples["log"].log(step_no, row)
         counts = {"episodes": len(micro_batches[0]), "tokens": metrics.pop("tokens")}
         return metrics, counts
 
     def resume(state: dict | None) -> None:
-        at["step"] = state["step"] if state else 0
         samples["log"] = MetricsLog(Path(run_dir), state["step"] if state else None, False, name="samples.jsonl")
         if state:
             s.kl.value = state["kl_coef"]
