@@ -278,3 +278,9 @@ def test_a_reward_model_on_other_base_weights_is_loaded_separately(ppo_config, t
     rb = ppo.rollout(model, s, [0, 1], seed=0)
     _, score = ppo.score_rollout(model, s, rb, [s.train.records[i].row for i in (0, 1)])
     assert torch.isfinite(score).all()
+
+
+def test_minibatch_statistics_weigh_micro_batches_by_their_own_tokens():
+    # the denominator is these micro-batches' tokens, not the (global) count the losses are divided by
+    parts = [{"clipfrac": 0.5, "value_loss": 2.0, "tokens": 30.0}, {"clipfrac": 0.0, "value_loss": 4.0, "tokens": 10.0}]
+    assert ppo.token_weighted(parts) == {"clipfrac": pytest.approx(0.375), "value_loss": pytest.approx(2.5)}

@@ -332,15 +332,21 @@ def update_epochs(model: ActorCritic, s: Setup, rb: Rollout, targets, update, st
     for epoch in range(cfg.ppo.epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
         for minibatch in chunks(order.tolist(), mb_size):
-            num_tokens = distributed.total(float(rb.mask[minibatch].sum()))  # the token mean is global
+            num_tokens = distributed.total(float(rb.mask[minibatch].sum()))  # the losses' token mean is global
             parts = [micro_update(model, s, rb, rows, targets, num_tokens)
                      for rows in chunks(minibatch, cfg.train.batch_size)]
-            mb = {k: sum(p[k] * p["tokens"] for p in parts) / float(num_tokens) for k in parts[0] if k != "tokens"}
-            mb["loss"] = sum(p["loss"] for p in parts)
+            mb = token_weighted(parts)  # this process's statistics; the loop averages them over processes
+            mb["loss"] = sum(p["loss"] for p in parts)  # this process's share of the global loss
             check_finite(step, "loss", torch.tensor(mb["loss"]))
             mb["grad_norm"] = update()
             stats.append(mb)
     return stats
+
+
+def token_weighted(parts: list[dict]) -> dict:
+    """Micro-batch statistics → the minibatch's, each weighted by its micro-batch's "tokens"."""
+    tokens = sum(p["tokens"] for p in parts)
+    return {k: sum(p[k] * p["tokens"] for p in parts) / tokens for k in parts[0] if k != "tokens"}
 
 
 def micro_update(model: ActorCritic, s: Setup, rb: Rollout, rows: list[int], targets, num_tokens) -> dict:
