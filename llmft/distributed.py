@@ -111,7 +111,7 @@ def shard(micro_batches: list[list[int]]) -> list[list[int]]:
     return [mb[w.rank::w.size] for mb in micro_batches] if w.size > 1 else micro_batches
 
 
-def total(x: float | int) -> float:
+def total(x: float | int) -> float | int:
     """Σ over ranks of a number (a count, a partial sum): what every rank divides by."""
     if _world.size == 1:
         return x
@@ -171,13 +171,6 @@ def broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier() -> None:
-    if _world.size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _comm_device() -> torch.device:

@@ -256,12 +256,12 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     """Last-layer hidden states [B, T, d] of the transformer body, without the LM head; positions are counted
     over real tokens, so left and right padding give the same states. Under FSDP the call goes through the
     whole model (which gathers its sharded weights first), asking for the logits of one position only."""
-    base = unwrap(model)
     positions = position_ids(attention_mask)
     if distributed.fsdp():
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
         return out.hidden_states[-1]
+    base = unwrap(model)
     body = getattr(base, base.base_model_prefix)
     return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 use_cache=False).last_hidden_state

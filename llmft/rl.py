@@ -12,26 +12,29 @@ from dataclasses import dataclass
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over the positions where mask is 1."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def own(t: torch.Tensor) -> torch.Tensor:
+    """The default `total`: this process's sum is the whole sum."""
+    return t
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance of x over the positions where mask is 1."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, total=own) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1. `total` sums a tensor over data-parallel processes
+    (distributed.sum_tensor), so that the mean is the global batch's."""
+    return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, total=own) -> torch.Tensor:
+    """Unbiased variance of x over the positions where mask is 1 (global with `total`, as masked_mean)."""
+    mean = masked_mean(x, mask, total)
+    n = total(mask.sum())
+    return total(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-           total=lambda t: t) -> torch.Tensor:
+           total=own) -> torch.Tensor:
     """(x − mean) / std over the valid positions; with shift_mean=False the mean is kept (x / std only).
-    Padding positions come back as 0. `total` sums a tensor over data-parallel processes, so that mean and
-    (unbiased) variance are those of the global batch."""
-    n = total(mask.sum())
-    mean = total((x * mask).sum()) / n
-    var = total(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
+    Padding positions come back as 0. With `total`, mean and variance are those of the global batch."""
+    mean, var = masked_mean(x, mask, total), masked_var(x, mask, total)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

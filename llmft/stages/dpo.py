@@ -75,7 +75,8 @@ def build_model(s: Setup):
 
 def stage(s: Setup, model) -> Stage:
     def step(micro_batches: list[list[int]]) -> tuple[dict, dict]:
-        num_pairs = distributed.total(sum(len(mb) for mb in micro_batches))  # over every process
+        pairs = sum(len(mb) for mb in micro_batches)
+        num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean
         total, rewards, logps, tokens = 0.0, [], [], 0
         for mb in micro_batches:
             batch = P.collate_pairs([s.train.pairs[i] for i in mb], s.tokenizer.pad_token_id)
@@ -88,7 +89,7 @@ def stage(s: Setup, model) -> Stage:
             logps.append(lp)
             tokens += int(batch["attention_mask"].sum())
         metrics = pair_metrics(torch.cat(rewards, dim=1), torch.cat(logps, dim=1))
-        return {"loss": total, **metrics}, {"tokens": tokens, "pairs": sum(len(mb) for mb in micro_batches)}
+        return {"loss": total, **metrics}, {"tokens": tokens, "pairs": pairs}
 
     def run_eval() -> dict:
         return evaluate(model, s)

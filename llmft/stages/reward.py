@@ -73,7 +73,8 @@ def stage(s: Setup, model: RewardModel) -> Stage:
     pad, loss_cfg = s.tokenizer.pad_token_id, s.cfg.loss
 
     def step(micro_batches: list[list[int]]) -> tuple[dict, dict]:
-        num_pairs = distributed.total(sum(len(mb) for mb in micro_batches))  # over every process
+        pairs = sum(len(mb) for mb in micro_batches)
+        num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean
         total, chosen, rejected, tokens = 0.0, [], [], 0
         for mb in micro_batches:
             batch = P.collate_pairs([s.train.pairs[i] for i in mb], pad, default_margin=loss_cfg.margin)
@@ -86,7 +87,7 @@ def stage(s: Setup, model: RewardModel) -> Stage:
             rejected.append(r_r.detach())
             tokens += int(batch["attention_mask"].sum())
         return {"loss": total, **pair_metrics(torch.cat(chosen), torch.cat(rejected))}, \
-            {"tokens": tokens, "pairs": sum(len(mb) for mb in micro_batches)}
+            {"tokens": tokens, "pairs": pairs}
 
     def run_eval() -> dict:
         return evaluate(model, s.eval, s.cfg, pad, s.device, s.dtype)
