@@ -191,7 +191,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except LlmftError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every process meets the same error: say it once
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: rerun with resume: auto to continue from the last checkpoint")

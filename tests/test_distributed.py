@@ -196,3 +196,10 @@ def test_deepspeed_is_refused_with_a_clear_message(monkeypatch):
     with pytest.raises(ConfigError, match="DeepSpeed is not supported.*--use_fsdp"):
         distributed.init()
     assert distributed.world().size == 1  # nothing was started
+
+
+def test_a_bad_config_under_a_launcher_is_one_clear_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: {name: m}\ndata: {train: x.jsonl}\nbogus: 1\n")
+    proc = launch(2, "sft", tmp_path / "bad.yaml")
+    assert proc.returncode != 0
+    assert proc.stderr.count("unknown key 'bogus'") == 1  # said by rank 0 only, not once per process
