@@ -137,6 +137,7 @@ def save_final(run_dir: Path, model, tokenizer, manifest: dict) -> None:
     tmp.mkdir()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    manifest["files"] = sorted(f.name for f in tmp.iterdir())  # what overwrite may delete again
     for f in tmp.iterdir():  # files, and folders such as PPO's value/
         for g in [f] if f.is_file() else [g for g in f.rglob("*") if g.is_file()]:
             fsync_file(g)

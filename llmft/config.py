@@ -9,6 +9,7 @@ The validation machinery is in `llmft.schema`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -84,6 +85,8 @@ class RunConfig:
     overwrite: bool = opt(False, "Delete an existing output_dir that holds another run.")
     resume: Union[bool, str] = opt(  # noqa: UP007
         False, "false, 'auto' (continue from the latest checkpoint-N/ if any) or a checkpoint path.")
+    allow_data_change: bool = opt(False, "Resume even when a data file's content changed since the run started "
+                                         "(the run then trains on two datasets); off: such a resume is refused.")
     seed: int = opt(42, "Seed for data order, LoRA init and dropout.", ge=0)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu.")
     tensorboard: bool = opt(False, "Also log to TensorBoard (needs the tensorboard package).")
@@ -261,7 +264,7 @@ STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo
                                   "generate": GenerateConfig}
 
 # Keys that do not change what a run computes: a resumed run may differ from the original in these.
-RESUME_NEUTRAL_KEYS = {"resume", "overwrite", "tensorboard", "train.log_every", "train.save_every",
+RESUME_NEUTRAL_KEYS = {"resume", "overwrite", "allow_data_change", "tensorboard", "train.log_every", "train.save_every",
                        "train.keep_checkpoints"}
 
 
@@ -273,4 +276,8 @@ def load_config(stage: str, path: str | Path | None, overrides: list[str] = (), 
     where = str(path) if path is not None else "command line"
     for item in overrides:
         apply_override(raw, item, STAGE_CONFIGS[stage])
-    return build(STAGE_CONFIGS[stage], raw, where)
+    cfg = build(STAGE_CONFIGS[stage], raw, where)
+    for key in ("output_dir", "out"):  # `~` expands in what a run writes, as in what it reads
+        if isinstance(getattr(cfg, key, None), str):
+            setattr(cfg, key, os.path.expanduser(getattr(cfg, key)))
+    return cfg

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from llmft import distributed
+from llmft import distributed, rundir
 from llmft.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_final
 from llmft.data import as_list
 from llmft.errors import RunError
@@ -30,17 +30,14 @@ from llmft.training import (
     MetricsLog,
     StepPlan,
     Throughput,
-    check_output_dir,
     configure_backend,
     console,
     describe_step,
     ensure_finite,
-    finished_already,
     make_optimizer,
     make_scheduler,
     now,
     optimizer_step,
-    prepare_output_dir,
     progress_bar,
     seed_everything,
     versions,
@@ -102,18 +99,31 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     run_dir = Path(cfg.output_dir)
     distributed.init()  # a no-op unless torchrun / accelerate launch started several processes
     console.quiet = not distributed.world().main
-    if finished_already(cfg):
+    if rundir.finished_already(cfg):
         console.print(f"[green]{run_dir} already holds this run, finished; nothing to do")
         distributed.finish()
         return None
-    check_output_dir(cfg)  # refuse early, before the model and data are loaded
+    rundir.check_output_dir(cfg)  # refuse early, before the model and data are loaded
     s = recipe.setup(cfg)
     recipe.show_plan(s)
     if dry_run:
         console.print(to_yaml(cfg), markup=False, highlight=False)
         distributed.finish()
         return None
-    resume_from = distributed.broadcast(prepare_output_dir(cfg) if distributed.world().main else None)
+    prepared = rundir.prepare_output_dir(cfg, name, data_files(cfg)) if distributed.world().main else None
+    try:
+        metrics = train(name, s, recipe, distributed.broadcast(prepared))
+    finally:
+        rundir.unlock(run_dir)
+    console.print(f"[green]done: {name} output (adapter, tokenizer, manifest) in {run_dir}")
+    distributed.finish()  # the output exists on every process's return
+    return metrics
+
+
+def train(name: str, s: Any, recipe: Any, resume_from: Path | None) -> dict:
+    """Build the model, run the plan (from `resume_from` when given) and write the final output; return the
+    final metrics."""
+    cfg = s.cfg
     configure_backend(s.device)
     seed_everything(cfg.seed)
     model = recipe.build_model(s)
@@ -127,9 +137,7 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     state = restore(resume_from, model, optimizer, scheduler, s.plan.total)
     metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, state, resume_from)
     if distributed.world().main:
-        save_final(run_dir, model, s.tokenizer, manifest(name, cfg, s.source, metrics))
-    console.print(f"[green]done: {name} output (adapter, tokenizer, manifest) in {run_dir}")
-    distributed.finish()  # the output exists on every process's return
+        save_final(Path(cfg.output_dir), model, s.tokenizer, manifest(name, cfg, s.source, metrics))
     return metrics
 
 
@@ -234,20 +242,26 @@ def manifest(stage: str, cfg: Any, source, metrics: dict) -> dict[str, Any]:
     if source.kind == "stage":
         parent = {"path": source.path, "stage": source.manifest.get("stage"),
                   "sha256": content_hash(Path(source.path))}
-    data_files = [(role, path) for role, paths in (("train", cfg.data.train), ("eval", cfg.data.eval))
-                  for path in as_list(paths)]
     return {
         "stage": stage,
         "created": now(),
         "model": {"source": cfg.model.name, "kind": source.kind, "resolved": resolved_name(source),
                   "root": root_source(source).name},
         "parent": parent,
-        "data": [{"role": role, "path": str(Path(p).resolve()) if Path(p).is_file() else p,
-                  "sha256": file_sha256(Path(p)) if Path(p).is_file() else None} for role, p in data_files],
+        "data": data_files(cfg),
         "config": to_dict(cfg),
         "metrics": metrics,
         "versions": versions(),
     }
+
+
+def data_files(cfg: Any) -> list[dict]:
+    """The run's data files: role, resolved path and sha256 (hub datasets: the id, no hash)."""
+    named = [(role, path) for role, paths in (("train", cfg.data.train), ("eval", cfg.data.eval))
+             for path in as_list(paths)]
+    return [{"role": role, "path": str(Path(p).expanduser().resolve()) if Path(p).expanduser().is_file() else p,
+             "sha256": file_sha256(Path(p).expanduser()) if Path(p).expanduser().is_file() else None}
+            for role, p in named]
 
 
 def resolved_name(src) -> str:

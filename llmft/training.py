@@ -1,5 +1,5 @@
-"""What every stage's training loop shares: the output directory, the step plan, the optimizer and schedule,
-metrics, the progress display and the resume logic. The stages keep their loops explicit and call these.
+"""What every stage's training loop shares: the step plan, the optimizer and schedule, metrics and the progress
+display (the output directory is `llmft.rundir`). The stages keep their loops explicit and call these.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import json
 import math
 import platform
 import random
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,15 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from llmft import __version__, distributed
-from llmft.checkpoint import latest_checkpoint, remove_stale_tmp
-from llmft.config import RESUME_NEUTRAL_KEYS
-from llmft.errors import ConfigError, RunError, TrainingAborted
-from llmft.schema import differing_keys, to_dict, to_yaml
+from llmft.errors import ConfigError, TrainingAborted
 
 console = Console(stderr=True)
 
@@ -51,75 +46,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-# ------------------------------------------------------------------------------------ output directory
-def check_output_dir(cfg: Any) -> str:
-    """Decide what to do with `cfg.output_dir` without touching it: 'new', 'overwrite' or 'resume'.
-
-    An existing directory that holds a run is refused unless `overwrite: true` (only llmft runs are ever
-    deleted) or `resume` is set and the saved config matches in every key that changes what is computed.
-    """
-    run_dir = Path(cfg.output_dir)
-    if run_dir.is_file():
-        raise RunError(f"output_dir {run_dir} is a file")
-    if not (run_dir.is_dir() and any(run_dir.iterdir())):
-        if isinstance(cfg.resume, str) and cfg.resume != "auto":
-            raise RunError(f"resume: {cfg.resume} continues the run in output_dir, but {run_dir} is empty; "
-                           f"set output_dir to the directory that holds that checkpoint")
-        return "new"
-    if cfg.overwrite:
-        if not (run_dir / "config.yaml").is_file():
-            raise RunError(f"output_dir {run_dir} holds files that are not an llmft run; refusing to "
-                           f"delete them with overwrite: true (choose another output_dir)")
-        return "overwrite"
-    if cfg.resume:
-        check_same_run(cfg, run_dir)
-        return "resume"
-    raise RunError(f"output_dir {run_dir} already holds a run; set resume: auto to continue it or "
-                   f"overwrite: true to replace it (e.g. --set overwrite=true)")
-
-
-def prepare_output_dir(cfg: Any) -> Path | None:
-    """Create, replace or reopen `cfg.output_dir`; return the checkpoint to resume from, if any."""
-    run_dir, mode = Path(cfg.output_dir), check_output_dir(cfg)
-    if mode == "resume":
-        return resume_point(cfg, run_dir)
-    if mode == "overwrite":
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return None
-
-
-def resume_point(cfg: Any, run_dir: Path) -> Path | None:
-    remove_stale_tmp(run_dir)
-    if isinstance(cfg.resume, str) and cfg.resume != "auto":
-        path = Path(cfg.resume)
-        if not (path / "state.json").is_file():
-            raise RunError(f"resume: {path} is not a checkpoint folder (no state.json)")
-        return path
-    return latest_checkpoint(run_dir)
-
-
-def check_same_run(cfg: Any, run_dir: Path) -> None:
-    """Refuse to resume a run whose saved config differs in a key that changes what is computed."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise RunError(f"resume: output_dir {run_dir} holds no config.yaml, so it is not an llmft run")
-    changed = differing_keys(yaml.safe_load(saved.read_text()), to_dict(cfg), RESUME_NEUTRAL_KEYS)
-    if changed:
-        raise RunError(f"resume: the config differs from the run in {run_dir} in {', '.join(changed)}; "
-                       f"resume with the same config or set overwrite: true")
-
-
-def finished_already(cfg: Any) -> bool:
-    """True when `resume` is set and output_dir holds this very run, finished."""
-    run_dir = Path(cfg.output_dir)
-    if not (cfg.resume and (run_dir / "llmft.json").is_file()):
-        return False
-    check_same_run(cfg, run_dir)
-    return True
 
 
 # ------------------------------------------------------------------------------------------ step plan
