@@ -15,6 +15,7 @@ the next stage or `llmft eval` loads like any other — and `value/` (adapter) p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from llmft.errors import ModelError
 from llmft.modeling import hidden_states, unwrap
 from llmft.reward_model import last_token_scores, load_head, save_head, scalar_head
 
-POLICY, VALUE, REWARD = "default", "value", "reward"
+POLICY, VALUE, REWARD, REFERENCE = "default", "value", "reward", "reference"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
@@ -66,25 +67,23 @@ class ActorCritic(nn.Module):
         self.lm.set_requires_grad(list(self.trainable), True)
 
     @contextmanager
-    def reference(self):
-        """The reference model: every adapter off."""
-        with self.lm.disable_adapter():
-            yield
-
-    def hidden(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states [B, T, d] under a role ("reference": adapters off)."""
-        if role == "reference":
-            with self.reference():
-                return hidden_states(self.lm, input_ids, attention_mask)
+    def role(self, role: str) -> Iterator[None]:
+        """Inside, the model is `role` (REFERENCE: every adapter off); the policy again after. A loss's backward
+        must run inside the same block as its forward: with gradient checkpointing, backward recomputes each layer's
+        forward under whatever adapter is active then (PyTorch checks only shapes; peft issue #2832)."""
+        if role == REFERENCE:
+            with self.lm.disable_adapter():
+                yield
+            return
         self.use(role)
         try:
-            return hidden_states(self.lm, input_ids, attention_mask)
+            yield
         finally:
             self.use(POLICY)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on hidden states, fp32: [..., d] → [..., V]."""
-        return unwrap(self.lm).get_output_embeddings()(hidden).float()
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, T, d] under the active role."""
+        return hidden_states(self.lm, input_ids, attention_mask)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         """The value head, fp32: [..., d] → [...]."""
@@ -94,7 +93,8 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The shared reward model's scores [B] at each sequence's last real token."""
-        return last_token_scores(self.reward_head, self.hidden(REWARD, input_ids, attention_mask), attention_mask)
+        with self.role(REWARD):
+            return last_token_scores(self.reward_head, self.hidden(input_ids, attention_mask), attention_mask)
 
     # --------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, directory: Path) -> None:

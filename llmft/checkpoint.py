@@ -129,14 +129,15 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- final output
-def save_final(run_dir: Path, model, tokenizer, manifest: dict) -> None:
-    """Write the adapter and tokenizer into `run_dir` (each file renamed into place), the manifest last:
-    a run directory with `llmft.json` is complete."""
+def save_final(run_dir: Path, model, tokenizer, manifest: dict, generation_config: dict) -> None:
+    """Write the adapter, tokenizer and generation_config.json into `run_dir` (each file renamed into place), the
+    manifest last: a run directory with `llmft.json` is complete."""
     tmp = run_dir / f"{TMP_PREFIX}final"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=1))
     manifest["files"] = sorted(f.name for f in tmp.iterdir())  # what overwrite may delete again
     for f in tmp.iterdir():  # files, and folders such as PPO's value/
         for g in [f] if f.is_file() else [g for g in f.rglob("*") if g.is_file()]:

@@ -177,7 +177,8 @@ class PPORewardConfig:
     judges: dict[str, float] = opt({}, "Program judges and their weights, added to the score: constraints, "
                                        "bleu, rouge_l, or module:function taking (prompts, responses, rows).")
     reference_column: str = opt("completion", "Column with the reference text for bleu and rouge_l.")
-    missing_eos_penalty: float = opt(1.0, "Subtracted from the score of a response that never emits EOS.", ge=0)
+    missing_eos_penalty: float = opt(1.0, "Subtracted from the score of a response that never reaches a stop token "
+                                          "(EOS or the chat template's turn end).", ge=0)
     normalize: bool = opt(False, "Normalise scores by the running mean and std of every score seen so far.")
     clip: float | None = opt(None, "Clip scores (after normalising) to ±clip; null = no clipping.", gt=0)
 
@@ -194,10 +195,16 @@ class PPOAlgoConfig:
     lam: float = opt(0.95, "λ of GAE.", ge=0, le=1)
     whiten_advantages: bool = opt(True, "Whiten advantages over the valid tokens of the rollout batch.")
     kl_coef: float = opt(0.05, "β of the per-token KL penalty (the starting value when kl_target is set).", ge=0)
-    kl_estimator: Literal["k1", "k3"] = opt("k1", "k1 = log π − log π_ref; k3 = (r − 1) − log r, r = π_ref/π.")
+    kl_estimator: Literal["k1", "k3"] = opt(
+        "k1", "The KL estimate in the per-token reward: k1 = log π − log π_ref, the one estimator whose use as a "
+              "reward gives the gradient of KL(π‖ref); k3 is refused (as a reward its gradient is biased).")
     kl_target: float | None = opt(None, "Adaptive β: the KL (summed per response) to steer towards; null = "
                                         "fixed β.", gt=0)
     kl_horizon: int = opt(10_000, "Adaptive β: horizon in episodes.", ge=1)
+    logprob_gap_tolerance: float | None = opt(
+        None, "Largest mean |log π_sampler − log π_trainer| per token allowed at step 1 (the run stops above it: the "
+              "trainer would not be computing the distribution it samples from); null = 1e-3 for fp32 on the CPU, "
+              "0.05 on CUDA or in 16-bit.", gt=0)
 
 
 @dataclass

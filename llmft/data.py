@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from llmft.chat import Chat
 from llmft.errors import DataError
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
@@ -228,66 +229,32 @@ class TokenizedSet:
     supervised: int = field(default=0)
 
 
-def segments(tok, messages: list[dict] | str, where: str) -> list[tuple[str, bool]]:
-    """Split a rendered example into (text, supervised) pieces: assistant turns are supervised.
-
-    With a chat template, each assistant turn is the text between the conversation rendered up to it with
-    the generation prompt and the conversation rendered through it, so its closing EOS is included.
-    Without one (or for plain text) the pieces are the raw texts; `tokenize_example` appends the EOS id.
-    """
-    if isinstance(messages, str):
-        return [(messages, True)]
-    if not tok.chat_template:
-        prompt = "".join(m["content"] for m in messages if m["role"] != "assistant")
-        return [(prompt, False), ("".join(m["content"] for m in messages if m["role"] == "assistant"), True)]
-    full = render(tok, messages, False, where)
-    pieces, pos = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(render(tok, messages[:i], True, where))
-        end = len(render(tok, messages[: i + 1], False, where))
-        if not (pos <= start <= end <= len(full)):
-            raise DataError(f"{where}: the chat template does not render this conversation "
-                            f"prefix-consistently; train on it with data.loss_on: all")
-        pieces += [(full[pos:start], False), (full[start:end], True)]
-        pos = end
-    pieces.append((full[pos:], False))
-    return [p for p in pieces if p[0]]
-
-
-def render(tok, messages: list[dict], generation_prompt: bool, where: str) -> str:
-    try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, role checks)
-        raise DataError(f"{where}: the chat template rejects this conversation: {e}") from None
-
-
-def tokenize_example(tok, messages: list[dict] | str, max_length: int, loss_on: str,
+def tokenize_example(chat: Chat, messages: list[dict] | str, max_length: int, loss_on: str,
                      where: str) -> tuple[Example, bool]:
     """Token ids and labels of one example; returns (example, was_truncated).
 
-    Templated chats carry their special tokens in the rendered text. Plain text and template-less chats
-    get the tokenizer's own BOS handling on the first piece and an explicit EOS id at the end, labelled:
-    EOS is never masked, even when pad == eos.
+    A conversation is its context pieces and its answers (`Chat.conversation`): each assistant turn is labelled
+    from its content through the template's turn terminator (EOS without a template), the ending generation stops
+    at; EOS is never masked, even when pad == eos. Plain text gets the tokenizer's BOS handling and EOS, all labelled.
     """
-    templated = not isinstance(messages, str) and bool(tok.chat_template)
+    if isinstance(messages, str):
+        ids = chat.tokenizer(messages)["input_ids"]
+        eos = chat.tokenizer.eos_token_id
+        pieces = [(ids + ([eos] if eos is not None and ids[-1:] != [eos] else []), True)]
+    else:
+        pieces = chat.conversation(messages, where)
     ids, labels = [], []
-    for n, (text, supervised) in enumerate(segments(tok, messages, where)):
-        piece = tok(text, add_special_tokens=n == 0 and not templated)["input_ids"]
+    for piece, answer in pieces:
         ids += piece
-        labels += piece if supervised or loss_on == "all" else [-100] * len(piece)
-    if not templated and tok.eos_token_id is not None and ids[-1:] != [tok.eos_token_id]:
-        ids.append(tok.eos_token_id)
-        labels.append(tok.eos_token_id)
+        labels += piece if answer or loss_on == "all" else [-100] * len(piece)
     truncated = len(ids) > max_length
     return Example(ids[:max_length], labels[:max_length]), truncated
 
 
-def tokenize_records(records: list[Record], tok, fmt: str, max_length: int, loss_on: str) -> TokenizedSet:
+def tokenize_records(records: list[Record], chat: Chat, fmt: str, max_length: int, loss_on: str) -> TokenizedSet:
     out = TokenizedSet(examples=[], rows=len(records))
     for rec in records:
-        ex, truncated = tokenize_example(tok, to_messages(rec, fmt), max_length, loss_on, rec.where)
+        ex, truncated = tokenize_example(chat, to_messages(rec, fmt), max_length, loss_on, rec.where)
         out.truncated += truncated
         n_sup = sum(1 for t in ex.labels[1:] if t != -100)
         if n_sup == 0:

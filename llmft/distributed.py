@@ -122,6 +122,17 @@ def total(x: float | int) -> float | int:
     return float(t.item()) if isinstance(x, float) else int(t.item())
 
 
+def maximum(x: float) -> float:
+    """The largest value of a number over ranks."""
+    if _world.size == 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def sum_tensor(t: torch.Tensor) -> torch.Tensor:
     """Σ over ranks of a tensor (same shape on every rank), as a new tensor."""
     if _world.size == 1:

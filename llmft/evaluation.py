@@ -18,12 +18,12 @@ from llmft.checkpoint import atomic_write_text
 from llmft.config import EvalConfig, ModelConfig, SamplingConfig
 from llmft.data import Example, Record, collate, read_records
 from llmft.errors import ConfigError, ModelError
-from llmft.generation import Generation, encode_prompt, generate, prompt_messages
+from llmft.generation import Generation, generate, prompt_messages
 from llmft.judges import Judge, make_judge
 from llmft.losses import pairwise_accuracy
 from llmft.modeling import (
+    load_chat,
     load_model,
-    load_tokenizer,
     resolve_device,
     resolve_dtype,
     resolve_source,
@@ -51,7 +51,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     records = read_records(cfg.prompts)[: cfg.limit] if cfg.models else []
     judges = {name: make_judge(name, records, cfg.reference_column)
               for name in cfg.judges if name != "reward" and cfg.models}
-    tokenizers = check_tokenizers(cfg)  # before any generation: a mismatch must not cost minutes
+    chats = check_tokenizers(cfg)  # before any generation: a mismatch must not cost minutes
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     scorer = RewardScorer.load(cfg.reward_model, cfg.device, cfg.dtype) if cfg.reward_model else None
@@ -59,9 +59,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.preferences:
         report["reward_model"] = preference_accuracy(scorer, cfg.preferences)
     if cfg.models:
-        runs = [run_policy(name, tokenizers[name], records, judges, scorer, cfg.sampling, device, dtype)
+        runs = [run_policy(name, chats[name], records, judges, scorer, cfg.sampling, device, dtype)
                 for name in cfg.models]
-        ref_logps = reference_logps(cfg, tokenizers[cfg.reference], runs, device, dtype) if cfg.reference else None
+        ref_logps = reference_logps(cfg, chats[cfg.reference], runs, device, dtype) if cfg.reference else None
         report.update(summarize(runs, ref_logps, records))
     show(report)
     if cfg.out:
@@ -84,25 +84,25 @@ def check_config(cfg: EvalConfig) -> None:
 
 
 def check_tokenizers(cfg: EvalConfig) -> dict[str, Any]:
-    """Load every model's tokenizer once; a KL reference and a reward model must tokenize exactly as each
-    policy does (they score the policy's own token ids)."""
+    """Load every model's tokenizer and chat rules once; a KL reference and a reward model must tokenize exactly
+    as each policy does (they score the policy's own token ids)."""
     others = [(role, name) for role, name in (("reference", cfg.reference), ("reward model", cfg.reward_model))
               if name and cfg.models]
     names = [*cfg.models, *(name for _, name in others)]
-    tokenizers = {name: load_tokenizer(resolve_source(name)) for name in dict.fromkeys(names)}
+    chats = {name: load_chat(resolve_source(name)) for name in dict.fromkeys(names)}
     for role, other in others:
-        vocab = tokenizers[other].get_vocab()
+        vocab = chats[other].tokenizer.get_vocab()
         for name in cfg.models:
-            if tokenizers[name].get_vocab() != vocab:
+            if chats[name].tokenizer.get_vocab() != vocab:
                 raise ModelError(f"{role} {other} tokenizes differently from policy {name}: it must score the "
                                  f"policy's own tokens, so it needs the same tokenizer")
-    return tokenizers
+    return chats
 
 
 def preference_accuracy(scorer: RewardScorer, path: str) -> dict[str, Any]:
     """The reward model's pairwise accuracy (r_chosen > r_rejected) on a preference file."""
     records = read_records(path)
-    pairs = tokenize_pairs(records, scorer.tokenizer, detect_pair_format(records, "auto"), max_length=1 << 30)
+    pairs = tokenize_pairs(records, scorer.chat, detect_pair_format(records, "auto"), max_length=1 << 30)
     console.print(f"[bold]{scorer.path}[/]: scoring {len(pairs.pairs)} preference pairs of {path}")
     r_c = scorer.score_ids([p.prompt_ids + p.chosen_ids for p in pairs.pairs])
     r_r = scorer.score_ids([p.prompt_ids + p.rejected_ids for p in pairs.pairs])
@@ -111,18 +111,18 @@ def preference_accuracy(scorer: RewardScorer, path: str) -> dict[str, Any]:
             "reward_chosen": float(r_c.mean()), "reward_rejected": float(r_r.mean())}
 
 
-def run_policy(name: str, tok, records: list[Record], judges: dict[str, Judge], scorer: RewardScorer | None,
+def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge], scorer: RewardScorer | None,
                sampling: SamplingConfig, device, dtype) -> PolicyRun:
     console.print(f"[bold]{name}[/]: generating {len(records)} responses")
     model = load_model(resolve_source(name), dtype, device, ModelConfig(name=name))
-    prompts = [encode_prompt(tok, prompt_messages(r), r.where) for r in records]
-    gens = generate(model, tok, prompts, sampling)
+    prompts = [chat.prompt_ids(prompt_messages(r), r.where) for r in records]
+    gens = generate(model, chat, prompts, sampling)
     texts, rows = [g.text for g in gens], [r.row for r in records]
-    prompt_texts = [tok.decode(p, skip_special_tokens=True) for p in prompts]
+    prompt_texts = [chat.decode(p) for p in prompts]
     scores = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}
     if scorer:  # the tokens as generated: a response cut at max_new_tokens is scored without an EOS
         scores["reward"] = scorer.score_ids([g.prompt_ids + g.response_ids for g in gens]).tolist()
-    logps = response_logps(model, gens, tok.pad_token_id, sampling, device)
+    logps = response_logps(model, gens, chat.pad_id, sampling, device)
     return PolicyRun(name, gens, scores, logps)
 
 
@@ -141,10 +141,10 @@ def response_logps(model, gens: list[Generation], pad: int, sampling: SamplingCo
     return torch.cat(out)
 
 
-def reference_logps(cfg: EvalConfig, tok, runs: list[PolicyRun], device, dtype) -> list[torch.Tensor]:
+def reference_logps(cfg: EvalConfig, chat, runs: list[PolicyRun], device, dtype) -> list[torch.Tensor]:
     console.print(f"[bold]{cfg.reference}[/]: scoring the responses for the KL to the reference")
     model = load_model(resolve_source(cfg.reference), dtype, device, ModelConfig(name=cfg.reference))
-    return [response_logps(model, r.generations, tok.pad_token_id, cfg.sampling, device) for r in runs]
+    return [response_logps(model, r.generations, chat.pad_id, cfg.sampling, device) for r in runs]
 
 
 # -------------------------------------------------------------------------------------------- summary

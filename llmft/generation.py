@@ -1,34 +1,43 @@
-"""Batched generation: prompts → left-padded batches → sampling with the KV cache → responses cut at EOS.
+"""Batched generation: prompts → left-padded batches → sampling with the KV cache → responses cut at the first stop id.
 
-This is the rollout primitive that `llmft generate`, `llmft eval` and (later) PPO share. It sits
-behind `generate(model, tokenizer, prompts, sampling)` (sampling: a `config.SamplingConfig`)
-so that another engine can be plugged in later.
+This is the rollout primitive that `llmft generate`, `llmft eval` and PPO share, behind
+`generate(model, chat, prompts, sampling)`, so that another engine can be plugged in later.
+
+What is sampled is exactly softmax(z / T) (optionally cut by top-k and top-p), nothing else: the checkpoint's
+`generation_config.json` sampling defaults (repetition_penalty, no_repeat_ngram_size, min_new_tokens, bad_words_ids,
+top_k, ...) are not applied, because RL recomputes log-probs as softmax(z / T) and a hidden processor would make
+them belong to another distribution. Only its EOS ids count (in `Chat.stop_ids`). Asked for, the sampler returns its
+own log-prob of every token it drew, under the distribution it drew it from, so the trainer can check its
+recomputation against it.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmft.chat import Chat
 from llmft.checkpoint import atomic_write_text
 from llmft.config import GenerateConfig, ModelConfig, SamplingConfig
-from llmft.data import Example, Record, collate, read_records, render
+from llmft.data import Example, Record, collate, read_records
 from llmft.errors import DataError
-from llmft.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+from llmft.modeling import load_chat, load_model, resolve_device, resolve_dtype, resolve_source, unwrap
 
 
 @dataclass
 class Generation:
     prompt_ids: list[int]
-    response_ids: list[int]  # cut after the first EOS (EOS included when there is one)
+    response_ids: list[int]  # through the first stop id (included) when there is one
     text: str  # the response decoded without special tokens
-    finished: bool  # ended with EOS rather than running into max_new_tokens
+    finished: bool  # ended with a stop id rather than running into max_new_tokens
+    logprobs: list[float] | None = None  # the sampler's log-prob of each response token (when asked)
 
 
-def prompt_messages(rec: Record) -> list[dict] | str:
+def prompt_messages(rec: Record) -> list[dict]:
     """A prompt row: {prompt: str | [messages]} or {messages: [...]} (a trailing assistant turn is dropped)."""
     row, where = rec.row, rec.where
     if "prompt" in row:
@@ -46,57 +55,95 @@ def prompt_messages(rec: Record) -> list[dict] | str:
     raise DataError(f"{where}: the prompt must be a non-empty string or a list of chat messages")
 
 
-def encode_prompt(tok, messages: list[dict], where: str) -> list[int]:
-    """Token ids of a prompt, ready for the model to answer (chat template with the generation prompt)."""
-    if tok.chat_template:
-        return tok(render(tok, messages, True, where), add_special_tokens=False)["input_ids"]
-    return tok("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
-
-
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
-    """Generate one response per prompt, in batches of similar length, returned in the prompts' order."""
+def generate(model, chat: Chat, prompts: list[list[int]], sampling: SamplingConfig,
+             logprobs: bool = False) -> list[Generation]:
+    """Generate one response per prompt, in batches of similar length, returned in the prompts' order; with
+    `logprobs`, each comes with the sampler's own log-prob of every response token."""
     model.eval()
     device = next(model.parameters()).device
     torch.manual_seed(sampling.seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
     results: dict[int, Generation] = {}
-    for start in range(0, len(order), sampling.batch_size):
-        idx = order[start:start + sampling.batch_size]
-        batch = collate([Example(prompts[i], prompts[i]) for i in idx], tok.pad_token_id, side="left")
-        out = model.generate(input_ids=batch["input_ids"].to(device),
-                             attention_mask=batch["attention_mask"].to(device), **generate_kwargs(tok, sampling))
-        width = batch["input_ids"].shape[1]
-        for row, i in enumerate(idx):
-            results[i] = cut_at_eos(tok, prompts[i], out[row, width:].tolist())
+    with neutral_generation_config(unwrap(model), chat):
+        for start in range(0, len(order), sampling.batch_size):
+            idx = order[start:start + sampling.batch_size]
+            batch = collate([Example(prompts[i], prompts[i]) for i in idx], chat.pad_id, side="left")
+            width = batch["input_ids"].shape[1]
+            recorder = SampledLogprobs(width) if logprobs else None
+            out = model.generate(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device),
+                                 **generate_kwargs(chat, sampling, recorder))
+            lps = recorder.result(out).tolist() if recorder else None
+            for row, i in enumerate(idx):
+                ids, finished = chat.cut(out[row, width:].tolist())
+                results[i] = Generation(prompts[i], ids, chat.decode(ids), finished,
+                                        lps[row][:len(ids)] if lps else None)
     return [results[i] for i in range(len(prompts))]
 
 
-def generate_kwargs(tok, s: SamplingConfig) -> dict:
-    kwargs = {"max_new_tokens": s.max_new_tokens, "pad_token_id": tok.pad_token_id,
-              "eos_token_id": tok.eos_token_id, "use_cache": True}
-    if s.temperature <= 0:
-        return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {**kwargs, "do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
+@contextmanager
+def neutral_generation_config(lm, chat: Chat):
+    """While generating, the model's generation config is a blank one with only the stop set: transformers fills
+    every unset option from the model's own config, so this is the one way to keep its defaults out."""
+    from transformers import GenerationConfig
+
+    saved = lm.generation_config
+    lm.generation_config = GenerationConfig(eos_token_id=chat.stop_ids, pad_token_id=chat.pad_id,
+                                            bos_token_id=chat.tokenizer.bos_token_id)
+    try:
+        yield
+    finally:
+        lm.generation_config = saved
 
 
-def cut_at_eos(tok, prompt_ids: list[int], ids: list[int]) -> Generation:
-    """Keep the response up to and including its first EOS; what follows is padding."""
-    eos = tok.eos_token_id
-    finished = eos in ids
-    ids = ids[: ids.index(eos) + 1] if finished else ids
-    return Generation(prompt_ids, ids, tok.decode(ids, skip_special_tokens=True).strip(), finished)
+def generate_kwargs(chat: Chat, s: SamplingConfig, recorder=None) -> dict:
+    """Greedy, or pure sampling at temperature T, optionally cut by top-k / top-p. The processors are passed in
+    order (temperature, top-k, top-p, then the log-prob recorder, which must see the final distribution)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    processors = []
+    if s.temperature > 0:
+        processors += [TemperatureLogitsWarper(s.temperature)] if s.temperature != 1.0 else []
+        processors += [TopKLogitsWarper(s.top_k)] if s.top_k else []
+        processors += [TopPLogitsWarper(s.top_p)] if s.top_p < 1.0 else []
+    processors += [recorder] if recorder else []
+    return {"max_new_tokens": s.max_new_tokens, "min_new_tokens": 0, "do_sample": s.temperature > 0,
+            "temperature": 1.0, "top_k": 0, "top_p": 1.0, "eos_token_id": chat.stop_ids,
+            "pad_token_id": chat.pad_id, "use_cache": True, "logits_processor": LogitsProcessorList(processors)}
+
+
+class SampledLogprobs:
+    """A logits processor, last in the list: it keeps the final log-distribution of one step until the next step
+    shows which token was drawn from it, so that only one [B, V] tensor is alive at a time."""
+
+    def __init__(self, prompt_width: int):
+        self.prompt_width, self.last, self.drawn = prompt_width, None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self.drawn.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def result(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[B, steps]: the log-prob of each drawn token (those after a sequence finished are padding)."""
+        step = self.prompt_width + len(self.drawn)
+        if self.last is not None and sequences.shape[1] > step:
+            self.drawn.append(self.last.gather(-1, sequences[:, step:step + 1]).squeeze(-1))
+        self.last = None
+        return torch.stack(self.drawn, 1).cpu() if self.drawn else torch.zeros(sequences.shape[0], 0)
 
 
 def run_generate(cfg: GenerateConfig) -> list[dict]:
     """The `llmft generate` command: every prompt row comes back with its response fields added."""
     records = read_records(cfg.prompts)[: cfg.limit]
     source = resolve_source(cfg.model)
-    tok = load_tokenizer(source)
-    prompts = [encode_prompt(tok, prompt_messages(r), r.where) for r in records]
+    chat = load_chat(source)
+    prompts = [chat.prompt_ids(prompt_messages(r), r.where) for r in records]
     device = resolve_device(cfg.device)
     model = load_model(source, resolve_dtype(cfg.dtype, device), device, ModelConfig(name=cfg.model))
-    gens = generate(model, tok, prompts, cfg.sampling)
+    gens = generate(model, chat, prompts, cfg.sampling)
     rows = [{**r.row, "response": g.text, "finished": g.finished, "response_tokens": len(g.response_ids)}
             for r, g in zip(records, gens, strict=True)]
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

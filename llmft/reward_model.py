@@ -13,8 +13,9 @@ Scoring:
     scorer = RewardScorer.load("runs/reward")                     # device="auto" | "cpu" | "cuda"
     scorer.score(["Describe a lighthouse."], ["A lighthouse is a tall tower ..."])   # tensor [1]
 
-Prompts are strings or chat messages; responses are finished answers (EOS is appended, as in training).
-`score_ids` takes token ids directly (the tokenizer must be the reward model's own).
+Prompts are strings or chat messages; responses are finished answers (they end with the chat template's turn
+terminator, as in training: `llmft.chat`). `score_ids` takes token ids directly (the tokenizer must be the
+reward model's own).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from llmft.modeling import (
     disable_dropout,
     hidden_states,
     last_token_index,
+    load_chat,
     load_model,
-    load_tokenizer,
     resolve_device,
     resolve_dtype,
     resolve_source,
@@ -108,8 +109,8 @@ def load_head(head: nn.Linear, path: Path) -> None:
 class RewardScorer:
     """A trained reward model, ready to score (prompt, response) batches; no gradients, dropout off."""
 
-    def __init__(self, model: RewardModel, tokenizer, batch_size: int = 16, path: str = ""):
-        self.model, self.tokenizer, self.batch_size, self.path = model.eval(), tokenizer, batch_size, path
+    def __init__(self, model: RewardModel, chat, batch_size: int = 16, path: str = ""):
+        self.model, self.chat, self.batch_size, self.path = model.eval(), chat, batch_size, path
         self.device = next(model.parameters()).device
 
     @classmethod
@@ -131,27 +132,24 @@ class RewardScorer:
         model = RewardModel(lm)
         model.load_head(Path(source.path))
         disable_dropout(model)
-        return cls(model, load_tokenizer(source), batch_size, path)
+        return cls(model, load_chat(source), batch_size, path)
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
         """Rewards [N] (fp32, on CPU) of token-id sequences (prompt + response, as the model saw them)."""
         out = []
         for i in range(0, len(sequences), self.batch_size):
-            batch = collate([Example(s, s) for s in sequences[i:i + self.batch_size]], self.tokenizer.pad_token_id)
+            batch = collate([Example(s, s) for s in sequences[i:i + self.batch_size]], self.chat.pad_id)
             out.append(self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)))
         return torch.cat(out).float().cpu() if out else torch.zeros(0)
 
     def score(self, prompts: list[str | list[dict]], responses: list[str]) -> torch.Tensor:
         """Rewards [N] of finished responses to prompts (strings or chat messages)."""
-        from llmft.generation import encode_prompt
-        from llmft.preferences import response_ids
-
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         seqs = []
         for p, r in zip(prompts, responses, strict=True):
-            messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
-            seqs.append(encode_prompt(self.tokenizer, messages, "prompt") + response_ids(self.tokenizer, r))
+            prompt_ids, answer_ids = self.chat.encode([{"role": "user", "content": p}] if isinstance(p, str) else p, r)
+            seqs.append(prompt_ids + answer_ids)
         return self.score_ids(seqs)
 

@@ -42,9 +42,9 @@ import torch
 
 from llmft.cli import quiet_libraries
 from llmft.config import ModelConfig, SamplingConfig
-from llmft.generation import encode_prompt, generate
+from llmft.generation import generate
 from llmft.judges.constraints import judge
-from llmft.modeling import load_model, load_tokenizer, resolve_source
+from llmft.modeling import load_chat, load_model, resolve_source
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("make_demo_data", HERE / "make_demo_data.py")
@@ -63,15 +63,15 @@ def prompt_rows(seed: int, n_train: int, n_eval: int, n_ppo: int) -> dict[str, l
             "ppo_train": demo.make_split(train_reqs, n_ppo, rng)}
 
 
-def sample_answers(model, tok, rows: list[dict], k: int, chunk: int, sampling: SamplingConfig,
+def sample_answers(model, chat, rows: list[dict], k: int, chunk: int, sampling: SamplingConfig,
                    seed: int) -> list[list[str]]:
     """K sampled answers per row; each chunk of rows is one batch with its own seed."""
     answers = []
     for c in range(0, len(rows), chunk):
         part = rows[c:c + chunk]
-        prompts = [encode_prompt(tok, [{"role": "user", "content": r["prompt"]}], "prompt") for r in part]
+        prompts = [chat.prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in part]
         s = dataclasses.replace(sampling, seed=seed * 100_003 + c // chunk, batch_size=len(part) * k)
-        gens = generate(model, tok, [p for p in prompts for _ in range(k)], s)
+        gens = generate(model, chat, [p for p in prompts for _ in range(k)], s)
         answers += [[g.text for g in gens[i * k:(i + 1) * k]] for i in range(len(part))]
         print(f"  {c + len(part)}/{len(rows)} prompts", flush=True)
     return answers
@@ -122,7 +122,7 @@ def main():
     quiet_libraries()
     rows = prompt_rows(args.seed, args.train_prompts, args.eval_prompts, args.ppo_prompts)
     source = resolve_source(args.model)
-    tok = load_tokenizer(source)
+    chat = load_chat(source)
     model = load_model(source, torch.float32, torch.device("cpu"), ModelConfig(name=args.model))
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     out = Path(args.out)
@@ -132,7 +132,7 @@ def main():
             continue
         part = rows[args.train_from if split == "train" else "pref_eval"][:args.limit]
         print(f"{split}: sampling {args.samples} answers for {len(part)} prompts", flush=True)
-        answers = sample_answers(model, tok, part, args.samples, args.chunk, sampling, args.seed * 2 + offset)
+        answers = sample_answers(model, chat, part, args.samples, args.chunk, sampling, args.seed * 2 + offset)
         pairs = [p for r, a in zip(part, answers, strict=True) if (p := make_pair(r, a, args.on_policy))]
         report(out / f"{args.prefix}_{split}.jsonl", pairs, len(part))
     if args.prefix != "pref":

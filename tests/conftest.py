@@ -59,6 +59,13 @@ def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_chat(tiny_tokenizer):
+    from llmft.chat import Chat
+
+    return Chat(tiny_tokenizer)
+
+
 ROWS = [{"prompt": f"write {w} words about the sea", "completion": f"the sea is {c}"}
         for w, c in [("two", "blue"), ("three", "deep and wide"), ("one", "salty"), ("four", "calm at night"),
                      ("five", "home to the quick fish"), ("six", "where ships go at night"),

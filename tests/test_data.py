@@ -7,6 +7,7 @@ import json
 import pytest
 
 from llmft import data as D
+from llmft.chat import TEXT_SEPARATOR, Chat
 from llmft.errors import DataError
 from tests.conftest import build_tokenizer
 
@@ -16,16 +17,21 @@ def tok():
     return build_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def chat(tok):
+    return Chat(tok)
+
+
 def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def test_prompt_masked_and_eos_kept_when_pad_is_eos(tok):
+def test_prompt_masked_and_eos_kept_when_pad_is_eos(tok, chat):
     assert tok.pad_token_id == tok.eos_token_id
     msgs = D.to_messages(D.Record({"prompt": "hello world", "completion": "the sea"}, "x"), "prompt_completion")
-    ex, truncated = D.tokenize_example(tok, msgs, 128, "completion", "x")
+    ex, truncated = D.tokenize_example(chat, msgs, 128, "completion", "x")
     prompt = ids(tok, "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n")
-    answer = ids(tok, "the sea<|im_end|>\n")
+    answer = ids(tok, "the sea<|im_end|>")  # through the turn's terminator, where generation stops
     assert ex.input_ids == prompt + answer and not truncated
     assert ex.labels == [-100] * len(prompt) + answer
     assert tok.eos_token_id in [t for t in ex.labels if t != -100]  # EOS trained although pad == eos
@@ -34,37 +40,39 @@ def test_prompt_masked_and_eos_kept_when_pad_is_eos(tok):
     assert batch["labels"][0].tolist() == ex.labels  # ... but the real EOS is not
 
 
-def test_loss_on_all_labels_every_token(tok):
+def test_loss_on_all_labels_every_token(chat):
     msgs = D.to_messages(D.Record({"prompt": "hello", "completion": "sea"}, "x"), "prompt_completion")
-    ex, _ = D.tokenize_example(tok, msgs, 128, "all", "x")
+    ex, _ = D.tokenize_example(chat, msgs, 128, "all", "x")
     assert ex.labels == ex.input_ids
 
 
-def test_multi_turn_trains_every_assistant_turn_only(tok):
+def test_multi_turn_trains_every_assistant_turn_only(tok, chat):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
             {"role": "assistant", "content": "sea"}, {"role": "user", "content": "again"},
             {"role": "assistant", "content": "blue"}]
-    ex, _ = D.tokenize_example(tok, msgs, 256, "completion", "x")
+    ex, _ = D.tokenize_example(chat, msgs, 256, "completion", "x")
     supervised = tok.decode([t for t in ex.labels if t != -100])
-    assert supervised == "sea<|im_end|>\nblue<|im_end|>\n"
+    assert supervised == "sea<|im_end|>blue<|im_end|>"
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(msgs, tokenize=False).removesuffix("\n")
 
 
-def test_text_and_templateless_rows_get_eos(tok):
-    ex, _ = D.tokenize_example(tok, "hello world", 64, "completion", "x")
+def test_text_and_templateless_rows_get_eos(tok, chat):
+    ex, _ = D.tokenize_example(chat, "hello world", 64, "completion", "x")
     assert ex.input_ids[-1] == tok.eos_token_id and ex.labels == ex.input_ids
-    plain = build_tokenizer(chat_template=None)
-    msgs = D.to_messages(D.Record({"prompt": "hello ", "completion": "sea"}, "x"), "prompt_completion")
+    plain = Chat(build_tokenizer(chat_template=None))
+    msgs = D.to_messages(D.Record({"prompt": "hello", "completion": "sea"}, "x"), "prompt_completion")
     ex, _ = D.tokenize_example(plain, msgs, 64, "completion", "x")
-    n_prompt = len(ids(plain, "hello "))
+    n_prompt = len(plain.tokenizer("hello" + TEXT_SEPARATOR)["input_ids"])  # prompt, then the separator: not glued
+    assert plain.tokenizer.decode(ex.input_ids) == "hello\n\nsea<|im_end|>"
     assert ex.labels[:n_prompt] == [-100] * n_prompt
-    assert ex.labels[n_prompt:] == ids(plain, "sea") + [plain.eos_token_id]
+    assert ex.labels[n_prompt:] == ids(plain.tokenizer, "sea") + [plain.tokenizer.eos_token_id]
 
 
-def test_truncation_is_counted_and_empty_rows_dropped(tok):
+def test_truncation_is_counted_and_empty_rows_dropped(chat):
     recs = [D.Record({"prompt": "hi", "completion": "the sea is deep and wide " * 20}, "a:1"),
             D.Record({"prompt": "hello world " * 30, "completion": "sea"}, "a:2"),
             D.Record({"prompt": "hi", "completion": "sea"}, "a:3")]
-    out = D.tokenize_records(recs, tok, "prompt_completion", 32, "completion")
+    out = D.tokenize_records(recs, chat, "prompt_completion", 32, "completion")
     assert (out.rows, out.truncated, out.dropped, len(out.examples)) == (3, 2, 1, 2)
     assert all(len(e.input_ids) <= 32 for e in out.examples)
 

@@ -133,14 +133,17 @@ def test_reward_then_ppo_on_two_processes_train_and_their_outputs_load(tiny_mode
     assert [r["pairs"] for r in rows] == [4, 4]  # 2 pairs on each of 2 processes per step
     RewardScorer.load(str(tmp_path / "rm"), "cpu", "float32", 2)
 
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    # 7 prompts, 4 per rollout (2 on each process): one whole rollout per epoch, 3 prompts left out. An uneven last
+    # rollout (2 prompts here, 1 there) would run different numbers of minibatches, so different collectives
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:7]))
     cfg = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "prompts.jsonl")},
            "lora": {"r": 4, "alpha": 8}, "rollout": {"max_new_tokens": 6, "temperature": 0.7},
            "reward": {"model": str(tmp_path / "rm")}, "ppo": {"num_minibatches": 2, "epochs": 2},
            "train": {"batch_size": 1, "max_steps": 2, "learning_rate": 1e-2, "save_every": 1},
            "output_dir": str(tmp_path / "ppo"), "seed": 0, "samples_every": 1}
     (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(cfg))
-    assert "2 rollouts of 4 prompts" in ok(launch(2, "ppo", tmp_path / "ppo.yaml"))  # the global rollout batch
+    plan = " ".join(ok(launch(2, "ppo", tmp_path / "ppo.yaml")).replace("│", " ").split())  # the table's text
+    assert "2 rollouts of 4 prompts (2 per process)" in plan and "3 prompts per epoch left out" in plan
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["episodes"] for r in rows] == [4, 4]  # 2 prompts on each process per rollout
     for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value_head.safetensors"):

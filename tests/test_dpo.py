@@ -58,7 +58,7 @@ def test_dispatch_uses_summed_ratios_or_per_token_averages():
 
 
 # --------------------------------------------------------------------------------------------- forward
-def test_logps_are_unchanged_by_padding_side_and_batch_composition(tiny_model_dir, tiny_tokenizer):
+def test_logps_are_unchanged_by_padding_side_and_batch_composition(tiny_model_dir, tiny_tokenizer, tiny_chat):
     from transformers import AutoModelForCausalLM
 
     from llmft.config import LoraConfig
@@ -67,7 +67,7 @@ def test_logps_are_unchanged_by_padding_side_and_batch_composition(tiny_model_di
     rows = [Record({"prompt": "write two words about the sea", "chosen": "the sea is blue", "rejected": "hello"},
                    "x:1"),
             Record({"prompt": "hi", "chosen": "the quick brown fox jumps over the lazy dog", "rejected": "a"}, "x:2")]
-    pairs = tokenize_pairs(rows, tiny_tokenizer, "pairs", 64).pairs
+    pairs = tokenize_pairs(rows, tiny_chat, "pairs", 64).pairs
     torch.manual_seed(0)
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, alpha=8, dropout=0.0))
     for n, p in model.named_parameters():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from llmft.chat import Chat
 from llmft.config import SamplingConfig
-from llmft.generation import cut_at_eos, encode_prompt, generate
+from llmft.generation import generate
 from tests.test_cli import assert_one_line_error, llmft
 
 
@@ -18,34 +19,38 @@ def model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 
 
-def prompts(tok, texts):
-    return [encode_prompt(tok, [{"role": "user", "content": t}], "x") for t in texts]
+@pytest.fixture(scope="module")
+def chat(tiny_tokenizer):
+    return Chat(tiny_tokenizer)
 
 
-def test_batched_left_padded_greedy_equals_one_at_a_time(model, tiny_tokenizer):
-    ids = prompts(tiny_tokenizer, ["hello", "write three words about the sea please now", "the lazy dog"])
+def prompts(chat, texts):
+    return [chat.prompt_ids([{"role": "user", "content": t}]) for t in texts]
+
+
+def test_batched_left_padded_greedy_equals_one_at_a_time(model, chat):
+    ids = prompts(chat, ["hello", "write three words about the sea please now", "the lazy dog"])
     assert len({len(p) for p in ids}) == 3
     greedy = SamplingConfig(max_new_tokens=8, temperature=0, batch_size=3)
-    together = generate(model, tiny_tokenizer, ids, greedy)
-    alone = [generate(model, tiny_tokenizer, [p], greedy)[0] for p in ids]
+    together = generate(model, chat, ids, greedy)
+    alone = [generate(model, chat, [p], greedy)[0] for p in ids]
     assert [g.response_ids for g in together] == [g.response_ids for g in alone]
     assert [g.prompt_ids for g in together] == ids  # returned in the prompts' order
 
 
-def test_sampling_is_reproducible_by_seed(model, tiny_tokenizer):
-    ids = prompts(tiny_tokenizer, ["hello", "the sea"]) * 2
-    a = generate(model, tiny_tokenizer, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3))
-    b = generate(model, tiny_tokenizer, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3))
-    c = generate(model, tiny_tokenizer, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=4))
+def test_sampling_is_reproducible_by_seed(model, chat):
+    ids = prompts(chat, ["hello", "the sea"]) * 2
+    a = generate(model, chat, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3))
+    b = generate(model, chat, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3))
+    c = generate(model, chat, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=4))
     assert [g.response_ids for g in a] == [g.response_ids for g in b] != [g.response_ids for g in c]
 
 
-def test_response_is_cut_after_the_first_eos(tiny_tokenizer):
-    eos = tiny_tokenizer.eos_token_id
-    g = cut_at_eos(tiny_tokenizer, [1], [10, 11, eos, 12, eos, eos])
-    assert g.response_ids == [10, 11, eos] and g.finished and "<|im_end|>" not in g.text
-    g = cut_at_eos(tiny_tokenizer, [1], [10, 11, 12])
-    assert g.response_ids == [10, 11, 12] and not g.finished
+def test_response_is_cut_after_the_first_stop_id(chat):
+    eos = chat.tokenizer.eos_token_id
+    assert chat.cut([10, 11, eos, 12, eos, eos]) == ([10, 11, eos], True)
+    assert "<|im_end|>" not in chat.decode([10, 11, eos])
+    assert chat.cut([10, 11, 12]) == ([10, 11, 12], False)
 
 
 def test_generate_command_keeps_rows_and_adds_responses(capsys, monkeypatch, tiny_model_dir, tmp_path):
@@ -80,7 +85,7 @@ def test_generate_bad_input(capsys, monkeypatch, tiny_model_dir, tmp_path, conte
     assert_one_line_error(code, err, expected)
 
 
-def test_generation_runs_in_eval_mode(model, tiny_tokenizer):
+def test_generation_runs_in_eval_mode(model, chat):
     model.train()
-    generate(model, tiny_tokenizer, prompts(tiny_tokenizer, ["hello"]), SamplingConfig(max_new_tokens=2, temperature=0))
+    generate(model, chat, prompts(chat, ["hello"]), SamplingConfig(max_new_tokens=2, temperature=0))
     assert not model.training and torch.is_grad_enabled()

@@ -76,6 +76,13 @@ def test_kl_estimators():
     assert kl_per_token(logp, ref, "k3").item() == pytest.approx((0.5 - 1) - math.log(0.5))  # r = 1/2
 
 
+def test_k3_as_a_reward_is_refused_and_adaptive_beta_cannot_start_at_zero(ppo_config):
+    with pytest.raises(ConfigError, match="only k1 .* gives the gradient of KL"):
+        ppo.setup(ppo_config(ppo__kl_estimator="k3"))
+    with pytest.raises(ConfigError, match="a β that starts at 0 stays 0"):
+        ppo.setup(ppo_config(ppo__kl_target=6.0, ppo__kl_coef=0.0))
+
+
 def test_adaptive_kl_controller_follows_ziegler():
     ctl = KLController(0.1, target=6.0, horizon=100)
     ctl.update(kl=12.0, n=10)  # error clipped to 0.2 → β · (1 + 0.2 · 10/100)
@@ -161,12 +168,13 @@ def test_first_minibatch_has_ratio_one_and_kl_is_zero_at_step_zero(ppo_config):
     s = ppo.setup(ppo_config())
     model = ppo.build_model(s)
     assert s.share_reward  # trained on the same base: one copy, four roles
-    rb = ppo.rollout(model, s, [0, 1, 2, 3], seed=0)
-    old, ref, values, _ = ppo.evaluate_roles(model, s, rb)
-    assert torch.equal(old, ref)  # a new adapter starts as the identity: policy == reference, KL = 0
-    adv = whiten(torch.randn_like(old), rb.mask)
+    exp = ppo.rollout(model, s, [0, 1, 2, 3], seed=0)
+    ppo.evaluate_roles(model, s, exp)
+    assert torch.equal(exp.old_logps, exp.ref_logps)  # a new adapter starts as the identity: policy == reference
+    assert exp.logprob_gap()[0] < 1e-4  # the trainer recomputes what the sampler drew from
+    exp.put(advantages=whiten(torch.randn_like(exp.old_logps), exp.mask), returns=exp.values)
     calls = []
-    stats = ppo.update_epochs(model, s, rb, (old, values, adv, values), lambda: calls.append(1) or 0.0, step=1)
+    stats = ppo.update_epochs(model, s, exp, lambda: calls.append(1) or 0.0, step=1)
     first = stats[0]
     assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["approx_kl"] == pytest.approx(0.0, abs=1e-10)
     assert first["clipfrac"] == 0.0 and first["value_clipfrac"] == 0.0
@@ -275,8 +283,8 @@ def test_a_reward_model_on_other_base_weights_is_loaded_separately(ppo_config, t
     assert not s.share_reward
     model = ppo.build_model(s)
     assert s.external_reward is not None and "reward" not in model.lm.peft_config
-    rb = ppo.rollout(model, s, [0, 1], seed=0)
-    _, score = ppo.score_rollout(model, s, rb, [s.train.records[i].row for i in (0, 1)])
+    exp = ppo.rollout(model, s, [0, 1], seed=0)
+    _, score = ppo.score_rollout(model, s, exp, [s.train.records[i].row for i in (0, 1)])
     assert torch.isfinite(score).all()
 
 
@@ -284,3 +292,30 @@ def test_minibatch_statistics_weigh_micro_batches_by_their_own_tokens():
     # the denominator is these micro-batches' tokens, not the (global) count the losses are divided by
     parts = [{"clipfrac": 0.5, "value_loss": 2.0, "tokens": 30.0}, {"clipfrac": 0.0, "value_loss": 4.0, "tokens": 10.0}]
     assert ppo.token_weighted(parts) == {"clipfrac": pytest.approx(0.375), "value_loss": pytest.approx(2.5)}
+
+
+def ppo_grads(ppo_config, checkpointing: bool) -> dict[str, torch.Tensor]:
+    """The gradients of one PPO micro-batch (policy loss, then value loss), from the same rollout and targets."""
+    s = ppo.setup(ppo_config(train__gradient_checkpointing=checkpointing))
+    torch.manual_seed(0)
+    model = ppo.build_model(s)
+    exp = ppo.rollout(model, s, [0, 1, 2, 3], seed=0)
+    ppo.evaluate_roles(model, s, exp)
+    g = torch.Generator().manual_seed(1)
+    exp.put(advantages=torch.randn(exp.mask.shape, generator=g) * exp.mask.cpu(),
+            returns=torch.randn(exp.mask.shape, generator=g) * exp.mask.cpu())
+    model.train()
+    ppo.micro_update(model, s, exp, [0, 1, 2, 3], float(exp.mask.sum()))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_every_adapter_its_own_gradients(ppo_config):
+    # with checkpointing, backward recomputes each layer's forward under the adapter active *then*: the value loss's
+    # backward must run under the value adapter (it ran under the policy one, and the value LoRA-A got zero gradient)
+    plain, checkpointed = ppo_grads(ppo_config, False), ppo_grads(ppo_config, True)
+    assert plain.keys() == checkpointed.keys()
+    value_a = [n for n in plain if ".value." in n and "lora_A" in n]
+    assert value_a and all(plain[n].abs().sum() > 0 for n in value_a)
+    assert any(".default." in n for n in plain) and "value_head.weight" in plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)

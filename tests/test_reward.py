@@ -73,18 +73,18 @@ def test_bad_pair_rows_name_the_row(row, message):
         to_pairs(rec(**row), "pairs")
 
 
-def test_identical_and_too_long_pairs_are_dropped_and_counted(tiny_tokenizer):
+def test_identical_and_too_long_pairs_are_dropped_and_counted(tiny_tokenizer, tiny_chat):
     rows = [rec(prompt="hi", chosen="same", rejected="same"), rec(prompt="hi", chosen="the sea", rejected="a dog"),
             rec(prompt="hi", chosen="the sea " * 40, rejected="a dog")]
-    ps = tokenize_pairs(rows, tiny_tokenizer, "pairs", max_length=48)
+    ps = tokenize_pairs(rows, tiny_chat, "pairs", max_length=48)
     assert (len(ps.pairs), ps.identical, ps.too_long) == (1, 1, 1)
     p = ps.pairs[0]
     assert p.chosen_ids[-1] == tiny_tokenizer.eos_token_id  # EOS closes every response, even with pad == eos
     with pytest.raises(DataError, match="no usable preference pair"):
-        tokenize_pairs(rows[:1], tiny_tokenizer, "pairs", max_length=48)
+        tokenize_pairs(rows[:1], tiny_chat, "pairs", max_length=48)
 
 
-def test_several_data_files_are_read_in_order(tiny_tokenizer, tiny_model_dir, pref_data, write_config, tmp_path):
+def test_several_data_files_are_read_in_order(tiny_chat, tiny_model_dir, pref_data, write_config, tmp_path):
     from llmft.loop import manifest
     from llmft.modeling import resolve_source
     from llmft.preferences import load_pair_sets
@@ -93,7 +93,7 @@ def test_several_data_files_are_read_in_order(tiny_tokenizer, tiny_model_dir, pr
     other.write_text(json.dumps({"prompt": "hi", "chosen": "the sea", "rejected": "a dog"}) + "\n")
     cfg = load_config("reward", write_config(tiny_model_dir, pref_data, data__train=[str(pref_data), str(other)],
                                              data__eval=[str(other)]))
-    train, evals = load_pair_sets(cfg, tiny_tokenizer)
+    train, evals = load_pair_sets(cfg, tiny_chat)
     assert (train.rows, evals.rows) == (9, 1)
     assert train.pairs[-1].prompt_ids == evals.pairs[0].prompt_ids  # the second file's row comes last
     roles = [(d["role"], d["path"]) for d in manifest("reward", cfg, resolve_source(str(tiny_model_dir)), {})["data"]]
@@ -115,10 +115,10 @@ def tiny_reward_model(tiny_model_dir):
     return RewardModel(lm).eval()
 
 
-def test_reward_is_identical_under_left_and_right_padding(tiny_model_dir, tiny_tokenizer):
+def test_reward_is_identical_under_left_and_right_padding(tiny_model_dir, tiny_tokenizer, tiny_chat):
     rows = [rec(prompt="write two words about the sea", chosen="the sea is blue", rejected="hello"),
             rec(prompt="hi", chosen="the quick brown fox jumps over the lazy dog", rejected="a")]
-    pairs = tokenize_pairs(rows, tiny_tokenizer, "pairs", 64).pairs
+    pairs = tokenize_pairs(rows, tiny_chat, "pairs", 64).pairs
     model = tiny_reward_model(tiny_model_dir)
     pad = tiny_tokenizer.pad_token_id
 
@@ -171,7 +171,7 @@ def test_saved_head_and_adapter_reload_bit_identically_and_score_the_same(tiny_m
     scorer = RewardScorer.load(out)  # merged adapter: equal up to float rounding
     pairs = s.eval.pairs
     with torch.no_grad():
-        r_c, r_r = reward.rewards(fresh.eval(), collate_pairs(pairs, s.tokenizer.pad_token_id), s.device, s.dtype)
+        r_c, r_r = reward.rewards(fresh.eval(), collate_pairs(pairs, s.chat.pad_id), s.device, s.dtype)
     assert torch.allclose(scorer.score_ids([p.prompt_ids + p.chosen_ids for p in pairs]), r_c, atol=1e-4)
     texts = [json.loads(line) for line in open(pref_data)]
     assert torch.allclose(scorer.score([t["prompt"] for t in texts], [t["rejected"] for t in texts]), r_r, atol=1e-4)

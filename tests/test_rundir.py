@@ -52,6 +52,7 @@ def test_a_finished_run_of_an_earlier_version_is_still_recognised(cfg, tmp_path)
     run(cfg)
     out = tmp_path / "run"
     (out / rundir.MARKER).unlink()  # runs before the marker: only the manifest, without its list of files
+    (out / "generation_config.json").unlink()  # (nor did they write this)
     manifest = json.loads((out / "llmft.json").read_text())
     del manifest["files"]
     (out / "llmft.json").write_text(json.dumps(manifest))

@@ -41,7 +41,7 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, sft_data, write_conf
     for p in model.parameters():  # LoRA B starts at 0, which would leave A without gradient
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)
-    examples, pad = s.train.examples[:4], s.tokenizer.pad_token_id
+    examples, pad = s.train.examples[:4], s.chat.pad_id
     assert len({len(e.input_ids) for e in examples}) > 1
 
     def gradients(micro_batches):

@@ -35,10 +35,10 @@ class Setup(loop.Setup):
 # --------------------------------------------------------------------------------------------- setup
 def setup(cfg: DPOConfig) -> Setup:
     require_dropout_off(cfg, "dpo", "at step 0 the policy must equal the reference")
-    source, tok, device, dtype = resolve_model(cfg.model, cfg.device)
-    train_set, eval_set = P.load_pair_sets(cfg, tok)
+    source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
+    train_set, eval_set = P.load_pair_sets(cfg, chat)
     plan = plan_for(cfg, len(train_set.pairs))
-    return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype)
+    return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype)
 
 
 def show_plan(s: Setup) -> None:
@@ -79,7 +79,7 @@ def stage(s: Setup, model) -> Stage:
         num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean
         total, rewards, logps, tokens = 0.0, [], [], 0
         for mb in micro_batches:
-            batch = P.collate_pairs([s.train.pairs[i] for i in mb], s.tokenizer.pad_token_id)
+            batch = P.collate_pairs([s.train.pairs[i] for i in mb], s.chat.pad_id)
             ref = s.reference["train"][:, mb] if s.reference["train"] is not None else None
             losses, r, lp = pair_losses(model, batch, ref, s)
             loss = losses.sum() / num_pairs
@@ -131,7 +131,7 @@ def reference_logps(model, pairs: list[P.TokenizedPair], s: Setup) -> torch.Tens
     """Reference log-probs [2, N] of every pair, with the truncation and dtype of training."""
     out = []
     for i in range(0, len(pairs), s.cfg.train.batch_size):
-        batch = P.collate_pairs(pairs[i:i + s.cfg.train.batch_size], s.tokenizer.pad_token_id)
+        batch = P.collate_pairs(pairs[i:i + s.cfg.train.batch_size], s.chat.pad_id)
         out.append(batch_logps(model, {k: v.to(s.device) for k, v in batch.items()}, s, reference=True).cpu())
     return torch.cat(out, dim=1)
 
@@ -150,7 +150,7 @@ def evaluate(model, s: Setup) -> dict[str, float]:
     losses, rewards, logps = [], [], []
     for i in range(0, len(s.eval.pairs), s.cfg.train.batch_size):
         idx = list(range(i, min(i + s.cfg.train.batch_size, len(s.eval.pairs))))
-        batch = P.collate_pairs([s.eval.pairs[j] for j in idx], s.tokenizer.pad_token_id)
+        batch = P.collate_pairs([s.eval.pairs[j] for j in idx], s.chat.pad_id)
         ref = s.reference["eval"][:, idx] if s.reference["eval"] is not None else None
         loss, r, lp = pair_losses(model, batch, ref, s)
         losses.append(loss)

@@ -36,10 +36,10 @@ from llmft.training import (
 # --------------------------------------------------------------------------------------------- setup
 def setup(cfg: RewardConfig) -> Setup:
     require_dropout_off(cfg, "reward", "r_c and r_r must come from the same network")
-    source, tok, device, dtype = resolve_model(cfg.model, cfg.device)
-    train_set, eval_set = P.load_pair_sets(cfg, tok)
+    source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
+    train_set, eval_set = P.load_pair_sets(cfg, chat)
     plan = plan_for(cfg, len(train_set.pairs))
-    return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype)
+    return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype)
 
 
 def show_plan(s: Setup) -> None:
@@ -70,7 +70,7 @@ def build_model(s: Setup) -> RewardModel:
 
 
 def stage(s: Setup, model: RewardModel) -> Stage:
-    pad, loss_cfg = s.tokenizer.pad_token_id, s.cfg.loss
+    pad, loss_cfg = s.chat.pad_id, s.cfg.loss
 
     def step(micro_batches: list[list[int]]) -> tuple[dict, dict]:
         pairs = sum(len(mb) for mb in micro_batches)

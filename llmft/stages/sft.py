@@ -31,14 +31,14 @@ from llmft.training import (
 
 # --------------------------------------------------------------------------------------------- setup
 def setup(cfg: SFTConfig) -> Setup:
-    source, tok, device, dtype = resolve_model(cfg.model, cfg.device)
+    source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
     train_rows, eval_rows = D.read_splits(cfg.data, cfg.seed)
     fmt = D.detect_format(train_rows, cfg.data.format)
     d = cfg.data
-    train_set = D.tokenize_records(train_rows, tok, fmt, d.max_length, d.loss_on)
-    eval_set = D.tokenize_records(eval_rows, tok, fmt, d.max_length, d.loss_on) if eval_rows else None
+    train_set = D.tokenize_records(train_rows, chat, fmt, d.max_length, d.loss_on)
+    eval_set = D.tokenize_records(eval_rows, chat, fmt, d.max_length, d.loss_on) if eval_rows else None
     plan = plan_for(cfg, len(train_set.examples))
-    return Setup(cfg, source, tok, train_set, eval_set, plan, device, dtype)
+    return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype)
 
 
 def show_plan(s: Setup) -> None:
@@ -67,7 +67,7 @@ def build_model(s: Setup):
 
 def stage(s: Setup, model) -> Stage:
     """One SFT step: collate its micro-batches and accumulate the token-mean cross entropy."""
-    pad = s.tokenizer.pad_token_id
+    pad = s.chat.pad_id
 
     def step(micro_batches: list[list[int]]) -> tuple[dict, dict]:
         batches = [D.collate([s.train.examples[i] for i in mb], pad) for mb in micro_batches]

@@ -1,0 +1,158 @@
+"""How a conversation becomes tokens, and where an answer ends: one rule for every stage and command.
+
+    prompt    the chat template rendered through its generation prompt, tokenised with no special tokens added
+              (what `apply_chat_template(..., add_generation_prompt=True, tokenize=True)` gives)
+    answer    what the template writes for an assistant turn after that prompt: its lead-in (Mistral's space, Qwen3's
+              empty think block), the content (trimmed where the template trims), and the turn's terminator
+              (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`, `<|end|>`); nothing after the terminator
+    stop set  the tokenizer's EOS ∪ the checkpoint's `generation_config.json` EOS ids ∪ the terminator
+
+Generation stops at the first id of the stop set and keeps it, so a sampled answer ends the way a trained one
+does: sft supervises the terminator, reward and dpo answers end with it, the reward model reads its score on it,
+ppo samples up to it. A template whose turns end in plain text (no special token) gets the tokenizer's EOS as its
+terminator, appended to every answer.
+
+Without a chat template (a base model; `model.chat_template` gives it one), the turns of a conversation are joined
+by TEXT_SEPARATOR, a prompt ends with it (the answer starts on its own paragraph), and an answer is its text
+followed by EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmft.errors import DataError, ModelError
+
+TEXT_SEPARATOR = "\n\n"
+PROBE = [{"role": "user", "content": "Hi"}]
+PROBE_ANSWER = "  Sure  "  # the spaces tell whether the template trims an answer
+
+
+@dataclass(frozen=True)
+class AnswerFrame:
+    """What a chat template writes around an answer's content."""
+
+    lead: str  # between the generation prompt and the content
+    strip: bool  # the content is trimmed
+    end: str  # the terminator (one special token's text); "" = EOS appended as an id
+
+
+class Chat:
+    """A tokenizer with its chat template's rules: prompts, answers, conversations, the stop set, cutting."""
+
+    def __init__(self, tokenizer, eos_ids: list[int] | tuple[int, ...] = ()):
+        self.tokenizer = tokenizer
+        self.templated = bool(tokenizer.chat_template)
+        self.frame = answer_frame(tokenizer) if self.templated else AnswerFrame("", False, "")
+        self.end_ids = [tokenizer.convert_tokens_to_ids(self.frame.end)] if self.frame.end else [tokenizer.eos_token_id]
+        self.stop_ids = sorted({tokenizer.eos_token_id, *eos_ids, *self.end_ids} - {None})
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------------------------------ text
+    def prompt_text(self, messages: list[dict], where: str = "prompt") -> str:
+        """The prompt as text, through the generation prompt (template-less: turns joined, separator at the end)."""
+        if self.templated:
+            return render(self.tokenizer, messages, True, where)
+        return TEXT_SEPARATOR.join(m["content"] for m in messages) + TEXT_SEPARATOR
+
+    def answer_text(self, content: str) -> str:
+        """An answer as the template writes it after the generation prompt, through its terminator."""
+        f = self.frame
+        return f.lead + (content.strip() if f.strip else content) + f.end
+
+    # ----------------------------------------------------------------------------------------- tokens
+    def prompt_ids(self, messages: list[dict], where: str = "prompt") -> list[int]:
+        text = self.prompt_text(messages, where)
+        return self.ids(text) if self.templated else self.tokenizer(text)["input_ids"]  # plain text: tokenizer's BOS
+
+    def encode(self, prompt: list[dict], answer: str, where: str = "prompt") -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids): the answer tokenised in the context of its prompt, ending with the terminator."""
+        prompt_ids = self.prompt_ids(prompt, where)
+        return prompt_ids, self.answer_ids(self.prompt_text(prompt, where), prompt_ids, answer)
+
+    def answer_ids(self, before: str, before_ids: list[int], content: str) -> list[int]:
+        """An answer's ids after the text `before` (tokenised as `before_ids`), through the terminator."""
+        ids = self.following(before, before_ids, self.answer_text(content))
+        return ids if self.frame.end else ids + [self.tokenizer.eos_token_id]
+
+    def following(self, before: str, before_ids: list[int], text: str) -> list[int]:
+        """The ids of `text` as they follow `before` in one tokenisation (`before_ids` must be its prefix there);
+        `text` on its own when the two merge across that boundary."""
+        joint = self.tokenizer(before + text, add_special_tokens=not self.templated)["input_ids"]
+        return joint[len(before_ids):] if joint[:len(before_ids)] == before_ids else self.ids(text)
+
+    def conversation(self, messages: list[dict], where: str) -> list[tuple[list[int], bool]]:
+        """Token pieces (ids, is_answer) of a conversation, through its last assistant turn: each assistant turn is an
+        answer (lead-in, content, terminator), everything before it context."""
+        pieces, text, ids = [], "", []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            context = self.prompt_text(messages[:i], where)
+            if not context.startswith(text):
+                raise DataError(f"{where}: the chat template renders earlier assistant turns differently from a "
+                                f"final answer (Qwen3, for one, drops their think blocks), so this conversation "
+                                f"cannot be one training sequence; split it into one row per assistant turn")
+            context_ids = self.following(text, ids, context[len(text):]) if text else self.prompt_ids(messages[:i])
+            answer_ids = self.answer_ids(context, ids + context_ids, m["content"])
+            pieces += [(context_ids, False), (answer_ids, True)]
+            text, ids = context + self.answer_text(m["content"]), ids + context_ids + answer_ids
+        return pieces
+
+    # ------------------------------------------------------------------------------------- generation
+    def cut(self, ids: list[int]) -> tuple[list[int], bool]:
+        """A generated response up to and including its first stop id; (ids, finished)."""
+        stops = set(self.stop_ids)
+        for i, t in enumerate(ids):
+            if t in stops:
+                return ids[:i + 1], True
+        return ids, False
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+
+def tokenizer_difference(a, b) -> str | None:
+    """What differs between two tokenizers in how a conversation becomes tokens ("tokenizer", "chat template"),
+    or None."""
+    if a.get_vocab() != b.get_vocab():
+        return "tokenizer"
+    if a.chat_template != b.chat_template:
+        return "chat template"
+    return None
+
+
+def render(tok, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, role checks)
+        raise DataError(f"{where}: the chat template rejects this conversation: {e}") from None
+
+
+def answer_frame(tok) -> AnswerFrame:
+    """Learn from a probe conversation what the template writes around an answer: lead-in, trimming, terminator."""
+    prompt = render(tok, PROBE, True, "the chat template")
+    full = render(tok, PROBE + [{"role": "assistant", "content": PROBE_ANSWER}], False, "the chat template")
+    core = PROBE_ANSWER.strip()
+    if not full.startswith(prompt) or core not in full[len(prompt):]:
+        raise ModelError("the chat template does not write an assistant turn after its generation prompt "
+                         "(rendering [user, assistant] does not start with [user] + generation prompt)")
+    rest = full[len(prompt):]
+    strip = PROBE_ANSWER not in rest
+    start = rest.index(core if strip else PROBE_ANSWER)
+    after = rest[start + len(core if strip else PROBE_ANSWER):]
+    first = (tok(after, add_special_tokens=False)["input_ids"] or [None])[0]
+    special = first is not None and first in special_ids(tok)
+    end = tok.convert_ids_to_tokens(first) if special else ""
+    return AnswerFrame(rest[:start], strip, end if end and after.startswith(end) else "")
+
+
+def special_ids(tok) -> set[int]:
+    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
