@@ -89,3 +89,33 @@ def test_generation_runs_in_eval_mode(model, chat):
     model.train()
     generate(model, chat, prompts(chat, ["hello"]), SamplingConfig(max_new_tokens=2, temperature=0))
     assert not model.training and torch.is_grad_enabled()
+
+
+def test_checkpoint_sampling_defaults_never_reach_the_sampler(tiny_model_dir, tmp_path):
+    # instruct checkpoints ship sampling defaults; transformers fills every option left unset from them. The sampler
+    # must draw from exactly softmax(z / T), and report its own log-probs, or RL optimises another distribution
+    import shutil
+
+    from llmft.modeling import hidden_states, load_chat, resolve_source
+    from llmft.rollout import pack, token_logps
+
+    leaky = tmp_path / "leaky"
+    shutil.copytree(tiny_model_dir, leaky)
+    chat = load_chat(resolve_source(str(leaky)))
+    eos = chat.tokenizer.eos_token_id
+    (leaky / "generation_config.json").write_text(json.dumps({
+        "eos_token_id": [eos], "do_sample": True, "temperature": 0.2, "top_k": 3, "top_p": 0.5,
+        "repetition_penalty": 1.5, "no_repeat_ngram_size": 1, "min_new_tokens": 6, "suppress_tokens": [eos],
+        "bad_words_ids": [[5]], "begin_suppress_tokens": [7]}))
+    model = AutoModelForCausalLM.from_pretrained(leaky)
+    assert model.generation_config.repetition_penalty == 1.5  # the model carries them ...
+    ids = prompts(chat, ["hello", "the sea", "write three words", "the lazy dog"]) * 4
+    gens = generate(model, chat, ids, SamplingConfig(max_new_tokens=10, temperature=0.7, seed=1), logprobs=True)
+    assert model.generation_config.repetition_penalty == 1.5  # ... and keep them after generating
+    exp = pack(gens, chat.pad_id, torch.device("cpu"))
+    with torch.no_grad():
+        recomputed, _ = token_logps(model, lambda i, m: hidden_states(model, i, m), exp, list(range(exp.size)), 0.7,
+                                    torch.float32)
+    gap = ((recomputed - exp.sampler_logps).abs() * exp.mask).max()
+    assert gap < 1e-5  # ... but the sampler drew from softmax(z / 0.7) alone
+    assert any(g.finished for g in gens)  # and EOS was not suppressed

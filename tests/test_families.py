@@ -1,0 +1,184 @@
+"""The model-family matrix: tiny models shaped like Llama-3, Qwen2.5, Qwen3, Gemma-2, Gemma-3, Mistral and Phi-3
+(`tests/families.py`), each through the chat rules and through every stage, with the invariants that catch most
+silent bugs: prompts as the template renders them, answers that end with the template's turn terminator in every
+stage, generation that stops there, the sampler's log-probs equal to the trainer's at step 1, DPO's ln 2 at step 0,
+PPO's ratio 1 on the first minibatch, and the reward model reading its score on the terminator."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llmft import data as D
+from llmft.config import load_config
+from llmft.errors import DataError
+from llmft.modeling import last_token_index, load_chat, resolve_source
+from llmft.preferences import collate_pairs
+from llmft.stages import dpo, ppo, reward, sft
+from tests.conftest import PAIRS, ROWS
+from tests.families import BY_NAME, FAMILIES, build
+
+U, A = {"role": "user", "content": "write two words about the sea"}, "the sea is blue"
+SYSTEM = {"role": "system", "content": "be brief"}
+
+
+@pytest.fixture(scope="module", params=[f.name for f in FAMILIES])
+def family(request, tmp_path_factory):
+    f = BY_NAME[request.param]
+    return f, build(f, tmp_path_factory.mktemp(f.name))
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------ chat rules
+def test_prompts_answers_and_the_stop_set_follow_the_template(family):
+    f, path = family
+    chat = load_chat(resolve_source(str(path)))
+    tok = chat.tokenizer
+    end = tok.convert_tokens_to_ids(f.turn_end)
+    generation = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+    assert chat.stop_ids == sorted({tok.eos_token_id, end, *([generation] if isinstance(generation, int) else
+                                                             generation)})
+    prompt_ids, answer_ids = chat.encode([U], A)
+    assert prompt_ids == list(tok.apply_chat_template([U], add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+    rendered = tok.apply_chat_template([U, {"role": "assistant", "content": A}], tokenize=False)
+    through_end = rendered[:rendered.rindex(f.turn_end) + len(f.turn_end)]
+    assert prompt_ids + answer_ids == ids(tok, through_end)  # the answer as the template writes it, in context
+    assert answer_ids[-1] == end and chat.cut(answer_ids + answer_ids) == (answer_ids, True)
+
+
+def test_system_messages_and_multi_turn_conversations(family):
+    f, path = family
+    chat = load_chat(resolve_source(str(path)))
+    tok = chat.tokenizer
+    if f.system == "refused":  # Gemma-2: its template raises, and so does llmft, naming the row
+        with pytest.raises(DataError, match="f:3: the chat template rejects .*System role not supported"):
+            chat.encode([SYSTEM, U], A, "f:3")
+    else:
+        prompt_ids, answer_ids = chat.encode([SYSTEM, U], A)
+        assert "be brief" in tok.decode(prompt_ids) and answer_ids[-1] == tok.convert_tokens_to_ids(f.turn_end)
+    turns = [U, {"role": "assistant", "content": "sea"}, {"role": "user", "content": "again"},
+             {"role": "assistant", "content": "blue"}]
+    if f.name == "qwen3":  # the final answer gets a think block that earlier turns lose: not one sequence
+        with pytest.raises(DataError, match="renders earlier assistant turns differently"):
+            D.tokenize_example(chat, turns, 256, "completion", "f:1")
+        return
+    ex, _ = D.tokenize_example(chat, turns, 256, "completion", "f:1")
+    rendered = tok.apply_chat_template(turns, tokenize=False)
+    assert ex.input_ids == ids(tok, rendered[:rendered.rindex(f.turn_end) + len(f.turn_end)])
+    answers = [t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != -100]
+    assert tok.decode(answers).replace(" ", "").replace("▁", "") == f"sea{f.turn_end}blue{f.turn_end}"
+
+
+# ---------------------------------------------------------------------------------------------- stages
+@pytest.fixture(scope="module")
+def chain(family, tmp_path_factory):
+    """sft (long enough to learn the answers and their ending) → reward → dpo → ppo on the family's model."""
+    f, path = family
+    d = tmp_path_factory.mktemp(f"{f.name}-runs")
+    (d / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    (d / "prompts.jsonl").write_text("".join(json.dumps({**r, "constraints": [{"type": "lowercase"}]}) + "\n"
+                                             for r in ROWS))
+
+    def config(stage: str, model: Path, data: str, steps: int, **extra) -> object:
+        cfg = {"model": {"name": str(model)}, "data": {"train": str(d / data)}, "lora": {"r": 8, "alpha": 16,
+                                                                                        "dropout": 0.0},
+               "train": {"batch_size": 4, "max_steps": steps, "learning_rate": 2e-2, "warmup_ratio": 0.0,
+                         "save_every": 100}, "output_dir": str(d / stage), "seed": 0, **extra}
+        if stage != "ppo":
+            cfg["data"]["max_length"] = 160
+        (d / f"{stage}.yaml").write_text(yaml.safe_dump(cfg))
+        return load_config(stage, d / f"{stage}.yaml")
+
+    runs = {"dir": d}
+    runs["sft"] = sft.run(config("sft", path, "sft.jsonl", 0, lora={"r": 16, "alpha": 32, "dropout": 0.0},
+                                 train={"batch_size": 4, "max_steps": 80, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                                        "scheduler": "constant", "save_every": 100}))
+    runs["reward"] = reward.run(config("reward", d / "sft", "pairs.jsonl", 2))
+    runs["dpo"] = dpo.run(config("dpo", d / "sft", "pairs.jsonl", 2))
+    runs["ppo_cfg"] = config("ppo", d / "sft", "prompts.jsonl", 2, rollout={"max_new_tokens": 12, "temperature": 1.0},
+                             reward={"model": str(d / "reward")}, ppo={"num_minibatches": 2}, samples_every=1)
+    runs["ppo"] = ppo.run(runs["ppo_cfg"])
+    return runs
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_trained_answer_ends_where_generation_stops(family, chain):
+    from llmft.config import SamplingConfig
+    from llmft.generation import generate
+    from llmft.modeling import load_model
+
+    f, _ = family
+    src = resolve_source(str(chain["dir"] / "sft"))
+    chat = load_chat(src)
+    model = load_model(src, torch.float32, torch.device("cpu"), chain["ppo_cfg"].model)
+    prompts = [chat.prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in ROWS]
+    gens = generate(model, chat, prompts, SamplingConfig(max_new_tokens=40, temperature=0))
+    end = chat.tokenizer.convert_tokens_to_ids(f.turn_end)
+    finished = [g for g in gens if g.finished]
+    assert len(finished) >= 7, [g.text for g in gens]  # the SFT model learned its answers and how they end ...
+    assert all(g.response_ids[-1] == end for g in finished)  # ... with the turn terminator, where generation stops
+    assert sum(g.text.endswith(r["completion"]) for g, r in zip(gens, ROWS, strict=True)) >= 6
+
+
+def test_the_reward_model_reads_its_score_on_the_terminator(family, chain):
+    f, _ = family
+    s = reward.setup(load_config("reward", chain["dir"] / "reward.yaml"))
+    end = s.chat.tokenizer.convert_tokens_to_ids(f.turn_end)
+    for side in ("right", "left"):
+        batch = collate_pairs(s.train.pairs[:4], s.chat.pad_id, side=side)
+        last, n = last_token_index(batch["attention_mask"]), batch["input_ids"].shape[0]
+        assert len(s.train.pairs) == 8 and batch["input_ids"][torch.arange(n), last].tolist() == [end] * n
+    assert math.isfinite(chain["reward"]["loss"])
+
+
+def test_dpo_starts_at_ln2(family, chain):
+    first = metrics(chain["dir"] / "dpo")[0]
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ppo_samples_the_distribution_it_trains(family, chain):
+    # the family's generation_config.json carries sampling defaults (Qwen2.5: repetition_penalty 1.1, top_k 20 ...):
+    # none of them may reach the sampler, or its log-probs would not be softmax(z / T)
+    rows = metrics(chain["dir"] / "ppo")
+    assert rows[0]["logprob_gap"] < 1e-4 and len(rows) == 2
+    s = ppo.setup(chain["ppo_cfg"])
+    model = ppo.build_model(s)
+    exp = ppo.rollout(model, s, list(range(8)), seed=0)
+    ppo.evaluate_roles(model, s, exp)
+    assert exp.logprob_gap()[0] < 1e-4
+    assert torch.equal(exp.old_logps, exp.ref_logps)  # policy == reference before the first update
+    exp.put(advantages=exp.mask * 0.5, returns=exp.values)
+    first = ppo.update_epochs(model, s, exp, lambda: 0.0, step=1)[0]
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["clipfrac"] == 0.0
+    end = s.chat.tokenizer.convert_tokens_to_ids(BY_NAME[family[0].name].turn_end)
+    for g in exp.generations:  # responses cut at their first stop id, and the reward model's last token is it
+        assert not g.finished or g.response_ids[-1] in s.chat.stop_ids
+    last = last_token_index(exp.attention_mask)
+    ended = [i for i, g in enumerate(exp.generations) if g.finished and g.response_ids[-1] == end]
+    assert all(exp.input_ids[i, last[i]] == end for i in ended)
+
+
+def test_eval_and_generate_run_on_the_family(family, chain, capsys, monkeypatch):
+    from tests.test_cli import llmft
+
+    d = chain["dir"]
+    code, _, err = llmft(capsys, monkeypatch, "eval", "--model", d / "sft", "--compare", d / "ppo", "--prompts",
+                         d / "prompts.jsonl", "--reference", d / "sft", "--reward-model", d / "reward", "--set",
+                         "sampling.max_new_tokens=40", "--out", d / "report.json")
+    assert code == 0, err
+    report = json.loads((d / "report.json").read_text())["models"]
+    assert report[str(d / "sft")]["eos_share"] >= 0.75 and report[str(d / "sft")]["kl_to_reference"] == 0
