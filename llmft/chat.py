@@ -40,8 +40,9 @@ class AnswerFrame:
 class Chat:
     """A tokenizer with its chat template's rules: prompts, answers, conversations, the stop set, cutting."""
 
-    def __init__(self, tokenizer, eos_ids: list[int] | tuple[int, ...] = ()):
+    def __init__(self, tokenizer, eos_ids: list[int] | tuple[int, ...] = (), added_ids: list[int] | tuple = ()):
         self.tokenizer = tokenizer
+        self.added_ids = list(added_ids)  # tokens this run added (model.chat_template): their rows are trained
         self.templated = bool(tokenizer.chat_template)
         self.frame = answer_frame(tokenizer) if self.templated else AnswerFrame("", False, "")
         self.end_ids = [tokenizer.convert_tokens_to_ids(self.frame.end)] if self.frame.end else [tokenizer.eos_token_id]

@@ -28,6 +28,12 @@ class ModelConfig:
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) for hub ids.")
     attn_implementation: str | None = opt(None, "Attention kernel: sdpa, eager, flash_attention_2; "
                                                 "null = the transformers default.")
+    chat_template: str | None = opt(
+        None, "A chat template for a model without one (a base model), or to replace its own: chatml, llama3, gemma, "
+              "or a Jinja file. Special tokens it needs are added, trained with the adapter and saved with the run; "
+              "later stages keep it. null = the model's own (none: prompt and answer joined by a blank line).")
+    special_tokens: list[str] = opt([], "Special tokens a chat_template Jinja file needs that the tokenizer lacks "
+                                        "(named templates know theirs).")
 
 
 @dataclass

@@ -137,8 +137,9 @@ def train(name: str, s: Any, recipe: Any, resume_from: Path | None) -> dict:
     state = restore(resume_from, model, optimizer, scheduler, s.plan.total)
     metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, state, resume_from)
     if distributed.world().main:
-        save_final(Path(cfg.output_dir), model, s.chat.tokenizer, manifest(name, cfg, s.source, metrics),
-                   generation_config(s.chat))
+        record = manifest(name, cfg, s.source, metrics)
+        record["model"]["embedding_rows"] = embedding_rows(unwrap(getattr(model, "lm", model)))
+        save_final(Path(cfg.output_dir), model, s.chat.tokenizer, record, generation_config(s.chat))
     return metrics
 
 
@@ -254,6 +255,12 @@ def manifest(stage: str, cfg: Any, source, metrics: dict) -> dict[str, Any]:
         "metrics": metrics,
         "versions": versions(),
     }
+
+
+def embedding_rows(lm) -> int:
+    """Rows of the input embedding (grown when a chat template added tokens): the next stage grows its base to it."""
+    emb = lm.get_input_embeddings()
+    return (emb.get_base_layer() if hasattr(emb, "get_base_layer") else emb).weight.shape[0]
 
 
 def generation_config(chat) -> dict:

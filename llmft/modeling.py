@@ -166,7 +166,8 @@ def resolve_model(model_cfg: Any, device: str) -> tuple[ModelSource, Chat, torch
     """A stage's model section resolved: (source, chat: its tokenizer and template rules, device, dtype)."""
     dev = resolve_device(device)
     source = resolve_source(model_cfg.name, model_cfg.revision)
-    chat = load_chat(source, model_cfg.trust_remote_code, model_cfg.revision)
+    chat = load_chat(source, model_cfg.trust_remote_code, model_cfg.revision, model_cfg.chat_template,
+                     model_cfg.special_tokens)
     return source, chat, dev, resolve_dtype(model_cfg.dtype, dev)
 
 
@@ -176,10 +177,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_chat(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None) -> Chat:
+def load_chat(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None,
+              chat_template: str | None = None, special_tokens: list[str] | tuple[str, ...] = ()) -> Chat:
     """The model's tokenizer with its chat rules and stop set (the tokenizer's EOS, the EOS ids of the checkpoint's
-    generation_config.json, the template's turn terminator)."""
-    return Chat(load_tokenizer(source, trust_remote_code, revision), generation_eos_ids(source, revision))
+    generation_config.json, the template's turn terminator); with `chat_template`, that template (`llmft.templates`)
+    and the special tokens it adds."""
+    from llmft import templates
+
+    tok = load_tokenizer(source, trust_remote_code, revision)
+    added = []
+    if chat_template:
+        before = tok.chat_template
+        added = templates.apply(tok, chat_template, special_tokens)
+        if source.kind == "stage" and tok.chat_template != before:
+            raise ModelError(f"model.chat_template: {source.name} was trained with another chat template (saved with "
+                             f"its tokenizer); a later stage keeps its parent's template: drop model.chat_template")
+    return Chat(tok, generation_eos_ids(source, revision), added)
 
 
 def generation_eos_ids(source: ModelSource, revision: str | None = None) -> list[int]:
@@ -222,14 +235,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cf
         raise ModelError(f"{source.name} is a reward model (an llmft reward output); name it where a reward model "
                          f"is expected (reward_model), not as a model to generate with or fine-tune")
     if source.kind == "stage":
-        from peft import PeftModel
-
         base = load_model(source.base, torch.float32, torch.device("cpu"), cfg)  # merge in fp32
-        try:
-            merged = PeftModel.from_pretrained(base, source.path).merge_and_unload()
-        except Exception as e:  # noqa: BLE001
-            raise ModelError(f"cannot merge the adapter of {source.name} into its base: {e}") from None
-        return merged.to(device=device, dtype=dtype)
+        return merged_adapter(base, source).to(device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
@@ -244,22 +251,55 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cf
     return model.to(device)
 
 
+def merged_adapter(base, source: ModelSource):
+    """`base` with the adapter of the stage output `source` merged in (its embedding rows grown first when that stage
+    added tokens: `model.chat_template`)."""
+    from peft import PeftModel
+
+    rows = source.manifest.get("model", {}).get("embedding_rows")
+    if rows and rows > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(rows, mean_resizing=False)
+    try:
+        return PeftModel.from_pretrained(base, source.path).merge_and_unload()
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot merge the adapter of {source.name} into its base: {e}") from None
+
+
 def root_source(source: ModelSource) -> ModelSource:
     """The model at the bottom of a chain of stage outputs."""
     return root_source(source.base) if source.kind == "stage" else source
 
 
-def add_lora(model, lora, gradient_checkpointing: bool = False):
+def add_lora(model, lora, gradient_checkpointing: bool = False, new_tokens: list[int] | tuple = ()):
+    """A fresh LoRA adapter on `model`; with `new_tokens` (ids a chat template added), their embedding and LM-head
+    rows are trained too (peft's trainable tokens), starting from the mean of the existing rows."""
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM",
+                        trainable_token_indices=grow_embeddings(model, list(new_tokens)) if new_tokens else None)
     try:
         return get_peft_model(model, config)
     except ValueError as e:
         raise ModelError(f"lora.target_modules: {e}") from None
+
+
+def grow_embeddings(model, new_tokens: list[int]) -> dict[str, list[int]]:
+    """Make room for `new_tokens` (their rows start at the mean of the existing ones) and name the modules whose
+    rows peft should train: the input embedding, and the LM head when it is not tied to it."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    old = emb.num_embeddings
+    if max(new_tokens) >= old:
+        model.resize_token_embeddings(max(new_tokens) + 1, mean_resizing=False)
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    with torch.no_grad():
+        for weight in {id(w): w for w in (emb.weight, head.weight)}.values():
+            weight[new_tokens] = weight[:min(old, weight.shape[0])].mean(0)
+    names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    tied = head.weight is emb.weight
+    return {names[emb]: new_tokens, **({} if tied else {names[head]: new_tokens})}
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -36,6 +36,7 @@ from llmft.modeling import (
     last_token_index,
     load_chat,
     load_model,
+    merged_adapter,
     resolve_device,
     resolve_dtype,
     resolve_source,
@@ -115,8 +116,6 @@ class RewardScorer:
 
     @classmethod
     def load(cls, path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 16) -> RewardScorer:
-        from peft import PeftModel
-
         source = resolve_source(path)
         if source.kind != "stage" or source.manifest.get("stage") != "reward":
             stage = source.manifest.get("stage") if source.manifest else None
@@ -125,11 +124,7 @@ class RewardScorer:
         dev = resolve_device(device)
         model_cfg = ModelConfig(**source.manifest["config"]["model"])
         base = load_model(source.base, resolve_dtype(dtype, dev), dev, model_cfg)
-        try:
-            lm = PeftModel.from_pretrained(base, source.path).merge_and_unload()
-        except Exception as e:  # noqa: BLE001
-            raise ModelError(f"cannot load the adapter of reward model {path}: {e}") from None
-        model = RewardModel(lm)
+        model = RewardModel(merged_adapter(base, source))
         model.load_head(Path(source.path))
         disable_dropout(model)
         return cls(model, load_chat(source), batch_size, path)

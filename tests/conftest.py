@@ -37,14 +37,15 @@ def build_model(vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=None,
                       initializer_range=0.2)  # wide init: LoRA on a tiny random model then learns fast
     return LlamaForCausalLM(cfg)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A local Hugging Face directory: 2-layer Llama (hidden 32) + ChatML tokenizer, pad == eos."""
+    """A local Hugging Face directory: 2-layer Llama (hidden 32) + ChatML tokenizer, pad == eos. The model's config has
+    no pad_token_id: an embedding's padding_idx row starts at zero, and EOS (= pad) could never be emitted."""
     path = tmp_path_factory.mktemp("tiny-model")
     tok = build_tokenizer()
     build_model(len(tok)).save_pretrained(path)

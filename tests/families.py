@@ -174,9 +174,11 @@ def build_config(f: Family, tok):
     import transformers
 
     ids = {name: tok.convert_tokens_to_ids(name) for name in (f.bos, f.eos, f.pad) if name}
+    # no pad_token_id in the model config: its padding_idx row would start at zero and, where pad is EOS (Phi-3), a
+    # random-init model could never emit it (real checkpoints have that row trained)
     common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
-                  bos_token_id=ids.get(f.bos), eos_token_id=ids[f.eos], pad_token_id=ids.get(f.pad))
+                  bos_token_id=ids.get(f.bos), eos_token_id=ids[f.eos], pad_token_id=None)
     classes = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "gemma2": "Gemma2Config",
                "gemma3_text": "Gemma3TextConfig", "mistral": "MistralConfig", "phi3": "Phi3Config"}
     return getattr(transformers, classes[f.arch])(**{**common, **f.arch_kwargs})

@@ -63,7 +63,7 @@ def run(cfg: DPOConfig, dry_run: bool = False) -> dict | None:
 
 def build_model(s: Setup):
     model = add_lora(load_model(s.source, s.dtype, s.device, s.cfg.model), s.cfg.lora,
-                     s.cfg.train.gradient_checkpointing)
+                     s.cfg.train.gradient_checkpointing, s.chat.added_ids)
     disable_dropout(model)
     if s.cfg.loss.precompute_reference and s.cfg.loss.type not in REFERENCE_FREE:
         console.print("computing the reference log-probs once")

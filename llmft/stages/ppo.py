@@ -79,6 +79,9 @@ def setup(cfg: PPOConfig) -> Setup:
 
 def check_config(cfg: PPOConfig) -> None:
     require_dropout_off(cfg, "ppo", "ratios and KL compare outputs of the same network")
+    if cfg.model.chat_template:
+        raise ConfigError("model.chat_template: give a model its chat template in the stage that starts from it "
+                          "(usually sft); ppo keeps the template of the policy it starts from")
     r = cfg.rollout
     if r.temperature <= 0:
         raise ConfigError("rollout.temperature must be > 0: PPO samples its responses (0.7 is usual)")

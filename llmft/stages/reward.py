@@ -64,7 +64,7 @@ def run(cfg: RewardConfig, dry_run: bool = False) -> dict | None:
 
 def build_model(s: Setup) -> RewardModel:
     lm = load_model(s.source, s.dtype, s.device, s.cfg.model)
-    model = RewardModel(add_lora(lm, s.cfg.lora, s.cfg.train.gradient_checkpointing))
+    model = RewardModel(add_lora(lm, s.cfg.lora, s.cfg.train.gradient_checkpointing, s.chat.added_ids))
     disable_dropout(model)
     return model
 

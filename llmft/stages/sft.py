@@ -62,7 +62,7 @@ def run(cfg: SFTConfig, dry_run: bool = False) -> dict | None:
 
 def build_model(s: Setup):
     model = load_model(s.source, s.dtype, s.device, s.cfg.model)
-    return add_lora(model, s.cfg.lora, s.cfg.train.gradient_checkpointing)
+    return add_lora(model, s.cfg.lora, s.cfg.train.gradient_checkpointing, s.chat.added_ids)
 
 
 def stage(s: Setup, model) -> Stage:

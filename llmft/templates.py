@@ -1,0 +1,57 @@
+"""Chat templates to give a model that has none (a base model), or to replace its own: `model.chat_template`.
+
+A named template brings the special tokens it needs; a Jinja file names them in `model.special_tokens`. Tokens
+the tokenizer lacks are added as special tokens, their embedding rows (and LM-head rows) start at the mean of the
+existing ones and are trained with the adapter (peft's trainable tokens), and the template and tokens are saved with
+the run's tokenizer, so every later stage, `llmft generate` and `llmft eval` use them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmft.errors import ConfigError
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token or '' }}{% for m in messages %}"
+          "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+          "{% endif %}")
+GEMMA = ("{{ bos_token or '' }}{% for m in messages %}{% if m['role'] == 'system' %}{% set system = m['content'] %}"
+         "{% else %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+         "{% if system is defined and m['role'] == 'user' %}{{ system + '\n\n' }}{% set system = none %}{% endif %}"
+         "{{ m['content'] | trim + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+NAMED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chatml": (CHATML, ("<|im_start|>", "<|im_end|>")),
+    "llama3": (LLAMA3, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    "gemma": (GEMMA, ("<start_of_turn>", "<end_of_turn>")),
+}
+
+
+def resolve(name: str, special_tokens: list[str] | tuple[str, ...] = ()) -> tuple[str, tuple[str, ...]]:
+    """(template text, the special tokens it needs) for `model.chat_template`: a name or a Jinja file."""
+    if name in NAMED:
+        template, tokens = NAMED[name]
+        return template, tuple(dict.fromkeys([*tokens, *special_tokens]))
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.chat_template: '{name}' is neither a named template ({', '.join(NAMED)}) nor a "
+                          f"Jinja file")
+    try:
+        return path.read_text(encoding="utf-8"), tuple(special_tokens)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"model.chat_template: cannot read {path}: {e}") from None
+
+
+def apply(tok, name: str, special_tokens: list[str] | tuple[str, ...] = ()) -> list[int]:
+    """Set the template on `tok` and add the special tokens it lacks; return the ids of the added tokens."""
+    template, tokens = resolve(name, special_tokens)
+    vocab = tok.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    tok.chat_template = template
+    return tok.convert_tokens_to_ids(missing)
