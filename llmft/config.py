@@ -124,7 +124,8 @@ class PreferenceDataConfig:
 class RewardLossConfig:
     type: Literal["bradley_terry", "hinge"] = opt(
         "bradley_terry", "bradley_terry: -log σ(r_c - r_r - m); hinge: max(0, m - (r_c - r_r)).")
-    margin: float = opt(0.0, "m when a row has no 'margin' column (hinge: usually 1.0).", ge=0)
+    margin: float | None = opt(None, "m when a row has no 'margin' column; null = 0 for bradley_terry, 1 for hinge (a "
+                                     "hinge at margin 0 is met by a constant model: refused).", ge=0)
     use_margin_column: bool = opt(True, "Use a row's 'margin' value as m when the data has one.")
     center_coef: float = opt(0.0, "Weight of the centering term mean((r_c + r_r)^2) that keeps rewards near 0 "
                                   "(0.01 is usual).", ge=0)

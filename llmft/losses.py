@@ -120,9 +120,21 @@ def orpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, lam: float) 
         ℓ = −avg log π(y_c|x) − λ log σ(log odds(y_c|x) − log odds(y_r|x))
     """
     def log_odds(avg: torch.Tensor) -> torch.Tensor:
-        return avg - torch.log1p(-torch.exp(avg).clamp(max=1 - 1e-7))
+        return avg - log1mexp(avg)
 
     return -avg_chosen - lam * F.logsigmoid(log_odds(avg_chosen) - log_odds(avg_rejected))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x < 0, accurate everywhere (Mächler 2012): log(−expm1(x)) above −ln 2, where 1 − eˣ cancels,
+    and log1p(−eˣ) below. x is capped at −1e-20 (p = 1 − 1e-20) so that a certain answer gives a large finite value,
+    and each branch only ever sees arguments it is finite on (torch.where differentiates both)."""
+    ln2 = 0.6931471805599453
+    x = x.clamp(max=-1e-20)
+    near_zero = x > -ln2
+    above = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -ln2))))
+    below = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -ln2), x)))
+    return torch.where(near_zero, above, below)
 
 
 def with_chosen_nll(losses: torch.Tensor, chosen_logps: torch.Tensor, chosen_counts: torch.Tensor,

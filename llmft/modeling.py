@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -75,8 +76,37 @@ def resolve_source(name: str, revision: str | None = None) -> ModelSource:
     if path.exists():
         raise ModelError(f"model source {name} is a file, but not a .gguf file")
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
-        raise ModelError(f"local model path does not exist: {name}")
+        raise ModelError(f"local model path does not exist: {name}{made_by(name) or EARLIER_STAGE}")
     return ModelSource(name, "hub", ensure_hub_model(name, revision))
+
+
+EARLIER_STAGE = "; if it is an earlier stage's output_dir, run that stage first"
+
+
+def made_by(name: str) -> str | None:
+    """For a folder that does not exist: the command that would make it (a config in ./configs whose output_dir is
+    it), as a clause to append to an error; None when no config makes it."""
+    target = Path(name).expanduser().resolve()
+    for config in sorted(Path("configs").glob("*.y*ml")):
+        try:
+            text = config.read_text(encoding="utf-8")
+            out = yaml_output_dir(text)
+        except (OSError, ValueError):
+            continue
+        if out and Path(out).expanduser().resolve() == target:
+            run = re.search(r"^#\s*Run:\s*(llmft \S+ \S+)", text, re.M)
+            return f"; it is the output_dir of {config}: run `{run.group(1) if run else f'llmft ... {config}'}` first"
+    return None
+
+
+def yaml_output_dir(text: str) -> str | None:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(e) from None
+    return raw.get("output_dir") if isinstance(raw, dict) and isinstance(raw.get("output_dir"), str) else None
 
 
 def embedded_gguf(name: str) -> Path:
@@ -136,6 +166,9 @@ def ensure_hub_model(repo_id: str, revision: str | None) -> str:
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     if isinstance(cached, str):
         return repo_id
+    maker = made_by(repo_id)  # "runs/sft": an earlier stage that has not run yet, not a hub id
+    if maker or Path(repo_id.split("/")[0]).is_dir():
+        raise ModelError(f"model {repo_id} does not exist: there is no such local folder{maker or EARLIER_STAGE}")
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     if constants.HF_HUB_OFFLINE or not reachable(host):
         raise ModelError(f"model '{repo_id}' is not a local path and not in the hub cache, and the hub "

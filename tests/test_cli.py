@@ -149,3 +149,18 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_model_dir, write_c
                 if '"loss"' in x]
 
     assert losses("killed") == losses("ref") and len(losses("ref")) == 32
+
+
+def test_a_missing_earlier_stage_names_the_command_that_makes_it(capsys, monkeypatch, tmp_path, pref_data):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "sft.yaml").write_text("# Run: llmft sft configs/sft.yaml\noutput_dir: runs/sft\n")
+    (tmp_path / "configs" / "dpo.yaml").write_text(f"model: {{name: runs/sft}}\ndata: {{train: {pref_data}}}\n")
+    code, _, err = llmft(capsys, monkeypatch, "dpo", "configs/dpo.yaml")  # before `llmft sft`, on a fresh clone
+    assert_one_line_error(code, err, "model runs/sft does not exist", "run `llmft sft configs/sft.yaml` first")
+    (tmp_path / "runs").mkdir()  # a local runs/ folder: runs/other is a folder, not a hub id
+    code, _, err = llmft(capsys, monkeypatch, "dpo", "configs/dpo.yaml", "--set", "model.name=runs/other")
+    assert_one_line_error(code, err, "runs/other does not exist", "if it is an earlier stage's output_dir")

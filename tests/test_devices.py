@@ -93,3 +93,16 @@ def test_generate_and_eval_keep_their_tensors_on_one_device(stage_config, tiny_m
                                        reward_model=str(tmp_path / "reward"), judges=["constraints", "reward"],
                                        sampling=SamplingConfig(max_new_tokens=4)))
     assert {"reward", "kl_to_reference", "constraints/pass_rate"} <= set(report["models"][model])
+
+
+def test_dpo_precomputes_its_reference_once_the_model_is_on_its_device(stage_config, monkeypatch, fake_cuda):
+    # under FSDP the model is loaded on the CPU and reaches its GPU only when sharded, after build_model
+    from llmft import distributed
+
+    monkeypatch.setattr(distributed, "fsdp", lambda: True)
+    monkeypatch.setattr(distributed, "shard_model", lambda model, lm, device: bool(model.to(device)))
+    seen, real = [], dpo.reference_logps
+    monkeypatch.setattr(dpo, "reference_logps", lambda model, pairs, s: seen.append(
+        next(model.parameters()).is_cuda) or real(model, pairs, s))
+    dpo.run(stage_config("dpo", loss={"precompute_reference": True}))
+    assert seen == [True, True]  # train and eval pairs, both on the device

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from llmft.losses import sft_loss, token_nll_sum
@@ -35,3 +36,17 @@ def test_sft_loss_is_token_mean_over_the_accumulated_batch():
 def test_loss_is_fp32_even_for_bf16_logits():
     logits = torch.randn(5, 7).to(torch.bfloat16)
     assert token_nll_sum(logits, torch.zeros(5, dtype=torch.long)).dtype == torch.float32
+
+
+def test_log1mexp_is_accurate_where_one_minus_exp_cancels():
+    from llmft.losses import log1mexp, orpo_loss
+
+    x = torch.tensor([-1e-9, -1e-6, -0.5, -0.7, -5.0, -50.0], dtype=torch.float64)
+    expected = [math.log(-math.expm1(v)) for v in x.tolist()]
+    assert log1mexp(x.float()).double().tolist() == pytest.approx(expected, rel=1e-5)
+    # the old clamp at 1 − 1e-7 made every p ≥ 1 − 1e-7 the same: −16.1 instead of log(1e-9) = −20.7
+    assert log1mexp(torch.tensor([-1e-9])).item() == pytest.approx(math.log(1e-9), rel=1e-5)
+    certain = torch.tensor([0.0], requires_grad=True)  # avg log-prob 0: the model is certain of its answer
+    loss = orpo_loss(certain, torch.tensor([-1.0]), 0.1)
+    loss.backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(certain.grad).all()

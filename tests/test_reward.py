@@ -265,3 +265,15 @@ def test_reward_bad_input_is_one_clear_line(capsys, monkeypatch, tiny_model_dir,
     code, _, err = llmft(capsys, monkeypatch, "eval", "--model", tmp_path / "run", "--prompts", pref_data,
                          "--set", "judges=[]")
     assert_one_line_error(code, err, "is a reward model")
+
+
+def test_hinge_defaults_to_margin_one_and_refuses_zero(tiny_model_dir, pref_data, write_config):
+    from llmft.errors import ConfigError
+    from llmft.stages.reward import default_margin
+
+    cfg = load_config("reward", write_config(tiny_model_dir, pref_data, loss__type="hinge"))
+    assert default_margin(cfg.loss) == 1.0  # max(0, 1 − (r_c − r_r)): a constant model no longer scores 0
+    assert default_margin(load_config("reward", write_config(tiny_model_dir, pref_data)).loss) == 0.0
+    with pytest.raises(ConfigError, match="met by a model that gives every answer the same score"):
+        reward.setup(load_config("reward", write_config(tiny_model_dir, pref_data, loss__type="hinge",
+                                                        loss__margin=0.0)))

@@ -65,15 +65,18 @@ def build_model(s: Setup):
     model = add_lora(load_model(s.source, s.dtype, s.device, s.cfg.model), s.cfg.lora,
                      s.cfg.train.gradient_checkpointing, s.chat.added_ids)
     disable_dropout(model)
+    return model
+
+
+def stage(s: Setup, model) -> Stage:
+    """One DPO step; the reference log-probs, when precomputed, are computed here: after the model is on its device
+    (under FSDP, after it is sharded), never in build_model."""
     if s.cfg.loss.precompute_reference and s.cfg.loss.type not in REFERENCE_FREE:
         console.print("computing the reference log-probs once")
         for split, ps in (("train", s.train), ("eval", s.eval)):
             if ps:
                 s.reference[split] = reference_logps(model, ps.pairs, s)
-    return model
 
-
-def stage(s: Setup, model) -> Stage:
     def step(micro_batches: list[list[int]]) -> tuple[dict, dict]:
         pairs = sum(len(mb) for mb in micro_batches)
         num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean

@@ -16,6 +16,7 @@ import torch
 from llmft import distributed
 from llmft import preferences as P
 from llmft.config import RewardConfig
+from llmft.errors import ConfigError
 from llmft.loop import Setup, Stage, plan_table, run_stage, steps_row
 from llmft.losses import pairwise_accuracy, reward_loss
 from llmft.modeling import (
@@ -36,6 +37,9 @@ from llmft.training import (
 # --------------------------------------------------------------------------------------------- setup
 def setup(cfg: RewardConfig) -> Setup:
     require_dropout_off(cfg, "reward", "r_c and r_r must come from the same network")
+    if cfg.loss.type == "hinge" and cfg.loss.margin == 0:
+        raise ConfigError("loss.margin: the hinge max(0, m − (r_c − r_r)) at m = 0 is met by a model that gives every "
+                          "answer the same score (zero loss, nothing learned); use m > 0 (1.0 is usual)")
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
     train_set, eval_set = P.load_pair_sets(cfg, chat)
     plan = plan_for(cfg, len(train_set.pairs))
@@ -50,7 +54,7 @@ def show_plan(s: Setup) -> None:
                       + ("; per-pair margins" if ps.has_margin and s.cfg.loss.use_margin_column else ""))
     steps_row(t, s, "pairs")
     loss = s.cfg.loss
-    t.add_row("loss", f"{loss.type}, margin {loss.margin}, centering {loss.center_coef}")
+    t.add_row("loss", f"{loss.type}, margin {default_margin(loss)}, centering {loss.center_coef}")
     t.add_row("LoRA", f"r={s.cfg.lora.r} alpha={s.cfg.lora.alpha} targets={s.cfg.lora.target_modules}; "
               f"scalar head on the last token")
     console.print(t)
@@ -77,7 +81,7 @@ def stage(s: Setup, model: RewardModel) -> Stage:
         num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean
         total, chosen, rejected, tokens = 0.0, [], [], 0
         for mb in micro_batches:
-            batch = P.collate_pairs([s.train.pairs[i] for i in mb], pad, default_margin=loss_cfg.margin)
+            batch = P.collate_pairs([s.train.pairs[i] for i in mb], pad, default_margin=default_margin(loss_cfg))
             r_c, r_r = rewards(model, batch, s.device, s.dtype)
             loss = reward_loss(r_c, r_r, num_pairs, loss_cfg.type, margins(batch, loss_cfg, s.device),
                                loss_cfg.center_coef)
@@ -103,8 +107,15 @@ def rewards(model: RewardModel, batch: dict, device, dtype) -> tuple[torch.Tenso
     return r.chunk(2)
 
 
+def default_margin(loss_cfg) -> float:
+    """m for pairs without a margin column: loss.margin, or by default 0 (Bradley–Terry) and 1 (hinge)."""
+    if loss_cfg.margin is not None:
+        return loss_cfg.margin
+    return 1.0 if loss_cfg.type == "hinge" else 0.0
+
+
 def margins(batch: dict, loss_cfg, device) -> torch.Tensor | float:
-    return batch["margin"].to(device) if loss_cfg.use_margin_column else loss_cfg.margin
+    return batch["margin"].to(device) if loss_cfg.use_margin_column else default_margin(loss_cfg)
 
 
 def pair_metrics(r_c: torch.Tensor, r_r: torch.Tensor) -> dict[str, float]:
@@ -119,7 +130,7 @@ def evaluate(model: RewardModel, data: P.PairSet, cfg: RewardConfig, pad: int, d
     model.eval()
     chosen, rejected, loss = [], [], 0.0
     for i in range(0, len(data.pairs), cfg.train.batch_size):
-        batch = P.collate_pairs(data.pairs[i:i + cfg.train.batch_size], pad, default_margin=cfg.loss.margin)
+        batch = P.collate_pairs(data.pairs[i:i + cfg.train.batch_size], pad, default_margin=default_margin(cfg.loss))
         r_c, r_r = rewards(model, batch, device, dtype)
         loss += float(reward_loss(r_c, r_r, len(data.pairs), cfg.loss.type, margins(batch, cfg.loss, device),
                                   cfg.loss.center_coef))
