@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Every stage and command on CUDA, in bf16, on a random-init model of real size: did it run, its peak CUDA memory,
+its tokens/s, and PPO's sampler-vs-trainer log-prob gap. Not part of CI (CI has no GPU); run it where one is lent:
+
+    PYTHONPATH=. python3 scripts/gpu_check.py --out $OUT/gpu_check.json       # ~0.5B Qwen2-shaped, a few minutes
+    PYTHONPATH=. python3 scripts/gpu_check.py --size tiny --device cpu        # the same path on a CPU, in seconds
+
+The model is built from a config (Qwen2.5-0.5B's shape, vocabulary included) with random weights: nothing is
+downloaded. Its tokenizer is the test suite's Qwen2.5 look-alike (tests/families.py). The data are the demo files.
+Each stage runs 3 steps; PPO's log-prob gap is measured with the tolerance lifted, so that the figure is reported
+whatever it is, and compared with the tolerance the stage uses by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SIZES = {  # Qwen2.5-0.5B; and a tiny one to check the script itself anywhere
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024),
+}
+DEMO = ROOT / "data" / "demo"
+
+
+def build_model(size: str, path: Path) -> Path:
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from tests.families import BY_NAME, build_tokenizer, generation_config
+
+    family = BY_NAME["qwen2.5"]
+    tok = build_tokenizer(family)
+    cfg = Qwen2Config(**SIZES[size], tie_word_embeddings=True, initializer_range=0.02,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps(generation_config(family, tok)))
+    return path
+
+
+def stage_configs(model: Path, runs: Path, device: str, steps: int) -> dict[str, dict]:
+    common = {"device": device, "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "seed": 0,
+              "train": {"batch_size": 8, "max_steps": steps, "learning_rate": 1e-4, "save_every": 1000,
+                        "log_every": 1}}
+    return {
+        "sft": {**common, "model": {"name": str(model)}, "output_dir": str(runs / "sft"),
+                "data": {"train": str(DEMO / "sft_train.jsonl"), "max_length": 384}},
+        "reward": {**common, "model": {"name": str(runs / "sft")}, "output_dir": str(runs / "reward"),
+                   "data": {"train": str(DEMO / "pref_train.jsonl"), "max_length": 384}},
+        "dpo": {**common, "model": {"name": str(runs / "sft")}, "output_dir": str(runs / "dpo"),
+                "data": {"train": str(DEMO / "onpolicy_train.jsonl"), "max_length": 384}},
+        "ppo": {**common, "model": {"name": str(runs / "sft")}, "output_dir": str(runs / "ppo"),
+                "data": {"train": str(DEMO / "ppo_train.jsonl"), "max_prompt_length": 256},
+                "rollout": {"max_new_tokens": 64, "temperature": 0.7, "batch_size": 16},
+                "reward": {"model": str(runs / "reward")}, "ppo": {"num_minibatches": 2, "epochs": 1,
+                                                                   "logprob_gap_tolerance": 1e9}},
+    }
+
+
+def measure(name: str, fn) -> dict:
+    """Run `fn`; return whether it ran, its seconds, peak CUDA memory, and what it returned."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    row: dict = {"stage": name}
+    try:
+        row["result"] = fn()
+        row["ran"] = True
+    except Exception as e:  # noqa: BLE001 - a check reports every failure and goes on
+        row["ran"], row["error"] = False, f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        row["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="0.5b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default=None, help="write the figures here as JSON")
+    args = ap.parse_args()
+    from llmft.cli import quiet_libraries
+    from llmft.config import EvalConfig, GenerateConfig, SamplingConfig, load_config
+    from llmft.evaluation import run as run_eval
+    from llmft.generation import run_generate
+    from llmft.stages import dpo, ppo, reward, sft
+
+    quiet_libraries()
+    work = Path(tempfile.mkdtemp(prefix="llmft-gpu-check-"))
+    rows = [measure("build model", lambda: str(build_model(args.size, work / "model")))]
+    configs = stage_configs(work / "model", work / "runs", args.device, args.steps)
+    for name, module in (("sft", sft), ("reward", reward), ("dpo", dpo), ("ppo", ppo)):
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(configs[name]))
+        rows.append(measure(name, lambda m=module, n=name: m.run(load_config(n, work / f"{n}.yaml"))))
+    sampling = SamplingConfig(max_new_tokens=64, temperature=0.7, batch_size=16)
+    rows.append(measure("generate", lambda: len(run_generate(GenerateConfig(
+        model=str(work / "runs" / "sft"), prompts=str(DEMO / "sft_eval.jsonl"), out=str(work / "gen.jsonl"),
+        limit=16, sampling=sampling, device=args.device)))))
+    rows.append(measure("eval", lambda: run_eval(EvalConfig(
+        models=[str(work / "runs" / "sft"), str(work / "runs" / "ppo")], prompts=str(DEMO / "sft_eval.jsonl"),
+        reference=str(work / "runs" / "sft"), reward_model=str(work / "runs" / "reward"), limit=16,
+        sampling=SamplingConfig(max_new_tokens=64), device=args.device))["models"]))
+    report(rows, args, work / "runs" / "ppo" / "metrics.jsonl")
+
+
+def report(rows: list[dict], args, ppo_metrics: Path) -> None:
+    figures = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__, "size": args.size, "stages": []}
+    for row in rows:
+        result = row.pop("result", None)
+        if isinstance(result, dict) and "loss" in result:  # a training stage's final metrics
+            row["tokens_per_s"] = round(result.get("tokens_per_s", float("nan")), 1)
+            for key in ("logprob_gap", "logprob_gap_mean", "time/generation", "time/update", "episodes_per_s"):
+                if key in result:
+                    row[key] = round(result[key], 6)
+        figures["stages"].append(row)
+        print(json.dumps(row), flush=True)
+    if ppo_metrics.is_file():  # step 1: what the stage checks against its tolerance
+        first = json.loads(ppo_metrics.read_text().splitlines()[0])
+        figures["ppo_step1_logprob_gap"] = {k: first[k] for k in ("logprob_gap", "logprob_gap_mean")}
+        figures["ppo_step1_within_default_tolerance"] = first["logprob_gap_mean"] <= 0.05
+    figures["all_ran"] = all(r["ran"] for r in figures["stages"])
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1))
+    print(json.dumps({k: v for k, v in figures.items() if k != "stages"}))
+    print("all ran" if figures["all_ran"] else "FAILED: " + ", ".join(r["stage"] for r in rows if not r["ran"]))
+    sys.exit(0 if figures["all_ran"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""scripts/gpu_check.py runs where a GPU is lent, not in CI; its tiny CPU mode here keeps it from rotting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_runs_every_stage_in_its_tiny_cpu_mode(tmp_path):
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--size", "tiny", "--device", "cpu",
+                           "--steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["all_ran"] and [r["stage"] for r in figures["stages"]] == [
+        "build model", "sft", "reward", "dpo", "ppo", "generate", "eval"]
+    assert figures["ppo_step1_logprob_gap"]["logprob_gap"] < 1e-4 and figures["ppo_step1_within_default_tolerance"]
