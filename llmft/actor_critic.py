@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmft.checkpoint import HEAD_FILE, load_adapter
+from llmft.checkpoint import HEAD_FILE, load_adapter, save_adapter
 from llmft.errors import ModelError
 from llmft.modeling import hidden_states, unwrap
 from llmft.reward_model import last_token_scores, load_head, save_head, scalar_head
@@ -99,8 +99,8 @@ class ActorCritic(nn.Module):
     # --------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, directory: Path) -> None:
         directory = Path(directory)
-        self.lm.save_pretrained(directory, selected_adapters=[POLICY])  # "default" → the top level
-        self.lm.save_pretrained(directory, selected_adapters=[VALUE])  # → directory/value/
+        save_adapter(self.lm, directory, selected_adapters=[POLICY])  # "default" → the top level
+        save_adapter(self.lm, directory, selected_adapters=[VALUE])  # → directory/value/
         save_head(self.value_head, directory / VALUE_HEAD_FILE)
 
     def load_trained(self, directory: Path) -> None:

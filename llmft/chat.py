@@ -4,28 +4,31 @@
               (what `apply_chat_template(..., add_generation_prompt=True, tokenize=True)` gives)
     answer    what the template writes for an assistant turn after that prompt: its lead-in (Mistral's space, Qwen3's
               empty think block), the content (trimmed where the template trims), and the turn's terminator
-              (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`, `<|end|>`); nothing after the terminator
+              (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`, `<|end|>`, or ` </s>` with its space); nothing
+              after the terminator
     stop set  the tokenizer's EOS ∪ the checkpoint's `generation_config.json` EOS ids ∪ the terminator
 
 Generation stops at the first id of the stop set and keeps it, so a sampled answer ends the way a trained one
 does: sft supervises the terminator, reward and dpo answers end with it, the reward model reads its score on it,
-ppo samples up to it. A template whose turns end in plain text (no special token) gets the tokenizer's EOS as its
-terminator, appended to every answer.
+ppo samples up to it. A template whose turns end in plain text (no special token) gets the tokenizer's EOS
+appended to each answer; since it never writes that EOS between turns, such a template takes single-answer rows
+only.
 
-Without a chat template (a base model; `model.chat_template` gives it one), the turns of a conversation are joined
-by TEXT_SEPARATOR, a prompt ends with it (the answer starts on its own paragraph), and an answer is its text
-followed by EOS.
+Without a chat template (a base model; `model.chat_template` gives it one), the turns of a conversation are the
+messages' texts, each assistant turn followed by EOS, joined by TEXT_SEPARATOR; a prompt ends with the separator
+(the answer starts on its own paragraph), and an answer is its text followed by EOS.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from llmft.errors import DataError, ModelError
 
 TEXT_SEPARATOR = "\n\n"
 PROBE = [{"role": "user", "content": "Hi"}]
-PROBE_ANSWER = "  Sure  "  # the spaces tell whether the template trims an answer
+CORE, PADDED = "Sure", "  Sure  "  # two probe answers: the padding tells whether the template trims each side
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,9 @@ class AnswerFrame:
     """What a chat template writes around an answer's content."""
 
     lead: str  # between the generation prompt and the content
-    strip: bool  # the content is trimmed
-    end: str  # the terminator (one special token's text); "" = EOS appended as an id
+    lstrip: bool  # the content's leading whitespace is trimmed
+    rstrip: bool  # ... and its trailing whitespace
+    end: str  # the terminator: optional whitespace, then one added token's text; "" = EOS appended as an id
 
 
 class Chat:
@@ -44,8 +48,13 @@ class Chat:
         self.tokenizer = tokenizer
         self.added_ids = list(added_ids)  # tokens this run added (model.chat_template): their rows are trained
         self.templated = bool(tokenizer.chat_template)
-        self.frame = answer_frame(tokenizer) if self.templated else AnswerFrame("", False, "")
-        self.end_ids = [tokenizer.convert_tokens_to_ids(self.frame.end)] if self.frame.end else [tokenizer.eos_token_id]
+        if tokenizer.eos_token_id is None:
+            raise ModelError("the tokenizer has no EOS token, so no answer could ever end: give it one "
+                             "(tokenizer.eos_token) before training")
+        eos = tokenizer.eos_token or ""
+        self.frame = answer_frame(tokenizer) if self.templated else AnswerFrame("", False, False, eos)
+        end_token = self.frame.end.lstrip()
+        self.end_ids = [tokenizer.convert_tokens_to_ids(end_token)] if end_token else [tokenizer.eos_token_id]
         self.stop_ids = sorted({tokenizer.eos_token_id, *eos_ids, *self.end_ids} - {None})
 
     @property
@@ -55,17 +64,23 @@ class Chat:
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def generation_ids(self) -> dict:
+        """The ids a generation config needs: the stop set as EOS, pad, BOS."""
+        return {"eos_token_id": self.stop_ids, "pad_token_id": self.pad_id, "bos_token_id": self.tokenizer.bos_token_id}
+
     # ------------------------------------------------------------------------------------------ text
     def prompt_text(self, messages: list[dict], where: str = "prompt") -> str:
-        """The prompt as text, through the generation prompt (template-less: turns joined, separator at the end)."""
+        """The prompt as text, through the generation prompt."""
         if self.templated:
             return render(self.tokenizer, messages, True, where)
-        return TEXT_SEPARATOR.join(m["content"] for m in messages) + TEXT_SEPARATOR
+        return TEXT_SEPARATOR.join(m["content"] + (self.frame.end if m["role"] == "assistant" else "")
+                                   for m in messages) + TEXT_SEPARATOR
 
     def answer_text(self, content: str) -> str:
         """An answer as the template writes it after the generation prompt, through its terminator."""
         f = self.frame
-        return f.lead + (content.strip() if f.strip else content) + f.end
+        content = content.lstrip() if f.lstrip else content
+        return f.lead + (content.rstrip() if f.rstrip else content) + f.end
 
     # ----------------------------------------------------------------------------------------- tokens
     def prompt_ids(self, messages: list[dict], where: str = "prompt") -> list[int]:
@@ -83,27 +98,36 @@ class Chat:
         return ids if self.frame.end else ids + [self.tokenizer.eos_token_id]
 
     def following(self, before: str, before_ids: list[int], text: str) -> list[int]:
-        """The ids of `text` as they follow `before` in one tokenisation (`before_ids` must be its prefix there);
-        `text` on its own when the two merge across that boundary."""
+        """The ids of `text` as they follow `before` in one tokenisation (`before_ids` its prefix there). Where the two
+        merge across the boundary, `text` is tokenised as a continuation: after a special token, so that a
+        SentencePiece tokenizer adds no word-start marker of its own."""
         joint = self.tokenizer(before + text, add_special_tokens=not self.templated)["input_ids"]
-        return joint[len(before_ids):] if joint[:len(before_ids)] == before_ids else self.ids(text)
+        if joint[:len(before_ids)] == before_ids:
+            return joint[len(before_ids):]
+        anchor = self.tokenizer.eos_token or ""
+        ids = self.ids(anchor + text)
+        return ids[1:] if anchor and ids[:1] == [self.tokenizer.eos_token_id] else self.ids(text)
 
     def conversation(self, messages: list[dict], where: str) -> list[tuple[list[int], bool]]:
         """Token pieces (ids, is_answer) of a conversation, through its last assistant turn: each assistant turn is an
-        answer (lead-in, content, terminator), everything before it context."""
+        answer (lead-in, content, terminator), everything before it context, each context exactly the prompt
+        generation would be given at that turn."""
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(answers) > 1 and self.templated and not self.frame.end:
+            raise DataError(f"{where}: the chat template ends turns in plain text, so an answer's end is EOS, which "
+                            f"the template never writes between turns; give one row per answer")
         pieces, text, ids = [], "", []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
+        for i in answers:
             context = self.prompt_text(messages[:i], where)
             if not context.startswith(text):
-                raise DataError(f"{where}: the chat template renders earlier assistant turns differently from a "
-                                f"final answer (Qwen3, for one, drops their think blocks), so this conversation "
-                                f"cannot be one training sequence; split it into one row per assistant turn")
-            context_ids = self.following(text, ids, context[len(text):]) if text else self.prompt_ids(messages[:i])
-            answer_ids = self.answer_ids(context, ids + context_ids, m["content"])
+                raise DataError(f"{where}: the chat template renders earlier turns differently once later ones exist "
+                                f"(Qwen3 drops earlier think blocks; Mistral moves the system message to the last user "
+                                f"turn), so this conversation cannot be one training sequence; give one row per answer")
+            context_ids = self.following(text, ids, context[len(text):]) if text else self.prompt_ids(messages[:i],
+                                                                                                      where)
+            answer_ids = self.answer_ids(context, ids + context_ids, messages[i]["content"])
             pieces += [(context_ids, False), (answer_ids, True)]
-            text, ids = context + self.answer_text(m["content"]), ids + context_ids + answer_ids
+            text, ids = context + self.answer_text(messages[i]["content"]), ids + context_ids + answer_ids
         return pieces
 
     # ------------------------------------------------------------------------------------- generation
@@ -117,7 +141,6 @@ class Chat:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
 
 
 def tokenizer_difference(a, b) -> str | None:
@@ -138,22 +161,28 @@ def render(tok, messages: list[dict], generation_prompt: bool, where: str) -> st
 
 
 def answer_frame(tok) -> AnswerFrame:
-    """Learn from a probe conversation what the template writes around an answer: lead-in, trimming, terminator."""
+    """Learn from two probe answers what the template writes around an answer: lead-in, trimming, terminator."""
     prompt = render(tok, PROBE, True, "the chat template")
-    full = render(tok, PROBE + [{"role": "assistant", "content": PROBE_ANSWER}], False, "the chat template")
-    core = PROBE_ANSWER.strip()
-    if not full.startswith(prompt) or core not in full[len(prompt):]:
-        raise ModelError("the chat template does not write an assistant turn after its generation prompt "
-                         "(rendering [user, assistant] does not start with [user] + generation prompt)")
-    rest = full[len(prompt):]
-    strip = PROBE_ANSWER not in rest
-    start = rest.index(core if strip else PROBE_ANSWER)
-    after = rest[start + len(core if strip else PROBE_ANSWER):]
-    first = (tok(after, add_special_tokens=False)["input_ids"] or [None])[0]
-    special = first is not None and first in special_ids(tok)
-    end = tok.convert_ids_to_tokens(first) if special else ""
-    return AnswerFrame(rest[:start], strip, end if end and after.startswith(end) else "")
+
+    def rest(answer: str) -> str:
+        full = render(tok, PROBE + [{"role": "assistant", "content": answer}], False, "the chat template")
+        if not full.startswith(prompt) or CORE not in full[len(prompt):]:
+            raise ModelError("the chat template does not write an assistant turn after its generation prompt "
+                             "(rendering [user, assistant] does not start with [user] + generation prompt)")
+        return full[len(prompt):]
+
+    plain = rest(CORE)
+    start = plain.index(CORE)
+    lead, after = plain[:start], plain[start + len(CORE):]
+    padded = rest(PADDED)
+    content = padded[len(lead):len(padded) - len(after)] if padded.startswith(lead) else PADDED
+    return AnswerFrame(lead, not content.startswith(" "), not content.endswith(" "), terminator(tok, after))
 
 
-def special_ids(tok) -> set[int]:
-    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+def terminator(tok, after: str) -> str:
+    """The start of what follows an answer's content, when it is whitespace then one added token (the turn's end)."""
+    space = re.match(r"[ \t]*", after).group()
+    for token in sorted(tok.get_added_vocab(), key=len, reverse=True):
+        if token and after[len(space):].startswith(token):
+            return space + token
+    return ""

@@ -8,12 +8,13 @@ into place, so a kill at any moment leaves either the old state or the new one, 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,17 +22,22 @@ import torch
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"
+MANIFEST = "llmft.json"  # the record of a finished stage: written last, so a folder that has it is complete
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HEAD_FILE = "reward_head.safetensors"  # a reward model's scalar head, next to its adapter
 
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to `target`; on success it is renamed to `target`."""
+    """Yield a temporary folder next to `target`; on success it is renamed to `target`, on failure removed."""
     tmp = target.with_name(f"{TMP_PREFIX}{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk, a kill: nothing half-written stays behind
+        raise
     for f in tmp.rglob("*"):
         if f.is_file():
             fsync_file(f)
@@ -48,6 +54,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_failure(e: OSError, what: Path, last_good: Path | None) -> str:
+    """One line for a write that failed (a full disk, a lost mount, permissions), naming what is still safe."""
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {what}; {kept} (free space and rerun with resume: auto)"
+    return f"cannot write {what}: {e.strerror or e}; {kept}"
 
 
 def fsync_file(path: Path) -> None:
@@ -84,7 +98,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     """Write checkpoint-`step`/: adapter weights, optimizer, scheduler, RNG and loop state."""
     target = run_dir / f"checkpoint-{step}"
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
+        save_adapter(model, tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
@@ -92,6 +106,16 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return target
+
+
+def save_adapter(model, directory: Path, **kwargs) -> None:
+    """The adapter(s) of a PEFT model, or of a model holding one (`save_pretrained` of the reward model, the actor-
+    critic). Never whole embedding matrices: rows a chat template added are in the trainable-token weights, and the
+    next stage grows its base to `embedding_rows` before loading them (peft would save every row otherwise)."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(directory, save_embedding_layers=False, **kwargs)
+    else:
+        model.save_pretrained(directory)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -129,16 +153,19 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- final output
-def save_final(run_dir: Path, model, tokenizer, manifest: dict, generation_config: dict) -> None:
+def save_final(run_dir: Path, model, tokenizer, manifest: dict, generation_config: dict,
+               before_move: Callable[[list[str]], None] | None = None) -> None:
     """Write the adapter, tokenizer and generation_config.json into `run_dir` (each file renamed into place), the
-    manifest last: a run directory with `llmft.json` is complete."""
+    manifest last: a run directory with `llmft.json` is complete. `before_move(names)` learns the names first."""
     tmp = run_dir / f"{TMP_PREFIX}final"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp)
+    save_adapter(model, tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=1))
     manifest["files"] = sorted(f.name for f in tmp.iterdir())  # what overwrite may delete again
+    if before_move:
+        before_move(manifest["files"])
     for f in tmp.iterdir():  # files, and folders such as PPO's value/
         for g in [f] if f.is_file() else [g for g in f.rglob("*") if g.is_file()]:
             fsync_file(g)
@@ -147,7 +174,7 @@ def save_final(run_dir: Path, model, tokenizer, manifest: dict, generation_confi
         os.replace(f, run_dir / f.name)
     tmp.rmdir()
     manifest["adapter_sha256"] = content_hash(run_dir)
-    atomic_write_text(run_dir / "llmft.json", json.dumps(manifest, indent=2, default=str))
+    atomic_write_text(run_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
 
 
 def content_hash(folder: Path) -> str:

@@ -189,10 +189,10 @@ def quiet_libraries() -> None:
 def main() -> None:
     quiet_libraries()
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=False, prog_name="llmft")
     except LlmftError as e:
         if os.environ.get("RANK", "0") == "0":  # under a launcher every process meets the same error: say it once
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            say_error(str(e))
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: rerun with resume: auto to continue from the last checkpoint")
@@ -201,10 +201,34 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as e:  # click's usage errors
+    except Exception as e:
+        if not is_usage_error(e):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # `llmft` or `llmft sft` alone: the help, not an error
+            print(e.format_message())
+            sys.exit(0)
+        say_error(usage_message(e))
+        sys.exit(2)
+
+
+def say_error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
+def is_usage_error(e: Exception) -> bool:
+    """A command-line usage error from click, or from the copy of click that typer ≥ 0.20 carries (typer._click),
+    whose exceptions are not click's."""
+    try:
         import click
 
         if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+            return True
+    except ImportError:
+        pass
+    return type(e).__module__.split(".")[0] in ("typer", "click") and hasattr(e, "format_message")
+
+
+def usage_message(e: Exception) -> str:
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    return e.format_message() + hint

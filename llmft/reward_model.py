@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmft.checkpoint import HEAD_FILE, load_adapter
+from llmft.checkpoint import HEAD_FILE, load_adapter, save_adapter
 from llmft.config import ModelConfig
 from llmft.data import Example, collate
 from llmft.errors import ModelError
@@ -57,7 +57,7 @@ class RewardModel(nn.Module):
         return last_token_scores(self.head, hidden_states(self.lm, input_ids, attention_mask), attention_mask)
 
     def save_pretrained(self, directory: Path) -> None:
-        self.lm.save_pretrained(directory)
+        save_adapter(self.lm, directory)
         save_head(self.head, Path(directory) / HEAD_FILE)
 
     def load_trained(self, directory: Path) -> None:
@@ -122,7 +122,7 @@ class RewardScorer:
             raise ModelError(f"{path} is not a reward model (an llmft reward output); "
                              f"it is {f'an llmft {stage} output' if stage else f'a {source.kind} model'}")
         dev = resolve_device(device)
-        model_cfg = ModelConfig(**source.manifest["config"]["model"])
+        model_cfg = ModelConfig(**{**source.manifest["config"]["model"], "allow_pickle": False})  # the user's call
         base = load_model(source.base, resolve_dtype(dtype, dev), dev, model_cfg)
         model = RewardModel(merged_adapter(base, source))
         model.load_head(Path(source.path))

@@ -10,7 +10,7 @@ The RL maths (`llmft.rl`) then never meets a host tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +35,6 @@ class Experience:
     entropy: torch.Tensor | None = None  # [B, R] entropy of π_old at each position
     advantages: torch.Tensor | None = None  # [B, R]
     returns: torch.Tensor | None = None  # [B, R] the critic's targets
-    extra: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -108,11 +107,11 @@ def response_states(hidden_fn, mb: MicroBatch) -> torch.Tensor:
     return hidden_fn(mb.input_ids, mb.attention_mask)[:, mb.prompt_width - 1:-1]
 
 
-def token_logps(model, hidden_fn, exp: Experience, rows: list[int], temperature: float, dtype: torch.dtype,
-                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def response_logps(model, hidden_fn, exp: Experience, rows: list[int], temperature: float, dtype: torch.dtype,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(y_t) at the sampling temperature [b, R] (0 on padding), and the entropy [b, R] when asked, fp32.
     The LM head (`modeling.lm_logits`, soft-capping included) runs on the valid positions only."""
-    from llmft.losses import token_logps as logps_of
+    from llmft.losses import token_logps
 
     mb = micro_batch(exp, rows)
     with autocast(exp.device, dtype):
@@ -120,7 +119,7 @@ def token_logps(model, hidden_fn, exp: Experience, rows: list[int], temperature:
         valid = mb.mask.bool()
         logits = lm_logits(model, hidden[valid]) / temperature  # [N, V] fp32
     targets = mb.input_ids[:, mb.prompt_width:][valid]
-    logps = torch.zeros_like(mb.mask).masked_scatter(valid, logps_of(logits, targets))
+    logps = torch.zeros_like(mb.mask).masked_scatter(valid, token_logps(logits, targets))
     entropy = torch.zeros_like(mb.mask).masked_scatter(valid, entropy_from_logits(logits)) if with_entropy else None
     return mb.pad(logps), mb.pad(entropy) if with_entropy else None
 

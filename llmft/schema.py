@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import field
@@ -30,22 +31,100 @@ def opt(default: Any, help: str, *, gt: float | None = None, ge: float | None = 
 REQUIRED = dataclasses.MISSING
 
 
+class YAMLSyntaxError(ConfigError):
+    pass
+
+
+MAX_ALIASES = 64  # YAML aliases in one config: a few are handy, thousands are an alias bomb
+MAX_NODES = 20_000  # values in one config once aliases are expanded
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses duplicate keys (the last one would win in silence) and alias bombs (a few lines
+    that expand into billions of values), naming the line."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"{self.name}:{mark.line + 1}: more than {MAX_ALIASES} YAML aliases (*name): "
+                                  f"refusing to expand them (an alias bomb?)")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # the mapping's own keys: a key may override one merged in by `<<: *base`
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key '{short(key)}' (the "
+                                      f"last value would silently replace the first); keep one")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str, name: str) -> Any:
+    """Parse YAML with ConfigLoader; syntax errors name the file, line and column."""
+    loader = None
+    try:
+        loader = ConfigLoader(text)  # its reader refuses control characters already here
+        loader.name = name
+        data = loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise YAMLSyntaxError(f"{loc}: YAML syntax error: {problem}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if count_nodes(data, MAX_NODES) > MAX_NODES:
+        raise ConfigError(f"{name}: more than {MAX_NODES} values once its aliases are expanded: refusing it")
+    return data
+
+
+def count_nodes(x: Any, budget: int) -> int:
+    """Values in a parsed document, counting shared (aliased) ones each time; stops counting past `budget`."""
+    stack, n = [x], 0
+    while stack and n <= budget:
+        item = stack.pop()
+        n += 1
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return n
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" if not path.exists() else f"config {path} is not a file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{loc}: YAML syntax error: {problem}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    raw = load_yaml_text(text, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
     return raw
+
+
+def short(value: Any, width: int = 60) -> str:
+    """A value for an error message: its repr, cut to `width` characters (a config value can be huge)."""
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def apply_override(raw: dict, item: str, schema: type) -> None:
@@ -57,8 +136,8 @@ def apply_override(raw: dict, item: str, schema: type) -> None:
     parts = key.split(".")
     check_key_path(schema, parts, where=f"--set {item}")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml_text(text, f"--set {key}") if text.strip() else None
+    except YAMLSyntaxError:  # not YAML: the text itself
         value = text
     node = raw
     for part in parts[:-1]:
@@ -118,7 +197,7 @@ def build(cls: type, raw: Any, where: str, prefix: str = "", root: type | None =
     for key in raw:
         if key not in names:
             parent = [p for p in prefix.rstrip(".").split(".") if p]
-            raise ConfigError(f"{where}: {unknown_key_message(root, parent, str(key))}")
+            raise ConfigError(f"{where}: {unknown_key_message(root, parent, short(str(key)))}")
     values = {}
     for f in dataclasses.fields(cls):
         path = prefix + f.name
@@ -140,7 +219,7 @@ def check_value(tp: Any, value: Any, path: str, where: str, meta: Any, root: typ
         return build(tp, value if value is not None else {}, where, path + ".", root, section)
     ok, converted = coerce(tp, value)
     if not ok:
-        raise ConfigError(f"{where}: '{path}' expects {describe(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: '{path}' expects {describe(tp)}, got {short(repr(value))}")
     check_range(converted, path, where, meta)
     return converted
 
@@ -174,17 +253,20 @@ def coerce(tp: Any, value: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
         if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string
             try:
-                return True, float(value)
+                value = float(value)
             except ValueError:
                 return False, None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
         return False, None
     if tp is str:
         return isinstance(value, str), value
     return False, None
+
+
+MAX_INT = 2**31 - 1  # every count, size and seed fits; a larger number is a typo (and overflows later)
 
 
 def describe(tp: Any) -> str:
@@ -213,6 +295,9 @@ def range_text(meta: Any) -> str:
 def check_range(value: Any, path: str, where: str, meta: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
+    if not math.isfinite(value) or abs(value) > MAX_INT:  # inf and nan pass every range test; 1e30 overflows later
+        raise ConfigError(f"{where}: '{path}' must be a finite number of magnitude at most {MAX_INT}, got "
+                          f"{short(value)}")
     if any(meta.get(k) is not None and not test(value, meta[k]) for k, _, test in _BOUNDS):
         raise ConfigError(f"{where}: '{path}' must be {range_text(meta)}, got {value}")
 

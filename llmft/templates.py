@@ -18,10 +18,11 @@ LLAMA3 = ("{{ bos_token or '' }}{% for m in messages %}"
           "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
           "{% endif %}")
-GEMMA = ("{{ bos_token or '' }}{% for m in messages %}{% if m['role'] == 'system' %}{% set system = m['content'] %}"
-         "{% else %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
-         "{% if system is defined and m['role'] == 'user' %}{{ system + '\n\n' }}{% set system = none %}{% endif %}"
-         "{{ m['content'] | trim + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+GEMMA = ("{{ bos_token or '' }}{% if messages[0]['role'] == 'system' %}"
+         "{% set system = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+         "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+         "{% for m in turns %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n'"
+         " + (system if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
          "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 
 NAMED: dict[str, tuple[str, tuple[str, ...]]] = {

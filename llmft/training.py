@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from llmft import __version__, distributed
-from llmft.errors import ConfigError, TrainingAborted
+from llmft.errors import ConfigError, RunError, TrainingAborted
 
 console = Console(stderr=True)
 
@@ -166,8 +166,13 @@ class MetricsLog:
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        except OSError as e:
+            from llmft.checkpoint import latest_checkpoint, write_failure
+
+            raise RunError(write_failure(e, self.path, latest_checkpoint(self.path.parent))) from None
         if self.writer:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)

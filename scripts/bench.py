@@ -211,7 +211,7 @@ def report(title: str, results: list[dict], machine: dict, notes: list[str], uni
 def bench(stage: str, args: argparse.Namespace, runs, unit: str, rate: str, notes, columns: dict | None = None) -> dict:
     """Run `runs(model_dir, work)` (the implementations, TRL first) in a scratch folder; ratio = `rate` (and peak
     RSS) over TRL's; print the table (+ `columns`, see report) and `notes(results, extra)`; write --out."""
-    from llmft.modeling import resolve_source
+    from llmft.sources import resolve_source
 
     model_dir = resolve_source(args.model).path
     args.data = str(Path(args.data).resolve())  # children run in the repo root

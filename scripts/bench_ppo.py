@@ -65,7 +65,7 @@ def ppo_rates(rows: list[dict], warmup: int) -> dict:
 
 
 def cmd_ppo(args: argparse.Namespace) -> dict:
-    from llmft.modeling import resolve_source
+    from llmft.sources import resolve_source
 
     args.model_dir = resolve_source(args.model).path
     SCRATCH.mkdir(parents=True, exist_ok=True)

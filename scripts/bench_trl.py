@@ -48,7 +48,7 @@ def setup(args: argparse.Namespace) -> tuple[bool, str]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from llmft.modeling import resolve_source
+    from llmft.sources import resolve_source
 
     if args.flush_denormal:
         torch.set_flush_denormal(True)

@@ -125,6 +125,8 @@ def main() -> None:
 
 
 def report(rows: list[dict], args, ppo_metrics: Path) -> None:
+    from llmft.stages.ppo import default_gap_tolerance
+
     figures = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "size": args.size, "stages": []}
     for row in rows:
@@ -139,7 +141,10 @@ def report(rows: list[dict], args, ppo_metrics: Path) -> None:
     if ppo_metrics.is_file():  # step 1: what the stage checks against its tolerance
         first = json.loads(ppo_metrics.read_text().splitlines()[0])
         figures["ppo_step1_logprob_gap"] = {k: first[k] for k in ("logprob_gap", "logprob_gap_mean")}
-        figures["ppo_step1_within_default_tolerance"] = first["logprob_gap_mean"] <= 0.05
+        device = torch.device(args.device)
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        figures["ppo_step1_within_default_tolerance"] = first["logprob_gap_mean"] <= default_gap_tolerance(device,
+                                                                                                           dtype)
     figures["all_ran"] = all(r["ran"] for r in figures["stages"])
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))

@@ -70,6 +70,21 @@ CASES = {
                        ["'some-org/some-model'", "offline"]),
     "unknown --set key": (lambda t, g, d: [g(), "--set", "nonsense=1"], ["--set nonsense=1: unknown key 'nonsense'"]),
     "bad --set form": (lambda t, g, d: [g(), "--set", "train.epochs"], ["expected KEY=VALUE"]),
+    "duplicate key": (lambda t, g, d: [bad_yaml(t, "train: {epochs: 1}\ntrain: {epochs: 2}\n")],
+                      ["bad.yaml:2: duplicate key 'train'"]),
+    "alias bomb": (lambda t, g, d: [bad_yaml(t, "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True)))],
+                   ["YAML aliases", "alias bomb"]),
+    "config not UTF-8": (lambda t, g, d: [d["latin1"]], ["latin1.yaml: not UTF-8 text (byte 0xe9"]),
+    "config is a folder": (lambda t, g, d: [t], ["is not a file"]),
+    "huge integer": (lambda t, g, d: [g(), "--set", "train.max_steps=99999999999999999999999"],
+                     ["'train.max_steps' must be a finite number of magnitude at most"]),
+    "infinite rate": (lambda t, g, d: [g(), "--set", "train.learning_rate=.inf"], ["'train.learning_rate' must be a "
+                                                                                  "finite number"]),
+    "data not UTF-8": (lambda t, g, d: [g(), "--set", f"data.train={d['bytes']}"], ["bytes.jsonl:2: not UTF-8 text"]),
+    "lone surrogate": (lambda t, g, d: [g(), "--set", f"data.train={d['surrogate']}"],
+                       ["surrogate.jsonl:1: field 'completion' holds invalid Unicode"]),
+    "csv not UTF-8": (lambda t, g, d: [g(), "--set", f"data.train={d['csv']}"], ["d.csv:3: not UTF-8 text"]),
 }
 
 
@@ -78,13 +93,36 @@ def test_bad_input_is_one_clear_line(case, capsys, monkeypatch, tmp_path, good):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    files = {"txt": tmp_path / "d.txt", "rowless": tmp_path / "rowless.jsonl", "empty": tmp_path / "empty.jsonl"}
+    files = {"txt": tmp_path / "d.txt", "rowless": tmp_path / "rowless.jsonl", "empty": tmp_path / "empty.jsonl",
+             "latin1": tmp_path / "latin1.yaml", "bytes": tmp_path / "bytes.jsonl", "csv": tmp_path / "d.csv",
+             "surrogate": tmp_path / "surrogate.jsonl"}
+    files["latin1"].write_bytes("model: {name: caf\u00e9}\n".encode("latin-1"))
+    files["bytes"].write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
+    files["csv"].write_bytes(b"prompt,completion\na,b\n\xe9,c\n")
+    files["surrogate"].write_text('{"prompt": "a", "completion": "b\\ud800"}\n')
     files["txt"].write_text("hello\n")
     files["rowless"].write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "only"}\n')
     files["empty"].write_text("")
     make_args, expected = CASES[case]
     code, _, err = llmft(capsys, monkeypatch, "sft", *make_args(tmp_path, good, files))
     assert_one_line_error(code, err, *expected)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["sft"], ["Missing argument 'config'", "see llmft sft --help"]),
+    (["sft", "x.yaml", "--bogus"], ["No such option: --bogus"]),
+    (["generate", "m", "--prompts", "p", "--max-new-tokens", "abc"], ["Invalid value for '--max-new-tokens'"]),
+    (["nosuchcommand"], ["No such command 'nosuchcommand'"]),
+    (["eval", "--set"], ["Option '--set' requires an argument"]),
+])
+def test_command_line_usage_errors_are_one_line(capsys, monkeypatch, args, expected):
+    code, _, err = llmft(capsys, monkeypatch, *args)  # typer ≥ 0.20 raises its own click's errors: still one line
+    assert_one_line_error(code, err, *expected)
+
+
+def test_bare_command_prints_help(capsys, monkeypatch):
+    code, out, _ = llmft(capsys, monkeypatch)
+    assert code == 0 and "sft" in out and "ppo" in out
 
 
 def test_output_dir_with_another_run_is_refused(capsys, monkeypatch, good):
@@ -164,3 +202,27 @@ def test_a_missing_earlier_stage_names_the_command_that_makes_it(capsys, monkeyp
     (tmp_path / "runs").mkdir()  # a local runs/ folder: runs/other is a folder, not a hub id
     code, _, err = llmft(capsys, monkeypatch, "dpo", "configs/dpo.yaml", "--set", "model.name=runs/other")
     assert_one_line_error(code, err, "runs/other does not exist", "if it is an earlier stage's output_dir")
+
+
+def test_a_second_process_into_a_folder_in_use_is_refused(tiny_model_dir, write_config, tmp_path):
+    rows = [{"prompt": f"question {i} about the sea", "completion": "the sea is deep and wide " * 3} for i in range(64)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = write_config(tiny_model_dir, data, output_dir=str(tmp_path / "run"), resume="auto", train__batch_size=1,
+                       train__epochs=50)  # long enough to still be running when the second one starts
+    first = cli("sft", cfg)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not metrics.exists():
+        time.sleep(0.01)
+    second = cli("sft", cfg)  # the same command again, e.g. in another terminal (every shipped config resumes)
+    _, err = second.communicate(timeout=120)
+    assert first.poll() is None, "the first run ended before the second could be refused"
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert second.returncode == 2
+    assert err.strip().splitlines()[-1] == (f"error: output_dir {tmp_path / 'run'} is in use by another llmft run "
+                                            f"(process {first.pid}); wait for it to end, or give this run another "
+                                            f"output_dir")
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
+    assert steps == list(range(1, len(steps) + 1))  # one run's steps, once each

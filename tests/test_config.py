@@ -99,3 +99,15 @@ def test_schema_documents_every_key():
     assert all(help_ for *_, help_ in rows)
     assert ("train.learning_rate", "a number > 0", "0.0002") == rows[[r[0] for r in rows].index(
         "train.learning_rate")][:3]
+
+
+def test_yaml_merge_keys_still_work_and_may_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &base {batch_size: 2, epochs: 1}\nmodel: {name: m}\ndata: {train: x.jsonl}\n"
+                    "train:\n  <<: *base\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'base'"):  # the anchor holder itself is not a key ...
+        load_config("sft", path)
+    path.write_text("model: {name: m}\ndata: {train: x.jsonl}\ntrain:\n  <<: {batch_size: 2, epochs: 1}\n"
+                    "  epochs: 3\n")
+    cfg = load_config("sft", path)  # ... but merging, and overriding a merged key, is legal YAML
+    assert (cfg.train.batch_size, cfg.train.epochs) == (2, 3)

@@ -77,7 +77,8 @@ def test_sft_two_processes_match_one_process_with_twice_the_batch(tiny_model_dir
     assert len(losses(tmp_path / "two")) == 4
     torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
     same_adapter(tmp_path / "one", tmp_path / "two")
-    from llmft.modeling import load_model, resolve_source
+    from llmft.modeling import load_model
+    from llmft.sources import resolve_source
 
     load_model(resolve_source(str(tmp_path / "two")), torch.float32, torch.device("cpu"),
                load_config("sft", two).model)  # rank 0's output loads (the adapter merges into its base)
@@ -148,7 +149,8 @@ def test_reward_then_ppo_on_two_processes_train_and_their_outputs_load(tiny_mode
     assert [r["episodes"] for r in rows] == [4, 4]  # 2 prompts on each process per rollout
     for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value_head.safetensors"):
         assert (tmp_path / "ppo" / name).is_file()
-    from llmft.modeling import load_model, resolve_source
+    from llmft.modeling import load_model
+    from llmft.sources import resolve_source
 
     load_model(resolve_source(str(tmp_path / "ppo")), torch.float32, torch.device("cpu"),
                load_config("sft", tmp_path / "rm.yaml").model)
@@ -184,7 +186,8 @@ def test_sft_under_fsdp_shards_the_base_and_matches_ddp(tiny_model_dir, sft_data
     torch.testing.assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"), rtol=1e-5, atol=1e-6)
     same_adapter(tmp_path / "ddp", tmp_path / "fsdp")
     assert (tmp_path / "fsdp" / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    from llmft.modeling import load_model, resolve_source
+    from llmft.modeling import load_model
+    from llmft.sources import resolve_source
 
     load_model(resolve_source(str(tmp_path / "fsdp")), torch.float32, torch.device("cpu"),
                load_config("sft", fsdp).model)

@@ -126,7 +126,7 @@ def test_eval_rows_without_constraints_and_reference_tokenizer(capsys, monkeypat
     path.write_text('{"prompt": "hi", "constraints": [{"type": "lowercase"}]}\n')
     code, _, err = llmft(capsys, monkeypatch, "eval", "--model", tiny_model_dir, "--prompts", path,
                          "--reference", other, "--set", "sampling.max_new_tokens=2")
-    assert_one_line_error(code, err, "tokenizes differently")
+    assert_one_line_error(code, err, "has another tokenizer than policy")
     assert "generating" not in err  # found before any generation
 
 

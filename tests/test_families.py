@@ -17,8 +17,9 @@ import yaml
 from llmft import data as D
 from llmft.config import load_config
 from llmft.errors import DataError
-from llmft.modeling import last_token_index, load_chat, resolve_source
+from llmft.modeling import last_token_index, load_chat
 from llmft.preferences import collate_pairs
+from llmft.sources import resolve_source
 from llmft.stages import dpo, ppo, reward, sft
 from tests.conftest import PAIRS, ROWS
 from tests.families import BY_NAME, FAMILIES, build
@@ -68,7 +69,7 @@ def test_system_messages_and_multi_turn_conversations(family):
     turns = [U, {"role": "assistant", "content": "sea"}, {"role": "user", "content": "again"},
              {"role": "assistant", "content": "blue"}]
     if f.name == "qwen3":  # the final answer gets a think block that earlier turns lose: not one sequence
-        with pytest.raises(DataError, match="renders earlier assistant turns differently"):
+        with pytest.raises(DataError, match="renders earlier turns differently once later ones exist"):
             D.tokenize_example(chat, turns, 256, "completion", "f:1")
         return
     ex, _ = D.tokenize_example(chat, turns, 256, "completion", "f:1")

@@ -96,8 +96,9 @@ def test_checkpoint_sampling_defaults_never_reach_the_sampler(tiny_model_dir, tm
     # must draw from exactly softmax(z / T), and report its own log-probs, or RL optimises another distribution
     import shutil
 
-    from llmft.modeling import hidden_states, load_chat, resolve_source
-    from llmft.rollout import pack, token_logps
+    from llmft.modeling import hidden_states, load_chat
+    from llmft.rollout import pack, response_logps
+    from llmft.sources import resolve_source
 
     leaky = tmp_path / "leaky"
     shutil.copytree(tiny_model_dir, leaky)
@@ -114,7 +115,7 @@ def test_checkpoint_sampling_defaults_never_reach_the_sampler(tiny_model_dir, tm
     assert model.generation_config.repetition_penalty == 1.5  # ... and keep them after generating
     exp = pack(gens, chat.pad_id, torch.device("cpu"))
     with torch.no_grad():
-        recomputed, _ = token_logps(model, lambda i, m: hidden_states(model, i, m), exp, list(range(exp.size)), 0.7,
+        recomputed, _ = response_logps(model, lambda i, m: hidden_states(model, i, m), exp, list(range(exp.size)), 0.7,
                                     torch.float32)
     gap = ((recomputed - exp.sampler_logps).abs() * exp.mask).max()
     assert gap < 1e-5  # ... but the sampler drew from softmax(z / 0.7) alone (suppressed EOS, banned words,

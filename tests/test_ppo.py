@@ -207,7 +207,8 @@ def test_resume_equals_uninterrupted_and_output_loads_as_a_policy(ppo_config, mo
     assert [r["step"] for r in rows] == [1, 2]
     samples = [json.loads(x) for x in (tmp_path / "crashed" / "samples.jsonl").read_text().splitlines()]
     assert {r["step"] for r in samples} == {1, 2} and "reward_model" in samples[0]
-    from llmft.modeling import load_model, resolve_source
+    from llmft.modeling import load_model
+    from llmft.sources import resolve_source
 
     src = resolve_source(str(tmp_path / "full"))
     assert src.manifest["stage"] == "ppo"

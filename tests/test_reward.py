@@ -64,7 +64,7 @@ def test_pair_formats_strings_messages_implicit_prompt_and_ranked():
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "hi", "chosen": "good"}, "prefs.jsonl:3: missing field 'rejected'"),
     ({"prompt": "hi", "chosen": " ", "rejected": "bad"}, "prefs.jsonl:3: field 'chosen' is empty"),
-    ({"prompt": "hi", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a number"),
+    ({"prompt": "hi", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a finite number"),
     ({"chosen": "a", "rejected": "b"}, "no prompt"),
     ({"chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "must end with an assistant turn"),
 ])
@@ -85,8 +85,7 @@ def test_identical_and_too_long_pairs_are_dropped_and_counted(tiny_tokenizer, ti
 
 
 def test_several_data_files_are_read_in_order(tiny_chat, tiny_model_dir, pref_data, write_config, tmp_path):
-    from llmft.loop import manifest
-    from llmft.modeling import resolve_source
+    from llmft.loop import data_files
     from llmft.preferences import load_pair_sets
 
     other = tmp_path / "more.jsonl"
@@ -96,7 +95,7 @@ def test_several_data_files_are_read_in_order(tiny_chat, tiny_model_dir, pref_da
     train, evals = load_pair_sets(cfg, tiny_chat)
     assert (train.rows, evals.rows) == (9, 1)
     assert train.pairs[-1].prompt_ids == evals.pairs[0].prompt_ids  # the second file's row comes last
-    roles = [(d["role"], d["path"]) for d in manifest("reward", cfg, resolve_source(str(tiny_model_dir)), {})["data"]]
+    roles = [(d["role"], d["path"]) for d in data_files(cfg)]
     assert roles == [("train", str(pref_data)), ("train", str(other)), ("eval", str(other))]
 
 
@@ -190,7 +189,8 @@ def test_missing_or_mismatched_head_is_an_error(tiny_model_dir, pref_data, write
         RewardScorer.load(str(broken))
     with pytest.raises(ModelError, match="is not a reward model"):
         RewardScorer.load(str(tiny_model_dir))
-    from llmft.modeling import load_model, resolve_source
+    from llmft.modeling import load_model
+    from llmft.sources import resolve_source
 
     with pytest.raises(ModelError, match="is a reward model"):  # never merged into a policy by mistake
         load_model(resolve_source(cfg.output_dir), torch.float32, torch.device("cpu"), cfg.model)
@@ -261,7 +261,7 @@ def test_reward_bad_input_is_one_clear_line(capsys, monkeypatch, tiny_model_dir,
     tok.save_pretrained(other)
     code, _, err = llmft(capsys, monkeypatch, "eval", "--model", other, "--prompts", pref_data, "--reward-model",
                          tmp_path / "run", "--set", "judges=[]")
-    assert_one_line_error(code, err, "reward model", "tokenizes differently from policy")
+    assert_one_line_error(code, err, "reward model", "has another tokenizer than policy")
     code, _, err = llmft(capsys, monkeypatch, "eval", "--model", tmp_path / "run", "--prompts", pref_data,
                          "--set", "judges=[]")
     assert_one_line_error(code, err, "is a reward model")

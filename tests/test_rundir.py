@@ -133,3 +133,50 @@ def test_lock_is_released_when_the_run_ends(cfg, tmp_path):
     with open(tmp_path / "run" / rundir.LOCK) as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise if still held
     assert os.path.exists(Path(tmp_path / "run" / rundir.LOCK))
+
+
+def test_a_run_of_an_earlier_version_in_progress_is_recognised(cfg, tmp_path):
+    run(cfg, "train.save_every=1", "train.keep_checkpoints=5")
+    out = tmp_path / "run"
+    for name in (rundir.MARKER, "llmft.json"):  # in progress under a version without the marker
+        (out / name).unlink()
+    assert rundir.is_run(out)
+    assert run(cfg, "overwrite=true")["loss"] > 0
+
+
+def test_an_interrupted_overwrite_leaves_a_folder_llmft_still_recognises(cfg, tmp_path, monkeypatch):
+    import shutil as sh
+
+    run(cfg, "train.save_every=1", "train.keep_checkpoints=5")
+    out, real, calls = tmp_path / "run", sh.rmtree, []
+
+    def killed(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(rundir.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, "overwrite=true")
+    monkeypatch.setattr(rundir.shutil, "rmtree", real)
+    assert (out / rundir.MARKER).is_file()  # the marker goes last
+    assert run(cfg, "overwrite=true")["loss"] > 0
+
+
+def test_output_dir_may_not_hold_the_runs_own_inputs(tiny_model_dir, sft_data, write_config, tmp_path):
+    first = write_config(tiny_model_dir, sft_data, train__max_steps=1, output_dir=str(tmp_path / "first"))
+    run(first)
+    again = write_config(tmp_path / "first", sft_data, output_dir=str(tmp_path / "first"), overwrite=True)
+    with pytest.raises(RunError, match="holds this run's own input \\(model.name"):
+        run(again)
+    assert (tmp_path / "first" / "adapter_model.safetensors").is_file()  # the input survives
+    with pytest.raises(RunError, match="holds this run's own input \\(data.train"):
+        run(write_config(tiny_model_dir, sft_data, output_dir=str(tmp_path)))
+
+
+def test_a_lock_file_alone_counts_as_empty(cfg, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / rundir.LOCK).write_text("{}")  # a run killed right after it locked the folder
+    assert run(cfg)["loss"] > 0

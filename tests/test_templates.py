@@ -14,7 +14,8 @@ import yaml
 from llmft.config import SamplingConfig, load_config
 from llmft.errors import ConfigError, ModelError
 from llmft.generation import generate
-from llmft.modeling import load_chat, load_model, resolve_source
+from llmft.modeling import load_chat, load_model
+from llmft.sources import resolve_source
 from llmft.stages import dpo, ppo, sft
 from tests.conftest import PAIRS, ROWS, build_model, build_tokenizer, set_keys, train_in_process
 
@@ -116,3 +117,17 @@ def test_a_jinja_file_template_with_its_special_tokens(base, config, tmp_path):
     assert s.chat.frame.end == "</turn>" and len(s.chat.added_ids) == 2
     with pytest.raises(ConfigError, match="neither a named template"):
         sft.setup(config("sft", base, model__chat_template=str(tmp_path / "missing.jinja")))
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "gemma"])
+def test_named_templates_keep_the_system_message_and_end_answers_with_their_token(name):
+    from llmft.chat import Chat
+    from llmft.templates import NAMED, apply
+
+    tok = build_tokenizer(chat_template=None)
+    apply(tok, name)
+    chat = Chat(tok)
+    prompt_ids, answer_ids = chat.encode([{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": "hello"}], "the sea")
+    assert "be brief" in tok.decode(prompt_ids) and "hello" in tok.decode(prompt_ids)
+    assert tok.convert_ids_to_tokens(answer_ids[-1]) == NAMED[name][1][-1]  # <|im_end|>, <|eot_id|>, <end_of_turn>

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable
 
 from llmft.data import Record
@@ -41,14 +43,29 @@ def make_judge(name: str, records: list[Record], reference_column: str = "comple
     raise ConfigError(f"unknown judge '{name}' ({', '.join(NAMES)}, reward, or module:function)")
 
 
+def import_from_here(module: str):
+    """Import `module` as `python -m` would: the working directory first on the path (the `llmft` command itself,
+    an installed script, does not have it there)."""
+    here = os.getcwd()
+    added = here not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module)
+    finally:
+        if added:
+            sys.path.remove(here)
+
+
 def user_judge(spec: str) -> Judge:
     """A user's `module:function(prompts, responses, rows)`; whatever it raises or returns amiss becomes one clear
     error naming it."""
     module, _, func = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(module), func)
+        fn = getattr(import_from_here(module), func)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"judge '{spec}': cannot import {func} from {module}: {e}") from None
+        raise ConfigError(f"judge '{spec}': cannot import {func} from {module}: {e} (modules are found on "
+                          f"PYTHONPATH and in the working directory)") from None
 
     def call(prompts: list[str], responses: list[str], rows: list[dict]) -> list[float]:
         try:

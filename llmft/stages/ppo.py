@@ -36,11 +36,12 @@ from llmft.errors import ConfigError, DataError, ModelError, TrainingAborted
 from llmft.generation import generate, prompt_messages
 from llmft.loop import Stage, plan_table, resolved_name, run_stage
 from llmft.losses import ppo_policy_loss, ppo_value_loss
-from llmft.modeling import add_lora, disable_dropout, load_model, load_tokenizer, resolve_model, resolve_source
+from llmft.modeling import add_lora, disable_dropout, load_model, load_tokenizer, resolve_model
 from llmft.reward_model import RewardScorer
 from llmft.rewards import Scorer
 from llmft.rl import KLController, explained_variance, gae, kl_per_token, shaped_rewards, whiten
-from llmft.rollout import Experience, chunks, pack, token_logps, value_estimates
+from llmft.rollout import Experience, chunks, pack, response_logps, value_estimates
+from llmft.sources import resolve_source
 from llmft.training import MetricsLog, console, plan_steps, require_dropout_off
 
 
@@ -271,7 +272,7 @@ def score_rollout(model: ActorCritic, s: Setup, exp: Experience, rows: list[dict
 # ------------------------------------------------------------------------------------------ forwards
 def policy_logps(model: ActorCritic, s: Setup, exp: Experience, rows: list[int], with_entropy: bool = False):
     """log π(y_t) of the active role at the sampling temperature [b, R], and the entropy when asked."""
-    return token_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype, with_entropy)
+    return response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype, with_entropy)
 
 
 @torch.no_grad()
@@ -297,15 +298,18 @@ def check_logprob_gap(s: Setup, exp: Experience, step: int) -> tuple[float, floa
     gap, gap_mean = exp.logprob_gap()
     gap = distributed.maximum(gap)
     gap_mean = distributed.total(gap_mean) / distributed.world().size
-    tolerance = s.cfg.ppo.logprob_gap_tolerance
-    if tolerance is None:  # exact fp32 on the CPU agrees to ~1e-6; TF32 and 16-bit kernels differ more
-        tolerance = 1e-3 if s.device.type == "cpu" and s.dtype == torch.float32 else 0.05
+    tolerance = s.cfg.ppo.logprob_gap_tolerance or default_gap_tolerance(s.device, s.dtype)
     if step == 1 and gap_mean > tolerance:
         raise TrainingAborted(f"step 1: the trainer's log-probs differ from the sampler's by {gap_mean:.3g} per token "
                               f"on average (largest {gap:.3g}; tolerance {tolerance:g}): PPO would optimise another "
                               f"distribution than the one it samples. Report it with `llmft env`; "
                               f"ppo.logprob_gap_tolerance raises the limit")
     return gap, gap_mean
+
+
+def default_gap_tolerance(device: torch.device, dtype: torch.dtype) -> float:
+    """Exact fp32 on the CPU agrees to ~1e-6 per token; TF32 and 16-bit kernels on a GPU differ more."""
+    return 1e-3 if device.type == "cpu" and dtype == torch.float32 else 0.05
 
 
 # -------------------------------------------------------------------------------------------- update
