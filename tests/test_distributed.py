@@ -180,11 +180,14 @@ def test_sft_under_fsdp_shards_the_base_and_matches_ddp(tiny_model_dir, sft_data
                        output_dir=str(tmp_path / "ddp"))
     ok(launch(2, "sft", ddp))
     fsdp = write_config(tiny_model_dir, sft_data, train__batch_size=2, train__max_steps=3, train__save_every=2,
-                        output_dir=str(tmp_path / "fsdp"))
+                        output_dir=str(tmp_path / "fsdp"), data__eval=str(sft_data))  # eval: every rank joins
     err = ok(accelerate_launch(2, "sft", fsdp, fsdp=True))
     assert "FSDP: base weights sharded over 2 processes in 3 units" in err  # 2 decoder layers + the model
     torch.testing.assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"), rtol=1e-5, atol=1e-6)
     same_adapter(tmp_path / "ddp", tmp_path / "fsdp")
+    evals = [r["eval/loss"] for r in map(json.loads, (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines())
+             if "eval/loss" in r]
+    assert len(evals) == 2 and all(e > 0 for e in evals)  # at step 0 and at the end, logged once
     assert (tmp_path / "fsdp" / "checkpoint-2" / "adapter_model.safetensors").is_file()
     from llmft.modeling import load_model
     from llmft.sources import resolve_source
