@@ -279,11 +279,13 @@ def check_lm_head(model) -> None:
     the model's own logits and lm_logits(hidden states) must agree, or every stage would train (and PPO sample and
     score) different distributions."""
     base = unwrap(model)
-    device = next(base.parameters()).device
+    device, training = next(base.parameters()).device, base.training
     ids = torch.arange(4, device=device)[None] % base.config.get_text_config().vocab_size
     mask = torch.ones_like(ids)
+    base.eval()  # no dropout: the check must not draw from the random stream training uses
     own = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits.float()
     ours = lm_logits(model, hidden_states(model, ids, mask))
+    base.train(training)
     gap, scale = float((own - ours).abs().max()), float(own.abs().max())
     tolerance = 1e-3 if next(base.parameters()).dtype == torch.float32 else 2e-2
     if gap > tolerance * (1 + scale):
