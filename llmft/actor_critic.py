@@ -1,7 +1,8 @@
-"""PPO's four roles on one copy of the base weights: several LoRA adapters on one PEFT model.
+"""The RL stages' roles on one copy of the base weights: several LoRA adapters on one PEFT model.
 
-    policy    = base + adapter "default" (new, trained)       → what PPO optimises, saved as the stage output
-    value     = base + adapter "value" + value head (trained)  ← initialised from the reward model
+    policy    = base + adapter "default" (new, trained)       → what RL optimises, saved as the stage output
+    value     = base + adapter "value" + value head (trained)  ← initialised from the reward model (PPO's critic;
+                                                                  none with critic=False, for GRPO)
     reward    = base + adapter "reward" + reward head (frozen) ← the reward checkpoint, when it shares the base
     reference = base with every adapter disabled               = the SFT model the policy starts from
 
@@ -10,7 +11,8 @@ exactly the SFT model. A reward model trained on other base weights cannot share
 scores with a separate `RewardScorer` and only the value adapter and head are initialised from it.
 
 Saved layout (a stage output or checkpoint): the policy adapter at the top level — a plain PEFT adapter that
-the next stage or `llmft eval` loads like any other — and `value/` (adapter) plus `value_head.safetensors`.
+the next stage or `llmft eval` loads like any other — and, with a critic, `value/` (adapter) plus
+`value_head.safetensors`.
 """
 
 from __future__ import annotations
@@ -32,25 +34,25 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, lm, reward_path: str | None, share_reward: bool):
-        """lm: a PEFT model whose "default" adapter is the new policy adapter. With a reward checkpoint, the
-        value adapter and head start as copies of its adapter and head (and, when `share_reward`, a frozen copy
-        of both scores the responses)."""
+    def __init__(self, lm, reward_path: str | None, share_reward: bool, critic: bool = True):
+        """lm: a PEFT model whose "default" adapter is the new policy adapter. With a critic and a reward checkpoint,
+        the value adapter and head start as copies of its adapter and head; with `share_reward` a frozen copy of
+        both scores the responses."""
         super().__init__()
         self.lm = lm
         d, device = unwrap(lm).config.hidden_size, next(lm.parameters()).device
-        self.value_head = scalar_head(d, device)
+        self.value_head = scalar_head(d, device) if critic else None
         self.reward_head = None
-        if reward_path:
+        if critic and reward_path:
             self._load_adapter(reward_path, VALUE, trainable=True)
             load_head(self.value_head, Path(reward_path) / HEAD_FILE)
-            if share_reward:
-                self._load_adapter(reward_path, REWARD, trainable=False)
-                self.reward_head = scalar_head(d, device).requires_grad_(False)
-                load_head(self.reward_head, Path(reward_path) / HEAD_FILE)
-        else:  # no reward model: a fresh critic with the policy's LoRA settings
+        elif critic:  # no reward model: a fresh critic with the policy's LoRA settings
             lm.add_adapter(VALUE, lm.peft_config[POLICY])
-        self.trainable = (POLICY, VALUE)
+        if reward_path and share_reward:
+            self._load_adapter(reward_path, REWARD, trainable=False)
+            self.reward_head = scalar_head(d, device).requires_grad_(False)
+            load_head(self.reward_head, Path(reward_path) / HEAD_FILE)
+        self.trainable = (POLICY, VALUE) if critic else (POLICY,)
         self.use(POLICY)
 
     def _load_adapter(self, path: str, name: str, trainable: bool) -> None:
@@ -100,12 +102,14 @@ class ActorCritic(nn.Module):
     def save_pretrained(self, directory: Path) -> None:
         directory = Path(directory)
         save_adapter(self.lm, directory, selected_adapters=[POLICY])  # "default" → the top level
-        save_adapter(self.lm, directory, selected_adapters=[VALUE])  # → directory/value/
-        save_head(self.value_head, directory / VALUE_HEAD_FILE)
+        if self.value_head is not None:
+            save_adapter(self.lm, directory, selected_adapters=[VALUE])  # → directory/value/
+            save_head(self.value_head, directory / VALUE_HEAD_FILE)
 
     def load_trained(self, directory: Path) -> None:
-        """Policy and value adapters and the value head from a checkpoint (for resuming)."""
+        """Policy (and critic: value adapter and head) from a checkpoint, for resuming."""
         directory = Path(directory)
         load_adapter(directory, self.lm)
-        load_adapter(directory / VALUE, self.lm, adapter_name=VALUE)
-        load_head(self.value_head, directory / VALUE_HEAD_FILE)
+        if self.value_head is not None:
+            load_adapter(directory / VALUE, self.lm, adapter_name=VALUE)
+            load_head(self.value_head, directory / VALUE_HEAD_FILE)

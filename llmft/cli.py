@@ -15,7 +15,8 @@ from llmft import __version__
 from llmft.errors import LlmftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-                  help="LLM post-training with LoRA: [bold]sft → reward → ppo[/], or [bold]sft → dpo[/].")
+                  help="LLM post-training with LoRA: [bold]sft → reward → ppo[/], [bold]sft → dpo[/], or "
+                       "[bold]sft → grpo[/].")
 err = Console(stderr=True)
 
 CONFIG = typer.Argument(..., help="The stage's YAML config (see configs/).", show_default=False)
@@ -71,6 +72,15 @@ def ppo(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -
     from llmft.stages import ppo as stage
 
     stage.run(load_config("ppo", config, set_), dry_run=dry_run)
+
+
+@app.command()
+def grpo(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
+    """Critic-free RL: GRPO, Dr. GRPO, DAPO, GSPO or RLOO, G answers per prompt scored by judges or a reward model."""
+    from llmft.config import load_config
+    from llmft.stages import grpo as stage
+
+    stage.run(load_config("grpo", config, set_), dry_run=dry_run)
 
 
 @app.command()

@@ -179,7 +179,7 @@ class PromptDataConfig:
 
 
 @dataclass
-class PPORewardConfig:
+class RewardSourcesConfig:
     model: str | None = opt(None, "A reward model (an llmft reward output). Trained on the policy's own base "
                                   "weights it shares them; else it is loaded on its own.")
     model_weight: float = opt(1.0, "Weight of the reward model's score in the total score.")
@@ -236,8 +236,59 @@ class PPOConfig(RunConfig):
     data: PromptDataConfig = field(default_factory=PromptDataConfig, metadata={"help": "Prompts."})
     rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=96, temperature=0.7),
                                     metadata={"help": "Sampling of the responses (temperature > 0)."})
-    reward: PPORewardConfig = field(default_factory=PPORewardConfig, metadata={"help": "What scores a response."})
+    reward: RewardSourcesConfig = field(default_factory=RewardSourcesConfig,
+                                        metadata={"help": "What scores a response."})
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig, metadata={"help": "The PPO update."})
+    samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
+                             ge=1)
+
+
+@dataclass
+class GRPOAlgoConfig:
+    num_generations: int = opt(8, "G: answers sampled per prompt (one batched generation); a group never spans "
+                                  "processes.", ge=2)
+    advantage: Literal["group", "rloo"] = opt(
+        "group", "group: r − the mean score of the prompt's answers, scaled by scale_rewards (GRPO); rloo: r − the "
+                 "mean of the *other* answers (REINFORCE leave-one-out), not scaled.")
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "group", "advantage group: divide by the std of the prompt's answers (GRPO), of the whole batch, or not at "
+                 "all (Dr. GRPO).")
+    epsilon_low: float = opt(0.2, "ε_low: the ratio's lower clip, 1 − ε_low.", gt=0, lt=1)
+    epsilon_high: float = opt(0.2, "ε_high: the upper clip, 1 + ε_high (DAPO's clip-higher: 0.28).", gt=0)
+    importance_sampling: Literal["token", "sequence"] = opt(
+        "token", "The importance ratio per token (GRPO), or per answer, exp(mean token log-ratio) (GSPO: use "
+                 "ε_low 3e-4, ε_high 4e-4).")
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = opt(
+        "token_mean", "token_mean: every token of the batch weighs the same (DAPO); sequence_mean: each answer's mean "
+                      "then the mean over answers (the original GRPO: favours short answers); constant: the sum over "
+                      "tokens / (answers × rollout.max_new_tokens) (Dr. GRPO).")
+    iterations: int = opt(1, "μ: passes over each rollout batch (μ = 1 with one minibatch needs no separate "
+                             "old-policy forward: the ratio is exactly 1).", ge=1)
+    num_minibatches: int = opt(1, "Optimizer steps per pass; the rollout batch is train.batch_size × "
+                                  "train.grad_accum × num_minibatches answers per process.", ge=1)
+    beta: float = opt(0.0, "β of the KL to the reference, as k3 in the loss (with its gradient); 0 = no KL and no "
+                           "reference forward.", ge=0)
+    dynamic_sampling: Literal["off", "skip", "refill"] = opt(
+        "off", "Groups whose answers all scored the same carry no signal: keep them (off), leave them out of the "
+               "update (skip), or replace them by groups of fresh prompts (refill, DAPO), max_refills rounds at most.")
+    max_refills: int = opt(2, "dynamic_sampling refill: sampling rounds per step at most.", ge=0)
+    logprob_gap_tolerance: float | None = opt(
+        None, "Largest mean |log π_sampler − log π_trainer| per token allowed at step 1; null = 1e-3 for fp32 on the "
+              "CPU, 0.05 on CUDA or in 16-bit.", gt=0)
+
+
+@dataclass
+class GRPOConfig(RunConfig):
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0),
+                             metadata={"help": "The policy's LoRA adapter (dropout must stay 0: ratios compare "
+                                               "outputs of the same network)."})
+    output_dir: str = opt("runs/grpo", "Where the policy adapter, checkpoints, metrics, samples and manifest go.")
+    data: PromptDataConfig = field(default_factory=PromptDataConfig, metadata={"help": "Prompts."})
+    rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=96, temperature=1.0),
+                                    metadata={"help": "Sampling of the answers (temperature > 0)."})
+    reward: RewardSourcesConfig = field(default_factory=RewardSourcesConfig,
+                                        metadata={"help": "What scores an answer (judges, a reward model)."})
+    grpo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig, metadata={"help": "The GRPO-family update."})
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
 
@@ -276,7 +327,7 @@ class GenerateConfig:
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig,
-                                  "eval": EvalConfig,
+                                  "grpo": GRPOConfig, "eval": EvalConfig,
                                   "generate": GenerateConfig}
 
 # Keys that do not change what a run computes: a resumed run may differ from the original in these.

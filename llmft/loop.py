@@ -68,22 +68,30 @@ class Setup:
     dtype: torch.dtype
 
 
-StepFn = Callable[[list[list[int]]], tuple[dict[str, float], dict[str, int]]]
+@dataclass
+class StepContext:
+    """What a stage's step is given besides its micro-batches."""
+
+    number: int  # the plan's step, from 1
+    update: Callable[[float], float]  # update(loss) → the gradient norm: one optimizer step (see Stage)
+
+
+StepFn = Callable[[list[list[int]], StepContext], tuple[dict[str, float], dict[str, int]]]
 
 
 @dataclass
 class Stage:
-    """What a stage plugs into `fit`.
+    """What a stage plugs into `fit`: one convention for every stage.
 
-    step(micro_batches) runs forward and backward on every micro-batch of one optimizer step (each a list
-    of example indices) and returns (metrics, counts): metrics hold at least "loss"; counts are amounts of
-    work of that step, e.g. {"tokens": 4096, "pairs": 16}, logged as they are; "tokens_per_s", "pairs_per_s"
-    are measured over the timed work of every step since the last logged row (train.log_every).
-    evaluate() returns metrics named "eval/...".
-
-    A stage with `inner_steps` (PPO: several optimizer steps per rollout) is called as
-    step(micro_batches, update, step_no) (the plan's step number, from 1), calls update() (clip → AdamW →
-    zero) itself and reports "grad_norm"; the learning-rate schedule still advances once per step of the plan.
+    step(micro_batches, ctx) runs one step of the plan: forward and backward over its micro-batches (this
+    process's, each a list of example indices), and `ctx.update(loss)` for each optimizer step it takes — once
+    for sft, reward and dpo; once per minibatch of the rollout for ppo. `loss` is this process's share of that
+    update's loss; the update checks that it and the gradient norm are finite on every process (before the
+    weights are touched), sums the gradients over processes, clips, steps AdamW, zeroes, and returns the norm.
+    step returns (metrics, counts): metrics hold at least "loss" and "grad_norm" (the last update's); counts are
+    amounts of work, e.g. {"tokens": 4096, "pairs": 16}, logged as they are; "tokens_per_s", "pairs_per_s" are
+    measured over the timed work of every step since the last logged row (train.log_every). The learning-rate
+    schedule advances once per step of the plan. evaluate() returns metrics named "eval/...".
     `state()` is extra loop state saved in every checkpoint; `resume(state)` gets it back (None on a fresh
     start) before the first step.
     """
@@ -95,7 +103,6 @@ class Stage:
     step: StepFn
     evaluate: Callable[[], dict[str, float]] | None = None
     shown: tuple[str, ...] = ("loss", "lr", "tokens_per_s")  # metrics in the progress line
-    inner_steps: bool = False
     state: Callable[[], dict] | None = None
     resume: Callable[[dict | None], None] | None = None
 
@@ -271,21 +278,17 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
 
 
 def run_step(stage: Stage, step: int, model, optimizer, scheduler, last_ckpt: Path | None):
-    """One step of the plan: the stage's forward/backward, then the optimizer (or the stage's own updates)."""
+    """One step of the plan: the stage's step (its forwards, backwards and updates), then the schedule."""
     max_norm = stage.cfg.train.max_grad_norm
     micro_batches = distributed.shard(stage.plan.steps[step - 1])  # this process's part of the step
-    if stage.inner_steps:
-        metrics, counts = stage.step(micro_batches, lambda: optimizer_step(model, optimizer, None, max_norm), step)
-        grad_norm = metrics.pop("grad_norm")
-        metrics, counts = distributed.reduce_metrics(metrics, counts)
-        ensure_finite(step, last_ckpt, loss=metrics["loss"])
-        scheduler.step()
-    else:
-        metrics, counts = distributed.reduce_metrics(*stage.step(micro_batches))
-        ensure_finite(step, last_ckpt, loss=metrics["loss"])
-        grad_norm = optimizer_step(model, optimizer, scheduler, max_norm)
-    ensure_finite(step, last_ckpt, grad_norm=grad_norm)
-    return metrics, counts, grad_norm
+
+    def update(loss: float) -> float:
+        ensure_finite(step, last_ckpt, loss=distributed.total(loss))  # every process's share: all stop together
+        return optimizer_step(model, optimizer, max_norm, lambda norm: ensure_finite(step, last_ckpt, grad_norm=norm))
+
+    metrics, counts = distributed.reduce_metrics(*stage.step(micro_batches, StepContext(step, update)))
+    scheduler.step()
+    return metrics, counts, metrics.pop("grad_norm")
 
 
 # -------------------------------------------------------------------------------------------- manifest

@@ -178,6 +178,22 @@ def preference_loss(kind: str, logps: torch.Tensor, ref_logps: torch.Tensor | No
 
 
 # ---------------------------------------------------------------------------------------------------- PPO
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float,
+                      eps_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clipped surrogate of PPO (Schulman et al. 2017, eq. 7), per token, as a loss; DAPO's "clip-higher" (Yu et
+    al. 2025) lets the upper bound differ:
+
+        ℓ_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε_low, 1 + ε_high))
+
+    Returns (ℓ, clipped_low, clipped_high): the loss and where the clipped term is taken below (ρ < 1 − ε_low with
+    A < 0) and above (ρ > 1 + ε_high with A > 0)."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    low = (ratio < 1 - eps_low) & (advantages < 0)
+    high = (ratio > 1 + eps_high) & (advantages > 0)
+    return torch.max(unclipped, clipped), low, high
+
+
 def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     num_tokens: int | torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate objective of PPO (Schulman et al. 2017, eq. 7), as a loss to minimise:
@@ -192,14 +208,57 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     """
     log_ratio = (logps - old_logps) * mask
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = (torch.max(unclipped, clipped) * mask).sum() / num_tokens
+    per_token, low, high = clipped_surrogate(ratio, advantages, clip_range, clip_range)
+    loss = (per_token * mask).sum() / num_tokens
     n = mask.sum().clamp(min=1)
     with torch.no_grad():
-        stats = {"clipfrac": float(((clipped > unclipped).float() * mask).sum() / n),
+        stats = {"clipfrac": float(((low | high).float() * mask).sum() / n),
                  "approx_kl": float((0.5 * log_ratio ** 2).sum() / n),
                  "ratio": float((ratio * mask).sum() / n)}
+    return loss, stats
+
+
+def grpo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     normaliser: float, eps_low: float = 0.2, eps_high: float = 0.2, level: str = "token",
+                     aggregation: str = "token_mean", ref_logps: torch.Tensor | None = None,
+                     beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The policy loss of the GRPO family, one micro-batch's share: the clipped surrogate of each token (ε_low /
+    ε_high: DAPO), with the importance ratio per token (GRPO) or per sequence (GSPO, Zheng et al. 2025:
+    ρ_i = exp(mean_t log π_θ/π_old), the same for every token of answer i), plus β · k3 to the reference when β > 0
+    (k3_t = π_ref/π − log(π_ref/π) − 1, in the loss with its gradient, as GRPO does), aggregated as
+
+        token_mean      Σ_i Σ_t ℓ_it / N_tokens                 (DAPO: every token weighs the same)
+        sequence_mean   Σ_i (Σ_t ℓ_it / |y_i|) / N_sequences    (the original GRPO: every answer weighs the same)
+        constant        Σ_i Σ_t ℓ_it / (N_sequences · L_max)    (Dr. GRPO: no length bias)
+
+    `normaliser` is that denominator for the whole update (every micro-batch and process), so that summing the
+    micro-batches' losses gives the update's loss. logps, old_logps, ref_logps, mask [b, R]; advantages [b, R]
+    (each answer's advantage on its tokens). Returns (loss, stats: clip_ratio/low, high, region, and the mean
+    ratio and k3 over this micro-batch's tokens)."""
+    log_ratio = (logps - old_logps) * mask
+    if level == "sequence":
+        log_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)) * mask
+    ratio = torch.exp(log_ratio)
+    per_token, low, high = clipped_surrogate(ratio, advantages, eps_low, eps_high)
+    k3 = None
+    if beta:
+        to_ref = ref_logps - logps
+        k3 = torch.exp(to_ref) - to_ref - 1
+        per_token = per_token + beta * k3
+    per_token = per_token * mask
+    if aggregation == "sequence_mean":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
+    elif aggregation in ("token_mean", "constant"):
+        loss = per_token.sum() / normaliser
+    else:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}")
+    n = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        stats = {"clip_ratio/low": float((low.float() * mask).sum() / n),
+                 "clip_ratio/high": float((high.float() * mask).sum() / n),
+                 "clip_ratio/region": float(((low | high).float() * mask).sum() / n),
+                 "ratio": float((ratio * mask).sum() / n),
+                 "kl": float((k3 * mask).sum() / n) if k3 is not None else 0.0}
     return loss, stats
 
 

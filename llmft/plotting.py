@@ -10,7 +10,8 @@ from llmft.errors import DataError, LlmftError
 # the figures worth a panel, in display order (each stage logs the ones that apply to it)
 PANELS = ["loss", "eval/loss", "accuracy", "eval/accuracy", "margin", "eval/margin", "reward_mean", "reward_std",
           "rewards/accuracies", "eval/rewards/accuracies", "rewards/margins", "eval/rewards/margins", "score",
-          "reward", "kl", "length", "entropy", "lr", "tokens_per_s", "pairs_per_s"]
+          "reward", "frac_reward_zero_std", "completions/mean_length", "clip_ratio/region_mean", "kl", "length",
+          "entropy", "logprob_gap", "lr", "tokens_per_s", "pairs_per_s"]
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

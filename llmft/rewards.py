@@ -1,4 +1,4 @@
-"""PPO's score of a response: a weighted sum of reward sources, a penalty for missing EOS, optional
+"""The RL stages' score of a response: a weighted sum of reward sources, a penalty for missing EOS, optional
 normalisation and clipping.
 
     score   = w_rm · r_rm(x, y) + Σ_j w_j · judge_j(x, y, row) − penalty · [y has no EOS]
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from llmft import distributed
-from llmft.config import PPORewardConfig
+from llmft.config import RewardSourcesConfig
 from llmft.data import Record
 from llmft.errors import ConfigError
 from llmft.judges import make_judge
@@ -23,7 +23,7 @@ REWARD_MODEL = "reward_model"
 
 
 class Scorer:
-    def __init__(self, cfg: PPORewardConfig, records: list[Record]):
+    def __init__(self, cfg: RewardSourcesConfig, records: list[Record]):
         if not cfg.model and not cfg.judges:
             raise ConfigError("reward: name a reward model (reward.model) or at least one judge (reward.judges)")
         self.cfg = cfg

@@ -1,4 +1,5 @@
-"""The maths of PPO for language models, pure tensor functions (no models, nothing from llmft).
+"""The maths of RL for language models (PPO, GRPO and its family), pure tensor functions (no models, nothing from
+llmft).
 
 Every per-token tensor is [B, R]: B responses, R = the longest response of the batch; `mask` [B, R] is 1 on a
 response's real tokens (up to and including its first EOS) and 0 on the padding after it. Position t holds
@@ -88,6 +89,45 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = next_adv
         next_value = values[:, t]
     return advantages, (advantages + values) * mask
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     total=own) -> torch.Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024): each answer's score against the other answers to its
+    prompt,
+
+        A_i = (r_i − mean_g r) / s          s = std_g r + ε  (scale "group"), std of the whole batch + ε ("batch"),
+                                            or 1 ("none": Dr. GRPO, Liu et al. 2025, which drops the division)
+
+    scores [B] hold consecutive groups of `group_size` answers to one prompt; returns [B]. The std is unbiased
+    (n − 1); "batch" uses the global batch's (`total` sums over processes)."""
+    r = scores.view(-1, group_size)
+    centred = r - r.mean(-1, keepdim=True)
+    if scale == "none":
+        return centred.reshape(-1)
+    if scale == "group":
+        return (centred / (r.std(-1, keepdim=True) + eps)).reshape(-1)
+    if scale == "batch":
+        return (centred / (masked_var(scores, torch.ones_like(scores), total).sqrt() + eps)).reshape(-1)
+    raise ValueError(f"unknown advantage scale {scale!r} (group, batch, none)")
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): each answer's baseline is the mean score of the *other*
+    answers to its prompt,
+
+        b_i = (Σ_j r_j − r_i) / (G − 1)        A_i = r_i − b_i = G / (G − 1) · (r_i − mean_g r)
+
+    With G = 2 it is the pairwise difference: A_1 = r_1 − r_2, A_2 = r_2 − r_1. scores [B] in groups; → [B]."""
+    r = scores.view(-1, group_size)
+    baseline = (r.sum(-1, keepdim=True) - r) / (group_size - 1)
+    return (r - baseline).reshape(-1)
+
+
+def zero_std_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B / G] bool: groups whose answers all scored the same; their advantages are 0, they carry no signal."""
+    r = scores.view(-1, group_size)
+    return (r == r[:, :1]).all(-1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

@@ -52,11 +52,15 @@ class Experience:
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(-1)  # [B]
 
-    def logprob_gap(self) -> tuple[float, float]:
-        """(largest, mean) |log π_sampler − log π_old| over the response tokens: 0 up to float noise when the
-        trainer recomputes exactly the distribution the sampler drew from."""
-        gap = (self.sampler_logps - self.old_logps).abs() * self.mask
-        return float(gap.max()), float(gap.sum() / self.mask.sum().clamp(min=1))
+    def logprob_gap(self, rows: list[int] | None = None) -> tuple[float, float]:
+        """(largest, mean) |log π_sampler − log π_old| over the response tokens (of `rows`, or all): 0 up to float
+        noise when the trainer recomputes exactly the distribution the sampler drew from."""
+        rows = list(range(self.size)) if rows is None else rows
+        if not rows:
+            return 0.0, 0.0
+        mask = self.mask[rows]
+        gap = (self.sampler_logps[rows] - self.old_logps[rows]).abs() * mask
+        return float(gap.max()), float(gap.sum() / mask.sum().clamp(min=1))
 
 
 def pack(gens: list[Generation], pad: int, device: torch.device) -> Experience:

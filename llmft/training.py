@@ -9,6 +9,7 @@ import math
 import platform
 import random
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -114,17 +115,16 @@ def make_scheduler(optimizer, train, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def optimizer_step(model, optimizer, scheduler, max_grad_norm: float | None) -> float:
-    """Sum the gradients over data-parallel processes, clip, step, schedule (unless scheduler is None), zero;
-    return the gradient norm before clipping."""
+def optimizer_step(model, optimizer, max_grad_norm: float | None, check_norm: Callable[[float], None]) -> float:
+    """Sum the gradients over data-parallel processes, clip, `check_norm` the norm (it raises on a non-finite one,
+    before the weights are touched), step, zero; return the gradient norm before clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.sync_grads(params)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf")))
+    check_norm(norm)
     optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -125,7 +125,7 @@ def main() -> None:
 
 
 def report(rows: list[dict], args, ppo_metrics: Path) -> None:
-    from llmft.stages.ppo import default_gap_tolerance
+    from llmft.rlcommon import default_gap_tolerance
 
     figures = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "size": args.size, "stages": []}

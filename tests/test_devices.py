@@ -10,7 +10,7 @@ import torch
 
 from llmft import evaluation, generation, modeling, reward_model
 from llmft.config import load_config
-from llmft.stages import dpo, ppo, reward, sft
+from llmft.stages import dpo, grpo, ppo, reward, sft
 from tests.fake_cuda import CUDA, FakeCuda, MixedDevice
 
 
@@ -53,15 +53,17 @@ def stage_config(tiny_model_dir, pref_data, sft_data, tmp_path):
     prompts.write_text("".join(json.dumps({**r, "constraints": [{"type": "lowercase"}]}) + "\n" for r in ROWS))
 
     def write(stage: str, **extra) -> object:
-        data = {"sft": sft_data, "reward": pref_data, "dpo": pref_data, "ppo": prompts}[stage]
+        data = {"sft": sft_data, "reward": pref_data, "dpo": pref_data, "ppo": prompts, "grpo": prompts}[stage]
         cfg = {"model": {"name": str(tiny_model_dir), "dtype": "float32"}, "device": "cuda",
                "data": {"train": str(data), "eval": str(data)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
                "train": {"batch_size": 2, "max_steps": 2, "save_every": 1}, "output_dir": str(tmp_path / stage),
                **extra}
-        if stage == "ppo":
+        if stage in ("ppo", "grpo"):
             cfg["data"]["max_prompt_length"] = 64
-            cfg.update(rollout={"max_new_tokens": 4}, ppo={"num_minibatches": 2},
+            cfg.update(rollout={"max_new_tokens": 4},
                        reward={"model": str(tmp_path / "reward"), "judges": {"constraints": 1.0}, "normalize": True})
+            cfg[stage] = {"num_minibatches": 2} if stage == "ppo" else {
+                "num_generations": 2, "num_minibatches": 2, "iterations": 2, "beta": 0.1, "scale_rewards": "batch"}
         else:
             cfg["data"]["max_length"] = 64
         path = tmp_path / f"{stage}.yaml"
@@ -72,7 +74,7 @@ def stage_config(tiny_model_dir, pref_data, sft_data, tmp_path):
 
 
 def test_every_training_stage_keeps_its_tensors_on_one_device(stage_config, fake_cuda):
-    for module in (sft, reward, dpo, ppo):  # ppo scores with the reward model just trained
+    for module in (sft, reward, dpo, ppo, grpo):  # ppo and grpo score with the reward model just trained
         name = module.__name__.rsplit(".", 1)[-1]
         extra = {"loss": {"precompute_reference": True}} if module is dpo else {}
         metrics = module.run(stage_config(name, **extra))

@@ -212,3 +212,33 @@ def test_a_bad_config_under_a_launcher_is_one_clear_line(tmp_path):
     proc = launch(2, "sft", tmp_path / "bad.yaml")
     assert proc.returncode != 0
     assert proc.stderr.count("unknown key 'bogus'") == 1  # said by rank 0 only, not once per process
+
+
+def test_grpo_two_processes_match_one_process_with_twice_the_batch(tiny_model_dir, tmp_path, monkeypatch):
+    import yaml
+
+    from llmft.stages import grpo
+    from tests import grpo_row_sampler
+    from tests.conftest import ROWS
+
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+
+    def config(batch: int, name: str) -> Path:
+        cfg = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "prompts.jsonl")},
+               "lora": {"r": 4, "alpha": 8}, "rollout": {"max_new_tokens": 5, "temperature": 1.0},
+               "reward": {"judges": {"rouge_l": 1.0}}, "grpo": {"num_generations": 4, "scale_rewards": "batch"},
+               "train": {"batch_size": batch, "max_steps": 2, "learning_rate": 1e-2, "save_every": 10},
+               "output_dir": str(tmp_path / name), "seed": 0}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    monkeypatch.setattr(grpo, "sample", grpo_row_sampler.sample)
+    grpo.run(load_config("grpo", config(8, "one")))  # 2 prompts × 4 answers per step, in one process
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).parent / "grpo_row_sampler.py"), str(config(4, "two"))], env=env,
+                          text=True, capture_output=True, timeout=300)  # 1 prompt × 4 answers on each process
+    ok(proc)
+    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+    same_adapter(tmp_path / "one", tmp_path / "two")

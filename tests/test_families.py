@@ -20,7 +20,7 @@ from llmft.errors import DataError
 from llmft.modeling import last_token_index, load_chat
 from llmft.preferences import collate_pairs
 from llmft.sources import resolve_source
-from llmft.stages import dpo, ppo, reward, sft
+from llmft.stages import dpo, grpo, ppo, reward, sft
 from tests.conftest import PAIRS, ROWS
 from tests.families import BY_NAME, FAMILIES, build
 
@@ -95,7 +95,7 @@ def chain(family, tmp_path_factory):
                                                                                         "dropout": 0.0},
                "train": {"batch_size": 4, "max_steps": steps, "learning_rate": 2e-2, "warmup_ratio": 0.0,
                          "save_every": 100}, "output_dir": str(d / stage), "seed": 0, **extra}
-        if stage != "ppo":
+        if stage not in ("ppo", "grpo"):
             cfg["data"]["max_length"] = 160
         (d / f"{stage}.yaml").write_text(yaml.safe_dump(cfg))
         return load_config(stage, d / f"{stage}.yaml")
@@ -109,6 +109,11 @@ def chain(family, tmp_path_factory):
     runs["ppo_cfg"] = config("ppo", d / "sft", "prompts.jsonl", 2, rollout={"max_new_tokens": 12, "temperature": 1.0},
                              reward={"model": str(d / "reward")}, ppo={"num_minibatches": 2}, samples_every=1)
     runs["ppo"] = ppo.run(runs["ppo_cfg"])
+    runs["grpo"] = grpo.run(config("grpo", d / "sft", "prompts.jsonl", 2, rollout={"max_new_tokens": 12,
+                                                                                   "temperature": 1.0},
+                                   reward={"model": str(d / "reward"), "judges": {"constraints": 1.0}},
+                                   train={"batch_size": 4, "grad_accum": 2, "max_steps": 2, "save_every": 100,
+                                          "learning_rate": 2e-2}, grpo={"num_generations": 4}))
     return runs
 
 
@@ -163,7 +168,7 @@ def test_ppo_samples_the_distribution_it_trains(family, chain):
     assert exp.logprob_gap()[0] < 1e-4
     assert torch.equal(exp.old_logps, exp.ref_logps)  # policy == reference before the first update
     exp.put(advantages=exp.mask * 0.5, returns=exp.values)
-    first = ppo.update_epochs(model, s, exp, lambda: 0.0, step=1)[0]
+    first = ppo.update_epochs(model, s, exp, lambda loss: 0.0, step=1)[0]
     assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["clipfrac"] == 0.0
     end = s.chat.tokenizer.convert_tokens_to_ids(BY_NAME[family[0].name].turn_end)
     for g in exp.generations:  # responses cut at their first stop id, and the reward model's last token is it
@@ -171,6 +176,11 @@ def test_ppo_samples_the_distribution_it_trains(family, chain):
     last = last_token_index(exp.attention_mask)
     ended = [i for i, g in enumerate(exp.generations) if g.finished and g.response_ids[-1] == end]
     assert all(exp.input_ids[i, last[i]] == end for i in ended)
+
+
+def test_grpo_samples_the_distribution_it_trains(family, chain):
+    rows = metrics(chain["dir"] / "grpo")  # μ = 1, one minibatch: the update's forward is the old policy's
+    assert len(rows) == 2 and rows[0]["logprob_gap"] < 1e-4 and rows[0]["ratio"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_eval_and_generate_run_on_the_family(family, chain, capsys, monkeypatch):

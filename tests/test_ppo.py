@@ -174,7 +174,7 @@ def test_first_minibatch_has_ratio_one_and_kl_is_zero_at_step_zero(ppo_config):
     assert exp.logprob_gap()[0] < 1e-4  # the trainer recomputes what the sampler drew from
     exp.put(advantages=whiten(torch.randn_like(exp.old_logps), exp.mask), returns=exp.values)
     calls = []
-    stats = ppo.update_epochs(model, s, exp, lambda: calls.append(1) or 0.0, step=1)
+    stats = ppo.update_epochs(model, s, exp, lambda loss: calls.append(loss) or 0.0, step=1)
     first = stats[0]
     assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["approx_kl"] == pytest.approx(0.0, abs=1e-10)
     assert first["clipfrac"] == 0.0 and first["value_clipfrac"] == 0.0

@@ -219,3 +219,23 @@ def test_every_row_format_trains_end_to_end(fmt, tiny_model_dir, write_config, t
     metrics = run(write_config(tiny_model_dir, data, train__max_steps=2, data__eval_fraction=0.34))
     assert metrics["loss"] > 0 and metrics["eval/loss"] > 0
     assert json.loads((tmp_path / "run" / "llmft.json").read_text())["data"][0]["sha256"]
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_weights_move(tiny_model_dir, sft_data, write_config,
+                                                                     monkeypatch):
+    from llmft import training
+
+    cfg = write_config(tiny_model_dir, sft_data, train__batch_size=2, train__save_every=2)
+    real_clip, clips = torch.nn.utils.clip_grad_norm_, []
+    real_step, steps = torch.optim.AdamW.step, []
+
+    def clip(params, max_norm):
+        clips.append(1)
+        norm = real_clip(params, max_norm)
+        return norm * float("nan") if len(clips) == 3 else norm
+
+    monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    with pytest.raises(TrainingAborted, match=r"non-finite grad_norm \(nan\) at step 3.*checkpoint-2"):
+        run(cfg)
+    assert len(steps) == 2  # steps 1 and 2 updated the weights; step 3 did not

@@ -20,7 +20,7 @@ import torch
 from llmft import distributed, loop
 from llmft import preferences as P
 from llmft.config import DPOConfig
-from llmft.loop import Stage, plan_table, run_stage, steps_row
+from llmft.loop import Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import REFERENCE_FREE, preference_loss, with_chosen_nll
 from llmft.modeling import add_lora, disable_dropout, load_model, resolve_model, sequence_logps
 from llmft.training import autocast, console, plan_for, require_dropout_off
@@ -77,7 +77,7 @@ def stage(s: Setup, model) -> Stage:
             if ps:
                 s.reference[split] = reference_logps(model, ps.pairs, s)
 
-    def step(micro_batches: list[list[int]]) -> tuple[dict, dict]:
+    def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
         pairs = sum(len(mb) for mb in micro_batches)
         num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean
         total, rewards, logps, tokens = 0.0, [], [], 0
@@ -92,7 +92,7 @@ def stage(s: Setup, model) -> Stage:
             logps.append(lp)
             tokens += int(batch["attention_mask"].sum())
         metrics = pair_metrics(torch.cat(rewards, dim=1), torch.cat(logps, dim=1))
-        return {"loss": total, **metrics}, {"tokens": tokens, "pairs": pairs}
+        return {"loss": total, "grad_norm": ctx.update(total), **metrics}, {"tokens": tokens, "pairs": pairs}
 
     def run_eval() -> dict:
         return evaluate(model, s)

@@ -19,44 +19,44 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llmft import distributed, loop
+from llmft import distributed
 from llmft.actor_critic import POLICY, REFERENCE, VALUE, ActorCritic
-from llmft.chat import tokenizer_difference
-from llmft.checkpoint import content_hash
 from llmft.config import PPOConfig
-from llmft.data import Record, read_all
-from llmft.errors import ConfigError, DataError, ModelError, TrainingAborted
-from llmft.generation import generate, prompt_messages
-from llmft.loop import Stage, plan_table, resolved_name, run_stage
+from llmft.errors import ConfigError
+from llmft.loop import Stage, StepContext, plan_table, run_stage
 from llmft.losses import ppo_policy_loss, ppo_value_loss
-from llmft.modeling import add_lora, disable_dropout, load_model, load_tokenizer, resolve_model
+from llmft.modeling import add_lora, disable_dropout, load_model, resolve_model
 from llmft.reward_model import RewardScorer
 from llmft.rewards import Scorer
 from llmft.rl import KLController, explained_variance, gae, kl_per_token, shaped_rewards, whiten
-from llmft.rollout import Experience, chunks, pack, response_logps, value_estimates
-from llmft.sources import resolve_source
-from llmft.training import MetricsLog, console, plan_steps, require_dropout_off
+from llmft.rlcommon import (
+    RLSetup,
+    check_finite,
+    check_logprob_gap,
+    check_reward_model,
+    check_sampling_config,
+    evaluate,
+    load_prompts,
+    mean_of,
+    no_eos_share,
+    phase,
+    policy_logps,
+    sample,
+    sample_rows,
+    score_rollout,
+    stop_names,
+)
+from llmft.rollout import Experience, chunks, value_estimates
+from llmft.training import MetricsLog, console, plan_steps
 
 
 @dataclass
-class PromptSet:
-    records: list[Record]
-    ids: list[list[int]]  # chat-templated prompt token ids, ready to be answered
-    too_long: int  # prompts dropped for exceeding data.max_prompt_length
-
-
-@dataclass
-class Setup(loop.Setup):
-    scorer: Scorer | None = None
-    share_reward: bool = False  # the reward checkpoint was trained on the policy's own base weights
-    external_reward: RewardScorer | None = None  # the reward model when it cannot share the base
+class Setup(RLSetup):
     kl: KLController | None = None
 
 
@@ -79,16 +79,7 @@ def setup(cfg: PPOConfig) -> Setup:
 
 
 def check_config(cfg: PPOConfig) -> None:
-    require_dropout_off(cfg, "ppo", "ratios and KL compare outputs of the same network")
-    if cfg.model.chat_template:
-        raise ConfigError("model.chat_template: give a model its chat template in the stage that starts from it "
-                          "(usually sft); ppo keeps the template of the policy it starts from")
-    r = cfg.rollout
-    if r.temperature <= 0:
-        raise ConfigError("rollout.temperature must be > 0: PPO samples its responses (0.7 is usual)")
-    if r.top_p < 1 or r.top_k:
-        raise ConfigError("rollout.top_p must be 1.0 and rollout.top_k 0 in ppo: the trainer's log-probs are those of "
-                          "softmax(z / T) over the whole vocabulary, so the sampler must draw from exactly that")
+    check_sampling_config(cfg, "ppo")
     if cfg.ppo.kl_estimator != "k1":
         raise ConfigError("ppo.kl_estimator: k3 is refused. As a per-token reward only k1 = log π − log π_ref gives "
                           "the gradient of KL(π‖ref); k3 there gives ∇KL(π‖ref) − ∇KL(ref‖π) (Shah et al. 2025, "
@@ -101,38 +92,6 @@ def check_config(cfg: PPOConfig) -> None:
 def rollout_size(cfg: PPOConfig) -> int:
     """Prompts one process answers per step (one response each)."""
     return cfg.train.batch_size * cfg.train.grad_accum * cfg.ppo.num_minibatches
-
-
-def load_prompts(path: str | list[str], cfg: PPOConfig, chat) -> PromptSet:
-    records, ids, too_long = [], [], 0
-    for r in read_all(path, cfg.data.split):
-        p = chat.prompt_ids(prompt_messages(r), r.where)
-        if len(p) > cfg.data.max_prompt_length:
-            too_long += 1
-            continue
-        records.append(r)
-        ids.append(p)
-    if not ids:
-        raise DataError(f"{path}: no prompt fits data.max_prompt_length={cfg.data.max_prompt_length} "
-                        f"({too_long} longer)")
-    return PromptSet(records, ids, too_long)
-
-
-def check_reward_model(cfg: PPOConfig, source, chat) -> bool:
-    """Refuse a reward model that tokenizes or templates differently (it scores the policy's own token ids);
-    return whether it was trained on the policy's own base weights (then all roles share one base)."""
-    if not cfg.reward.model:
-        return False
-    rm = resolve_source(cfg.reward.model)
-    if rm.kind != "stage" or rm.manifest.get("stage") != "reward":
-        raise ModelError(f"reward.model {cfg.reward.model} is not a reward model (an llmft reward output)")
-    if what := tokenizer_difference(load_tokenizer(rm), chat.tokenizer):
-        raise ModelError(f"reward model {cfg.reward.model} has another {what} than policy {cfg.model.name}: it "
-                         f"must score the policy's own tokens, so both need the same tokenizer and chat template")
-    parent = rm.manifest.get("parent") or {}
-    same_base = rm.manifest["model"]["resolved"] == resolved_name(source) and (
-        source.kind != "stage" or parent.get("sha256") == content_hash(source.path))
-    return same_base
 
 
 def show_plan(s: Setup) -> None:
@@ -160,10 +119,6 @@ def show_plan(s: Setup) -> None:
     console.print(t)
 
 
-def stop_names(chat) -> str:
-    return ", ".join(chat.tokenizer.convert_ids_to_tokens(i) for i in chat.stop_ids)
-
-
 # --------------------------------------------------------------------------------------------- train
 def run(cfg: PPOConfig, dry_run: bool = False) -> dict | None:
     """The `llmft ppo` command: returns the final metrics (None for a dry run or a finished run)."""
@@ -186,11 +141,11 @@ def stage(s: Setup, model: ActorCritic) -> Stage:
     run_dir = s.cfg.output_dir
     samples: dict[str, MetricsLog] = {}
 
-    def step(micro_batches: list[list[int]], update, step_no: int) -> tuple[dict, dict]:
-        metrics, samples_rows = ppo_step(model, s, micro_batches[0], update, step_no)
-        if step_no % s.cfg.samples_every == 0 or step_no == 1:
+    def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
+        metrics, samples_rows = ppo_step(model, s, micro_batches[0], ctx.update, ctx.number)
+        if ctx.number % s.cfg.samples_every == 0 or ctx.number == 1:
             for row in samples_rows:
-                samples["log"].log(step_no, row)
+                samples["log"].log(ctx.number, row)
         counts = {"episodes": len(micro_batches[0]), "tokens": metrics.pop("tokens")}
         return metrics, counts
 
@@ -204,7 +159,7 @@ def stage(s: Setup, model: ActorCritic) -> Stage:
         return {"kl_coef": s.kl.value, "score_moments": dataclasses.asdict(s.scorer.moments)}
 
     return Stage("ppo", s.cfg, s.plan, s.device, step, (lambda: evaluate(model, s)) if s.eval else None,
-                 shown=("score", "kl", "length", "loss", "lr"), inner_steps=True, state=state, resume=resume)
+                 shown=("score", "kl", "length", "loss", "lr"), state=state, resume=resume)
 
 
 def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: int) -> tuple[dict, list[dict]]:
@@ -219,7 +174,7 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
         exp.put(scores=s.scorer.shape(score))
     with phase(times, "evaluate", s.device):
         evaluate_roles(model, s, exp)
-        gap, gap_mean = check_logprob_gap(s, exp, step)
+        gap, gap_mean = check_logprob_gap(s, exp, step, cfg.ppo.logprob_gap_tolerance, "ppo.logprob_gap_tolerance")
     with phase(times, "advantages", s.device):
         kl = kl_per_token(exp.old_logps, exp.ref_logps) * exp.mask  # k1 [B, R]
         rewards = shaped_rewards(exp.scores, kl, exp.mask, s.kl.value)
@@ -250,31 +205,10 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
 # ------------------------------------------------------------------------------------------- rollout
 def rollout(model: ActorCritic, s: Setup, prompt_idx: list[int], seed: int) -> Experience:
     """Sample one response per prompt with the policy, with the sampler's own log-probs."""
-    sampling = dataclasses.replace(s.cfg.rollout, seed=seed)
-    gens = generate(model.lm, s.chat, [s.train.ids[i] for i in prompt_idx], sampling, logprobs=True)
-    return pack(gens, s.chat.pad_id, s.device)
-
-
-def score_rollout(model: ActorCritic, s: Setup, exp: Experience, rows: list[dict]):
-    """Every source's scores and their total [B] (before normalisation), on the host."""
-    model_scores = None
-    if s.share_reward:
-        model_scores = torch.cat([model.rewards(exp.input_ids[r], exp.attention_mask[r])
-                                  for r in chunks(range(exp.size), s.cfg.train.batch_size)])
-    elif s.external_reward:
-        model_scores = s.external_reward.score_ids([g.prompt_ids + g.response_ids for g in exp.generations])
-    prompts = [s.chat.decode(g.prompt_ids) for g in exp.generations]
-    parts = s.scorer.parts(prompts, [g.text for g in exp.generations], rows, model_scores)
-    finished = torch.tensor([g.finished for g in exp.generations])
-    return parts, s.scorer.total(parts, finished)
+    return sample(model, s, [s.train.ids[i] for i in prompt_idx], seed)
 
 
 # ------------------------------------------------------------------------------------------ forwards
-def policy_logps(model: ActorCritic, s: Setup, exp: Experience, rows: list[int], with_entropy: bool = False):
-    """log π(y_t) of the active role at the sampling temperature [b, R], and the entropy when asked."""
-    return response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype, with_entropy)
-
-
 @torch.no_grad()
 def evaluate_roles(model: ActorCritic, s: Setup, exp: Experience) -> None:
     """Old log-probs, entropy, reference log-probs and values of the experience, each [B, R] fp32."""
@@ -289,27 +223,6 @@ def evaluate_roles(model: ActorCritic, s: Setup, exp: Experience) -> None:
         for key, t in zip(out, (logps, entropy, ref, values), strict=True):
             out[key].append(t)
     exp.put(**{key: torch.cat(ts) for key, ts in out.items()})
-
-
-def check_logprob_gap(s: Setup, exp: Experience, step: int) -> tuple[float, float]:
-    """The sampler's log-probs against the trainer's recomputation (largest and mean gap, over every process);
-    at step 1 a mean gap above the tolerance stops the run: the trainer is not computing the distribution the
-    responses were drawn from (soft-capping, a sampling processor, temperature, padding...)."""
-    gap, gap_mean = exp.logprob_gap()
-    gap = distributed.maximum(gap)
-    gap_mean = distributed.total(gap_mean) / distributed.world().size
-    tolerance = s.cfg.ppo.logprob_gap_tolerance or default_gap_tolerance(s.device, s.dtype)
-    if step == 1 and gap_mean > tolerance:
-        raise TrainingAborted(f"step 1: the trainer's log-probs differ from the sampler's by {gap_mean:.3g} per token "
-                              f"on average (largest {gap:.3g}; tolerance {tolerance:g}): PPO would optimise another "
-                              f"distribution than the one it samples. Report it with `llmft env`; "
-                              f"ppo.logprob_gap_tolerance raises the limit")
-    return gap, gap_mean
-
-
-def default_gap_tolerance(device: torch.device, dtype: torch.dtype) -> float:
-    """Exact fp32 on the CPU agrees to ~1e-6 per token; TF32 and 16-bit kernels on a GPU differ more."""
-    return 1e-3 if device.type == "cpu" and dtype == torch.float32 else 0.05
 
 
 # -------------------------------------------------------------------------------------------- update
@@ -327,8 +240,7 @@ def update_epochs(model: ActorCritic, s: Setup, exp: Experience, update, step: i
             parts = [micro_update(model, s, exp, rows, num_tokens) for rows in chunks(minibatch, cfg.train.batch_size)]
             mb = token_weighted(parts)  # this process's statistics; the loop averages them over processes
             mb["loss"] = sum(p["loss"] for p in parts)  # this process's share of the global loss
-            check_finite(step, "loss", torch.tensor(mb["loss"]))
-            mb["grad_norm"] = update()
+            mb["grad_norm"] = update(mb["loss"])
             stats.append(mb)
     return stats
 
@@ -361,46 +273,3 @@ def micro_update(model: ActorCritic, s: Setup, exp: Experience, rows: list[int],
             "ratio": st["ratio"]}
 
 
-# ----------------------------------------------------------------------------------------------- eval
-@torch.no_grad()
-def evaluate(model: ActorCritic, s: Setup) -> dict[str, float]:
-    """Greedy answers to the held-out prompts, scored by the same sources (no penalty shaping, no KL)."""
-    sampling = dataclasses.replace(s.cfg.rollout, temperature=0.0)
-    exp = pack(generate(model.lm, s.chat, s.eval.ids, sampling), s.chat.pad_id, s.device)
-    parts, score = score_rollout(model, s, exp, [r.row for r in s.eval.records])
-    out = {"eval/score": float(score.mean()), **{f"eval/score/{k}": float(v.mean()) for k, v in parts.items()},
-           "eval/length": float(exp.lengths().mean()), "eval/no_eos": no_eos_share(exp)}
-    if "constraints" in parts:
-        out["eval/constraints/pass_rate"] = float((parts["constraints"] == 1.0).float().mean())
-    model.train()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- utils
-def sample_rows(exp: Experience, rows: list[dict], parts: dict, score: torch.Tensor, n: int = 4) -> list[dict]:
-    return [{"prompt": prompt_messages(Record(row, "sample"))[-1]["content"], "response": g.text,
-             "finished": g.finished, "score": float(score[i]), **{k: float(v[i]) for k, v in parts.items()}}
-            for i, (row, g) in enumerate(zip(rows[:n], exp.generations[:n], strict=False))]
-
-
-def no_eos_share(exp: Experience) -> float:
-    return 1 - sum(g.finished for g in exp.generations) / exp.size
-
-
-def mean_of(stats: list[dict], key: str) -> float:
-    return sum(st[key] for st in stats) / len(stats)
-
-
-def check_finite(step: int, what: str, values: torch.Tensor) -> None:
-    if distributed.any_rank(not bool(torch.isfinite(values).all())):  # every process stops together
-        raise TrainingAborted(f"non-finite {what} at step {step} ({values.tolist()[:4]}...); stopped before "
-                              f"updating the weights with it; the last checkpoint in the output_dir is kept")
-
-
-@contextmanager
-def phase(times: dict, name: str, device: torch.device):
-    start = time.perf_counter()
-    yield
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times[name] = time.perf_counter() - start

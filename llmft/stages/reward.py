@@ -17,7 +17,7 @@ from llmft import distributed
 from llmft import preferences as P
 from llmft.config import RewardConfig
 from llmft.errors import ConfigError
-from llmft.loop import Setup, Stage, plan_table, run_stage, steps_row
+from llmft.loop import Setup, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import pairwise_accuracy, reward_loss
 from llmft.modeling import (
     add_lora,
@@ -76,7 +76,7 @@ def build_model(s: Setup) -> RewardModel:
 def stage(s: Setup, model: RewardModel) -> Stage:
     pad, loss_cfg = s.chat.pad_id, s.cfg.loss
 
-    def step(micro_batches: list[list[int]]) -> tuple[dict, dict]:
+    def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
         pairs = sum(len(mb) for mb in micro_batches)
         num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean
         total, chosen, rejected, tokens = 0.0, [], [], 0
@@ -90,8 +90,8 @@ def stage(s: Setup, model: RewardModel) -> Stage:
             chosen.append(r_c.detach())
             rejected.append(r_r.detach())
             tokens += int(batch["attention_mask"].sum())
-        return {"loss": total, **pair_metrics(torch.cat(chosen), torch.cat(rejected))}, \
-            {"tokens": tokens, "pairs": pairs}
+        metrics = pair_metrics(torch.cat(chosen), torch.cat(rejected))
+        return {"loss": total, "grad_norm": ctx.update(total), **metrics}, {"tokens": tokens, "pairs": pairs}
 
     def run_eval() -> dict:
         return evaluate(model, s.eval, s.cfg, pad, s.device, s.dtype)

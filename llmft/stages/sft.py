@@ -14,7 +14,7 @@ import torch
 from llmft import data as D
 from llmft import distributed
 from llmft.config import SFTConfig
-from llmft.loop import Setup, Stage, plan_table, run_stage, steps_row
+from llmft.loop import Setup, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import sft_loss
 from llmft.modeling import (
     add_lora,
@@ -69,10 +69,10 @@ def stage(s: Setup, model) -> Stage:
     """One SFT step: collate its micro-batches and accumulate the token-mean cross entropy."""
     pad = s.chat.pad_id
 
-    def step(micro_batches: list[list[int]]) -> tuple[dict, dict]:
+    def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
         batches = [D.collate([s.train.examples[i] for i in mb], pad) for mb in micro_batches]
         loss, tokens = accumulate(model, batches, s.device, s.dtype)
-        return {"loss": loss}, {"tokens": tokens}
+        return {"loss": loss, "grad_norm": ctx.update(loss)}, {"tokens": tokens}
 
     def run_eval() -> dict:
         return {"eval/loss": evaluate(model, s.eval, s.cfg.train.batch_size, pad, s.device, s.dtype)}

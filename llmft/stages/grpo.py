@@ -1,0 +1,344 @@
+"""Critic-free RL: GRPO and its family (Dr. GRPO, DAPO, GSPO, RLOO), on the rollout core PPO uses.
+
+    setup     → policy source (the SFT output, its adapter merged), prompts, reward sources, plan (a step = the prompts
+                whose G answers each make train.batch_size × train.grad_accum × grpo.num_minibatches answers per
+                process; groups never span processes)
+    model     → one base: the policy adapter (new), the reward model's adapter and head when it shares the base
+                (frozen), the reference = every adapter off; no critic; dropout off
+    step      → rollout     G answers to each prompt in one batched generation, cut at the first stop id, with the
+                            sampler's own log-probs                                         → Experience [B = P·G]
+                score       judges and/or reward model, − penalty without a stop id [, normalise, clip]      [B]
+                            dynamic sampling: groups that all scored the same are skipped, or refilled with
+                            groups of fresh prompts
+                advantage   group-relative (r − mean_g) / scale, or leave-one-out (RLOO); the same A_i on every
+                            token of answer i                                                               [B, R]
+                evaluate    old log-probs (only when μ > 1 or several minibatches), reference log-probs (only
+                            when β > 0)
+                update      μ passes × shuffled minibatches: the clipped surrogate (ε_low, ε_high), per token or
+                            per sequence, + β·k3, aggregated per token / per answer / by a constant
+    save      → the policy adapter at the top level (a policy for `llmft eval` or a later stage); samples.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmft import distributed
+from llmft.actor_critic import POLICY, REFERENCE, ActorCritic
+from llmft.config import GRPOConfig
+from llmft.errors import ConfigError
+from llmft.generation import Generation
+from llmft.loop import Stage, StepContext, plan_table, run_stage
+from llmft.losses import grpo_policy_loss
+from llmft.modeling import add_lora, disable_dropout, load_model, resolve_model
+from llmft.reward_model import RewardScorer
+from llmft.rewards import Scorer
+from llmft.rl import group_advantages, rloo_advantages, zero_std_groups
+from llmft.rlcommon import (
+    RLSetup,
+    check_finite,
+    check_logprob_gap,
+    check_reward_model,
+    check_sampling_config,
+    evaluate,
+    load_prompts,
+    mean_of,
+    phase,
+    policy_logps,
+    sample,
+    sample_rows,
+    score_rollout,
+    stop_names,
+)
+from llmft.rollout import Experience, chunks, pack
+from llmft.training import MetricsLog, console, plan_steps
+
+
+@dataclass
+class Group:
+    """The answers to one prompt, scored."""
+
+    prompt: int  # index into the training prompts
+    generations: list[Generation]  # G
+    parts: dict[str, torch.Tensor]  # each source's scores [G]
+    scores: torch.Tensor  # [G] their total (before normalising)
+
+
+# --------------------------------------------------------------------------------------------- setup
+def setup(cfg: GRPOConfig) -> RLSetup:
+    check_config(cfg)
+    source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
+    train = load_prompts(cfg.data.train, cfg, chat)
+    evals = load_prompts(cfg.data.eval, cfg, chat) if cfg.data.eval else None
+    share = check_reward_model(cfg, source, chat)
+    scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []))
+    per_step = prompts_per_process(cfg) * distributed.world().size
+    if len(train.ids) < per_step:
+        raise ConfigError(f"data.train has {len(train.ids)} prompts, fewer than one step's {per_step} (answers per "
+                          f"process / grpo.num_generations × processes)")
+    plan = plan_steps(len(train.ids), per_step, 1, cfg.train.epochs, cfg.train.max_steps, cfg.seed, per_step)
+    return RLSetup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None)
+
+
+def check_config(cfg: GRPOConfig) -> None:
+    check_sampling_config(cfg, "grpo")
+    g, answers = cfg.grpo.num_generations, answers_per_process(cfg)
+    if answers % g:
+        raise ConfigError(f"train.batch_size × train.grad_accum × grpo.num_minibatches = {answers} answers per "
+                          f"process per step is not a whole number of groups of grpo.num_generations = {g}: make "
+                          f"it a multiple of {g}")
+    if cfg.grpo.advantage == "rloo" and cfg.grpo.scale_rewards != "group":
+        raise ConfigError("grpo.scale_rewards applies to advantage: group; rloo's advantages are not scaled")
+
+
+def answers_per_process(cfg: GRPOConfig) -> int:
+    return cfg.train.batch_size * cfg.train.grad_accum * cfg.grpo.num_minibatches
+
+
+def prompts_per_process(cfg: GRPOConfig) -> int:
+    return answers_per_process(cfg) // cfg.grpo.num_generations
+
+
+def show_plan(s: RLSetup) -> None:
+    cfg, g, t = s.cfg, s.cfg.grpo, plan_table("grpo", s)
+    for name, ps in (("train", s.train), ("eval", s.eval)):
+        if ps:
+            t.add_row(f"{name} prompts", f"{len(ps.ids)} (dropped, longer than {cfg.data.max_prompt_length} "
+                                         f"tokens: {ps.too_long})")
+    procs = distributed.world().size
+    per_step = prompts_per_process(cfg) * procs
+    left = len(s.train.ids) % per_step
+    t.add_row("steps", f"{s.plan.total} rollouts of {per_step} prompts × {g.num_generations} answers "
+                       f"({answers_per_process(cfg)} answers per process); each: {g.iterations} passes × "
+                       f"{g.num_minibatches} minibatches" + (f"; {left} prompts per epoch left out" if left else ""))
+    scale = f"scaled by {g.scale_rewards} std" if g.advantage == "group" else "leave-one-out"
+    t.add_row("update", f"{g.advantage} advantage ({scale}); clip [1 − {g.epsilon_low}, 1 + {g.epsilon_high}] per "
+                        f"{g.importance_sampling}; {g.loss_aggregation}; β {g.beta}; dynamic sampling "
+                        f"{g.dynamic_sampling}")
+    rm = cfg.reward.model
+    roles = f"reward model {rm} ({'shares the base' if s.share_reward else 'own base'})" if rm else "no reward model"
+    t.add_row("reward", f"{roles}; judges {dict(cfg.reward.judges) or 'none'}; "
+                        f"no-stop penalty {cfg.reward.missing_eos_penalty}")
+    t.add_row("rollout", f"temperature {cfg.rollout.temperature}, max_new_tokens {cfg.rollout.max_new_tokens}; "
+                         f"stops at {stop_names(s.chat)}")
+    console.print(t)
+
+
+# --------------------------------------------------------------------------------------------- train
+def run(cfg: GRPOConfig, dry_run: bool = False) -> dict | None:
+    """The `llmft grpo` command: returns the final metrics (None for a dry run or a finished run)."""
+    return run_stage("grpo", cfg, sys.modules[__name__], dry_run)
+
+
+def build_model(s: RLSetup) -> ActorCritic:
+    cfg = s.cfg
+    lm = add_lora(load_model(s.source, s.dtype, s.device, cfg.model), cfg.lora, cfg.train.gradient_checkpointing)
+    model = ActorCritic(lm, cfg.reward.model, s.share_reward, critic=False)
+    disable_dropout(model)
+    if cfg.reward.model and not s.share_reward:
+        console.print(f"[yellow]reward model {cfg.reward.model} was trained on other base weights: loading it "
+                      f"separately (a second copy of the base in memory)")
+        s.external_reward = RewardScorer.load(cfg.reward.model, cfg.device, cfg.model.dtype, cfg.train.batch_size)
+    return model
+
+
+def stage(s: RLSetup, model: ActorCritic) -> Stage:
+    samples: dict[str, MetricsLog] = {}
+
+    def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
+        metrics, rows = grpo_step(model, s, micro_batches[0], ctx.update, ctx.number)
+        if ctx.number % s.cfg.samples_every == 0 or ctx.number == 1:
+            for row in rows:
+                samples["log"].log(ctx.number, row)
+        return metrics, {"episodes": metrics.pop("episodes"), "tokens": metrics.pop("tokens")}
+
+    def resume(state: dict | None) -> None:
+        samples["log"] = MetricsLog(Path(s.cfg.output_dir), state["step"] if state else None, False,
+                                    name="samples.jsonl")
+        if state:
+            s.scorer.moments = dataclasses.replace(s.scorer.moments, **state["score_moments"])
+
+    def state() -> dict:
+        return {"score_moments": dataclasses.asdict(s.scorer.moments)}
+
+    return Stage("grpo", s.cfg, s.plan, s.device, step, (lambda: evaluate(model, s)) if s.eval else None,
+                 shown=("reward", "frac_reward_zero_std", "completions/mean_length", "loss", "lr"), state=state,
+                 resume=resume)
+
+
+def grpo_step(model: ActorCritic, s: RLSetup, prompt_idx: list[int], update, step: int) -> tuple[dict, list[dict]]:
+    cfg, g, times = s.cfg, s.cfg.grpo, {}
+    with phase(times, "generation", s.device):
+        groups, refilled = rollout(model, s, prompt_idx, step)
+        exp = pack([a for grp in groups for a in grp.generations], s.chat.pad_id, s.device)
+    with phase(times, "scoring", s.device):
+        score = torch.cat([grp.scores for grp in groups])  # [B]
+        check_finite(step, "score", score)
+        exp.put(scores=s.scorer.shape(score))
+        zero = zero_std_groups(exp.scores.cpu(), g.num_generations)  # [B / G]
+    with phase(times, "advantages", s.device):
+        exp.put(advantages=advantages(exp.scores, cfg)[:, None] * exp.mask)  # [B, R]
+    keep = [i for i in range(exp.size) if not (g.dynamic_sampling == "skip" and zero[i // g.num_generations])]
+    with phase(times, "evaluate", s.device):
+        evaluate_roles(model, s, exp)
+    with phase(times, "update", s.device):
+        stats = update_passes(model, s, exp, keep, update, step)
+        gap, gap_mean = check_logprob_gap(s, exp, step, g.logprob_gap_tolerance, "grpo.logprob_gap_tolerance", keep)
+    metrics = step_metrics(s, exp, groups, score, zero, stats, times)
+    metrics.update(logprob_gap=gap, logprob_gap_mean=gap_mean, refilled_groups=refilled)
+    rows = [s.train.records[grp.prompt].row for grp in groups for _ in grp.generations]
+    return metrics, sample_rows(exp, rows, {k: torch.cat([grp.parts[k] for grp in groups]) for k in groups[0].parts},
+                                score)
+
+
+# ------------------------------------------------------------------------------------------- rollout
+def rollout(model: ActorCritic, s: RLSetup, prompt_idx: list[int], step: int) -> tuple[list[Group], int]:
+    """G scored answers to each prompt; with dynamic sampling "refill", the groups that all scored the same are
+    replaced by groups of fresh prompts, for up to grpo.max_refills rounds (every process runs as many rounds and
+    samples as many prompts as the one that needs most: sampling is collective under FSDP). Returns the groups and
+    how many were replaced."""
+    g = s.cfg.grpo
+    groups = sample_groups(model, s, prompt_idx, seed(s, step, 0))
+    refilled = 0
+    for round_ in range(1, g.max_refills + 1 if g.dynamic_sampling == "refill" else 1):
+        flat = [i for i, grp in enumerate(groups) if bool((grp.scores == grp.scores[0]).all())]
+        need = int(distributed.maximum(len(flat)))
+        if need == 0:
+            break
+        draw = torch.Generator().manual_seed(seed(s, step, round_))
+        fresh = sample_groups(model, s, torch.randint(len(s.train.ids), (need,), generator=draw).tolist(),
+                              seed(s, step, round_))
+        for i, new in zip(flat, fresh, strict=False):
+            groups[i] = new
+            refilled += 1
+    return groups, refilled
+
+
+def seed(s: RLSetup, step: int, round_: int) -> int:
+    """The sampling seed of a step's round on this process: a pure function of them, so a resumed run samples
+    what the uninterrupted one did."""
+    cfg = s.cfg
+    return (cfg.seed * 1_000_003 + cfg.rollout.seed * 1009 + step + 7_919 * round_
+            + 100_000_007 * distributed.world().rank)
+
+
+def sample_groups(model: ActorCritic, s: RLSetup, prompt_idx: list[int], seed_: int) -> list[Group]:
+    g = s.cfg.grpo.num_generations
+    exp = sample(model, s, [s.train.ids[i] for i in prompt_idx for _ in range(g)], seed_)
+    parts, scores = score_rollout(model, s, exp, [s.train.records[i].row for i in prompt_idx for _ in range(g)])
+    return [Group(p, exp.generations[k * g:(k + 1) * g], {n: v[k * g:(k + 1) * g] for n, v in parts.items()},
+                  scores[k * g:(k + 1) * g]) for k, p in enumerate(prompt_idx)]
+
+
+def advantages(scores: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
+    """Each answer's advantage [B] from the scores [B] of consecutive groups."""
+    g = cfg.grpo
+    if g.advantage == "rloo":
+        return rloo_advantages(scores, g.num_generations)
+    return group_advantages(scores, g.num_generations, g.scale_rewards, total=distributed.sum_tensor)
+
+
+# ------------------------------------------------------------------------------------------ forwards
+@torch.no_grad()
+def evaluate_roles(model: ActorCritic, s: RLSetup, exp: Experience) -> None:
+    """The old log-probs, when the update needs them (μ > 1 or several minibatches: else the ratio is exactly 1
+    and the update's own forward gives them), and the reference log-probs when β > 0."""
+    g = s.cfg.grpo
+    need_old, need_ref = g.iterations > 1 or g.num_minibatches > 1, g.beta > 0
+    for role, key, needed in ((POLICY, "old_logps", need_old), (REFERENCE, "ref_logps", need_ref)):
+        if needed:
+            with model.role(role):
+                exp.put(**{key: torch.cat([policy_logps(model, s, exp, rows)[0]
+                                           for rows in chunks(range(exp.size), s.cfg.train.batch_size)])})
+
+
+# -------------------------------------------------------------------------------------------- update
+def update_passes(model: ActorCritic, s: RLSetup, exp: Experience, keep: list[int], update, step: int) -> list[dict]:
+    """grpo.iterations passes over the kept answers in shuffled minibatches, one optimizer step each (every process
+    takes the same number, a minibatch left empty by dynamic sampling included). Returns each minibatch's stats."""
+    g, n = s.cfg.grpo, exp.size
+    if exp.old_logps is None:  # μ = 1, one minibatch: the update's own forward is the old policy; and the gap
+        exp.old_logps = torch.zeros_like(exp.mask)
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[keep] = True
+    model.train()
+    stats = []
+    for it in range(g.iterations):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(s.cfg.seed + 7919 * step + it)).tolist()
+        for minibatch in chunks(order, n // g.num_minibatches):
+            rows = [r for r in minibatch if kept[r]]
+            normaliser = distributed.total(loss_normaliser(s, exp, rows))
+            parts = [micro_update(model, s, exp, mb, normaliser, it) for mb in chunks(rows, s.cfg.train.batch_size)]
+            loss = sum(p["loss"] for p in parts)
+            stat = weighted(parts) if parts else {}
+            stat["loss"], stat["grad_norm"] = loss, update(loss)
+            stats.append(stat)
+    return stats
+
+
+def loss_normaliser(s: RLSetup, exp: Experience, rows: list[int]) -> float:
+    """This process's part of the minibatch's denominator for grpo.loss_aggregation."""
+    agg = s.cfg.grpo.loss_aggregation
+    if agg == "token_mean":
+        return float(exp.mask[rows].sum()) if rows else 0.0
+    return float(len(rows) * (s.cfg.rollout.max_new_tokens if agg == "constant" else 1))
+
+
+def micro_update(model: ActorCritic, s: RLSetup, exp: Experience, rows: list[int], normaliser: float,
+                 iteration: int) -> dict:
+    """Forward and backward of one micro-batch under the policy adapter; its share of the minibatch's loss."""
+    g, mask = s.cfg.grpo, exp.mask[rows]
+    first_pass_is_old = g.iterations == 1 and g.num_minibatches == 1
+    with model.role(POLICY):
+        logps, entropy = policy_logps(model, s, exp, rows, with_entropy=True)
+        if first_pass_is_old:  # π_old = π_θ before this update: the ratio is exactly 1, and these are the old ones
+            exp.old_logps[rows] = logps.detach()
+        loss, st = grpo_policy_loss(logps, exp.old_logps[rows], exp.advantages[rows], mask, max(normaliser, 1e-9),
+                                    g.epsilon_low, g.epsilon_high, g.importance_sampling, g.loss_aggregation,
+                                    exp.ref_logps[rows] if g.beta else None, g.beta)
+        loss.backward()
+    tokens = float(mask.sum())
+    return {"loss": loss.item(), "tokens": tokens, **st,
+            "entropy": float((entropy.detach() * mask).sum() / max(tokens, 1)) if iteration == 0 else float("nan")}
+
+
+def weighted(parts: list[dict]) -> dict:
+    """Micro-batch statistics → the minibatch's, each weighted by its micro-batch's tokens."""
+    tokens = sum(p["tokens"] for p in parts) or 1.0
+    return {k: sum(p[k] * p["tokens"] for p in parts) / tokens for k in parts[0] if k not in ("tokens", "loss")}
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def step_metrics(s: RLSetup, exp: Experience, groups: list[Group], score: torch.Tensor, zero: torch.Tensor,
+                 stats: list[dict], times: dict) -> dict:
+    """The step's figures under the names TRL's GRPOTrainer logs."""
+    g = s.cfg.grpo.num_generations
+    lengths = exp.lengths()
+    finished = torch.tensor([a.finished for a in exp.generations])
+    terminated = lengths.cpu()[finished]
+    with_stats = [st for st in stats if "ratio" in st]
+    first = [st for st in with_stats if st["entropy"] == st["entropy"]]  # the first pass's minibatches
+    metrics = {
+        "loss": mean_of(stats, "loss"), "grad_norm": stats[-1]["grad_norm"],
+        "reward": float(score.mean()), "reward_std": float(score.view(-1, g).std(-1).mean()),
+        "frac_reward_zero_std": float(zero.float().mean()),
+        **{f"rewards/{name}/mean": float(torch.cat([grp.parts[name] for grp in groups]).mean())
+           for name in groups[0].parts},
+        "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float((~finished).float().mean()),
+        "completions/mean_terminated_length": float(terminated.mean()) if len(terminated) else 0.0,
+        **{f"time/{k}": v for k, v in times.items()},
+        "episodes": exp.size, "tokens": int(exp.attention_mask.sum()),
+    }
+    if with_stats:
+        metrics.update({f"clip_ratio/{k}_mean": mean_of(with_stats, f"clip_ratio/{k}")
+                        for k in ("low", "high", "region")})
+        metrics.update(ratio=mean_of(with_stats, "ratio"), entropy=mean_of(first, "entropy") if first else 0.0)
+        if s.cfg.grpo.beta:
+            metrics["kl"] = mean_of(with_stats, "kl")
+    return metrics
