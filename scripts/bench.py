@@ -4,6 +4,7 @@
     python scripts/bench.py reward [--batch-size 4 --max-length 384 --steps 4 ...]
     python scripts/bench.py dpo [--batch-size 4 --max-length 384 --steps 4 --beta 0.1 ...]
     python scripts/bench.py ppo [--batch-size 8 --max-new-tokens 64 --steps 3 ...]
+    python scripts/bench.py grpo [--batch-size 8 --grad-accum 2 --num-generations 8 --max-new-tokens 64 ...]
 
 Each implementation runs as its own subprocess on the same model, data, max length, LoRA settings and
 batch; the parent takes its peak RSS with os.wait4. Only optimizer steps after --warmup-steps are timed.
@@ -11,7 +12,8 @@ sft: TRL runs twice, as shipped and with torch.set_flush_denormal(True) (which l
 reward: the same for trl.RewardTrainer (--no-trl-flush: as shipped only) vs `llmft reward`, on the
 pairs both sides keep. dpo: trl.DPOTrainer vs `llmft dpo` likewise, plus TRL fed pre-rendered prompts
 (--no-trl-rendered: not), whose tokens are exactly llmft's; the first batch's logps/* are compared.
-ppo (scripts/bench_ppo.py): llmft ppo alone, its peak memory against llmft sft's. See docs/benchmarks.md.
+ppo (scripts/bench_ppo.py): llmft ppo alone, its peak memory against llmft sft's. grpo (scripts/bench_grpo.py):
+llmft grpo vs trl.GRPOTrainer, --runs times each, alternating. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -392,9 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     dpo.add_argument("--beta", type=float, default=0.1, help="DPO β (sigmoid loss)")
     dpo.add_argument("--trl-rendered", action=argparse.BooleanOptionalAction, default=True,
                      help="also run TRL on pre-rendered prompts (its tokens are then exactly llmft's)")
+    import bench_grpo  # llmft grpo vs trl.GRPOTrainer
     import bench_ppo  # llmft ppo alone: speed, generation share, memory against llmft sft
 
     bench_ppo.add_parser(stages)
+    bench_grpo.add_parser(stages)
     args = parser.parse_args(argv)
     args.func(args)
 
