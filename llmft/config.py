@@ -223,7 +223,8 @@ class SamplingConfig:
     top_p: float = opt(1.0, "Nucleus sampling mass.", gt=0, le=1)
     top_k: int = opt(0, "Top-k sampling; 0 = off.", ge=0)
     seed: int = opt(0, "Sampling seed.", ge=0)
-    batch_size: int = opt(16, "Prompts per generation batch.", ge=1)
+    batch_size: int = opt(16, "Sequences per generation batch (in grpo, each of a prompt's G answers counts "
+                              "as one).", ge=1)
 
 
 @dataclass

@@ -85,9 +85,10 @@ class Stage:
 
     step(micro_batches, ctx) runs one step of the plan: forward and backward over its micro-batches (this
     process's, each a list of example indices), and `ctx.update(loss)` for each optimizer step it takes — once
-    for sft, reward and dpo; once per minibatch of the rollout for ppo. `loss` is this process's share of that
-    update's loss; the update checks that it and the gradient norm are finite on every process (before the
-    weights are touched), sums the gradients over processes, clips, steps AdamW, zeroes, and returns the norm.
+    for sft, reward and dpo; once per minibatch of the rollout for ppo and grpo (grpo skips a minibatch whose
+    loss has no term on any process). `loss` is this process's share of that update's loss; the update checks
+    that it and the gradient norm are finite on every process (before the weights are touched), sums the
+    gradients over processes, clips, steps AdamW, zeroes, and returns the norm.
     step returns (metrics, counts): metrics hold at least "loss" and "grad_norm" (the last update's); counts are
     amounts of work, e.g. {"tokens": 4096, "pairs": 16}, logged as they are; "tokens_per_s", "pairs_per_s" are
     measured over the timed work of every step since the last logged row (train.log_every). The learning-rate

@@ -225,7 +225,9 @@ def grpo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: t
     """The policy loss of the GRPO family, one micro-batch's share: the clipped surrogate of each token (ε_low /
     ε_high: DAPO), with the importance ratio per token (GRPO) or per sequence (GSPO, Zheng et al. 2025:
     ρ_i = exp(mean_t log π_θ/π_old), the same for every token of answer i), plus β · k3 to the reference when β > 0
-    (k3_t = π_ref/π − log(π_ref/π) − 1, in the loss with its gradient, as GRPO does), aggregated as
+    (k3_t = π_ref/π − log(π_ref/π) − 1, in the loss with its gradient, as GRPO and TRL do: on answers drawn from π
+    its value estimates KL(π‖π_ref), but its gradient is that of the reverse KL(π_ref‖π), E_π[(1 − π_ref/π) ∇log π]
+    = −∇ Σ_y π_ref log π), aggregated as
 
         token_mean      Σ_i Σ_t ℓ_it / N_tokens                 (DAPO: every token weighs the same)
         sequence_mean   Σ_i (Σ_t ℓ_it / |y_i|) / N_sequences    (the original GRPO: every answer weighs the same)

@@ -125,9 +125,10 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def zero_std_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[B / G] bool: groups whose answers all scored the same; their advantages are 0, they carry no signal."""
-    r = scores.view(-1, group_size)
-    return (r == r[:, :1]).all(-1)
+    """[B / G] bool: groups whose answers all scored the same (standard deviation 0 up to float noise, as TRL
+    counts them); their advantages are 0, they carry no signal."""
+    std = scores.double().view(-1, group_size).std(-1)
+    return torch.isclose(std, torch.zeros_like(std))
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

@@ -120,15 +120,13 @@ def policy_logps(model: ActorCritic, s: RLSetup, exp: Experience, rows: list[int
     return response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype, with_entropy)
 
 
-def check_logprob_gap(s: RLSetup, exp: Experience, step: int, tolerance: float | None, key: str,
-                      rows: list[int] | None = None) -> tuple[float, float]:
-    """The sampler's log-probs against the trainer's recomputation (largest and mean gap over `rows`, or all, and
-    over every process); at step 1 a mean gap above the tolerance stops the run: the trainer is not computing the
-    distribution the responses were drawn from (soft-capping, a sampling processor, temperature, padding...).
-    `key` names the tolerance's config key."""
-    gap, gap_mean = exp.logprob_gap(rows)
-    gap = distributed.maximum(gap)
-    gap_mean = distributed.total(gap_mean) / distributed.world().size
+def check_logprob_gap(s: RLSetup, exp: Experience, step: int, tolerance: float | None, key: str) -> tuple[float, float]:
+    """The sampler's log-probs against the trainer's recomputation (largest and mean gap per token, over every
+    process's answers); at step 1 a mean gap above the tolerance stops the run before any update: the trainer is
+    not computing the distribution the responses were drawn from (soft-capping, a sampling processor,
+    temperature, padding...). `key` names the tolerance's config key."""
+    largest, summed, tokens = exp.logprob_gap()
+    gap, gap_mean = distributed.maximum(largest), distributed.total(summed) / max(distributed.total(tokens), 1.0)
     tolerance = tolerance or default_gap_tolerance(s.device, s.dtype)
     if step == 1 and gap_mean > tolerance:
         raise TrainingAborted(f"step 1: the trainer's log-probs differ from the sampler's by {gap_mean:.3g} per token "
@@ -168,6 +166,12 @@ def sample_rows(exp: Experience, rows: list[dict], parts: dict, score: torch.Ten
 
 def no_eos_share(exp: Experience) -> float:
     return 1 - sum(g.finished for g in exp.generations) / exp.size
+
+
+def token_weighted(parts: list[dict]) -> dict:
+    """Micro-batch statistics → the minibatch's, each weighted by its micro-batch's "tokens" (all 0 when none)."""
+    tokens = sum(p["tokens"] for p in parts)
+    return {k: sum(p[k] * p["tokens"] for p in parts) / tokens if tokens else 0.0 for k in parts[0] if k != "tokens"}
 
 
 def mean_of(stats: list[dict], key: str) -> float:

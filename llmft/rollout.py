@@ -52,15 +52,11 @@ class Experience:
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(-1)  # [B]
 
-    def logprob_gap(self, rows: list[int] | None = None) -> tuple[float, float]:
-        """(largest, mean) |log π_sampler − log π_old| over the response tokens (of `rows`, or all): 0 up to float
+    def logprob_gap(self) -> tuple[float, float, float]:
+        """|log π_sampler − log π_old| over the response tokens: (largest, sum, number of tokens); 0 up to float
         noise when the trainer recomputes exactly the distribution the sampler drew from."""
-        rows = list(range(self.size)) if rows is None else rows
-        if not rows:
-            return 0.0, 0.0
-        mask = self.mask[rows]
-        gap = (self.sampler_logps[rows] - self.old_logps[rows]).abs() * mask
-        return float(gap.max()), float(gap.sum() / mask.sum().clamp(min=1))
+        gap = (self.sampler_logps - self.old_logps).abs() * self.mask
+        return float(gap.max()), float(gap.sum()), float(self.mask.sum())
 
 
 def pack(gens: list[Generation], pad: int, device: torch.device) -> Experience:
@@ -124,8 +120,10 @@ def response_logps(model, hidden_fn, exp: Experience, rows: list[int], temperatu
         logits = lm_logits(model, hidden[valid]) / temperature  # [N, V] fp32
     targets = mb.input_ids[:, mb.prompt_width:][valid]
     logps = torch.zeros_like(mb.mask).masked_scatter(valid, token_logps(logits, targets))
-    entropy = torch.zeros_like(mb.mask).masked_scatter(valid, entropy_from_logits(logits)) if with_entropy else None
-    return mb.pad(logps), mb.pad(entropy) if with_entropy else None
+    entropy = None
+    if with_entropy:  # a statistic, never differentiated
+        entropy = torch.zeros_like(mb.mask).masked_scatter(valid, entropy_from_logits(logits.detach()))
+    return mb.pad(logps), mb.pad(entropy) if entropy is not None else None
 
 
 def value_estimates(value_fn, hidden_fn, exp: Experience, rows: list[int], dtype: torch.dtype) -> torch.Tensor:

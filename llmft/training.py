@@ -137,8 +137,8 @@ def ensure_finite(step: int, last_checkpoint: Path | None, **values: float) -> N
     for name, value in values.items():
         if not math.isfinite(value):
             kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
-            raise TrainingAborted(f"non-finite {name} ({value}) at step {step}; stopped before updating the "
-                                  f"weights; {kept}")
+            raise TrainingAborted(f"non-finite {name} ({value}) at step {step}; stopped before this update "
+                                  f"touched the weights; {kept}")
 
 
 # -------------------------------------------------------------------------------------------- metrics

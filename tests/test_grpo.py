@@ -70,7 +70,8 @@ def first_update(grpo_config, **overrides):
     exp.put(advantages=grpo.advantages(exp.scores, s.cfg)[:, None] * exp.mask)
     grpo.evaluate_roles(model, s, exp)
     losses = []
-    stats = grpo.update_passes(model, s, exp, list(range(exp.size)), lambda loss: losses.append(loss) or 0.0, 1)
+    kept = torch.ones(exp.size, dtype=torch.bool)
+    stats, _ = grpo.update_passes(model, s, exp, kept, lambda loss: losses.append(loss) or 0.0, 1)
     return s, exp, stats, losses
 
 
@@ -118,6 +119,43 @@ def test_dynamic_sampling(grpo_config, mode):
         assert metrics["frac_reward_zero_std"] == 0.5 and metrics["refilled_groups"] == 0
     else:  # every flat group was replaced by one of fresh prompts, most likely carrying signal
         assert metrics["refilled_groups"] >= 1 and metrics["frac_reward_zero_std"] < 0.5
+
+
+def masked_update(s, model, kept, scramble=False):
+    """One μ = 1 update of a fresh rollout of prompts 0 and 1 with only the `kept` answers in the loss; returns the
+    losses the optimizer saw and the LoRA gradients at each."""
+    groups, _ = grpo.rollout(model, s, [0, 1], step=1)
+    exp = grpo.pack([a for g in groups for a in g.generations], s.chat.pad_id, s.device)
+    exp.put(scores=torch.cat([g.scores for g in groups]))
+    exp.put(advantages=grpo.advantages(exp.scores, s.cfg)[:, None] * exp.mask)
+    if scramble:  # whatever the answers left out carry must not reach the loss
+        exp.advantages[~kept] = 100.0 * torch.randn_like(exp.advantages[~kept])
+    losses, grads = [], []
+
+    def update(loss):
+        losses.append(loss)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+        return 0.0
+
+    stats, _ = grpo.update_passes(model, s, exp, kept, update, 1)
+    model.zero_grad(set_to_none=True)
+    return exp, stats, losses, grads
+
+
+def test_masked_groups_weigh_nothing_and_an_all_flat_step_takes_no_step(grpo_config):
+    s = grpo.setup(grpo_config(grpo__num_minibatches=1, train__grad_accum=2))
+    model = grpo.build_model(s)
+    kept = torch.tensor([True] * 4 + [False] * 4)
+    exp, _, losses, grads = masked_update(s, model, kept)
+    _, _, losses2, grads2 = masked_update(s, model, kept, scramble=True)
+    lengths = exp.mask.sum(-1)[:4]  # token mean over the kept answers only
+    assert losses[0] == pytest.approx(-float((exp.advantages[:4, 0] * lengths).sum() / lengths.sum()), abs=1e-5)
+    assert losses2[0] == pytest.approx(losses[0], abs=1e-6) and grads[0].keys() == grads2[0].keys()
+    assert all(torch.allclose(grads[0][n], grads2[0][n], atol=1e-6) for n in grads[0])
+    _, stats, losses, _ = masked_update(s, model, torch.zeros(8, dtype=torch.bool))
+    assert losses == [] and stats[0]["grad_norm"] == 0.0  # nothing kept: the optimizer takes no step
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_resume_equals_uninterrupted_and_the_output_loads_as_a_policy(grpo_config, monkeypatch, tmp_path):

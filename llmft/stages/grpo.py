@@ -54,6 +54,7 @@ from llmft.rlcommon import (
     sample_rows,
     score_rollout,
     stop_names,
+    token_weighted,
 )
 from llmft.rollout import Experience, chunks, pack
 from llmft.training import MetricsLog, console, plan_steps
@@ -94,6 +95,10 @@ def check_config(cfg: GRPOConfig) -> None:
                           f"it a multiple of {g}")
     if cfg.grpo.advantage == "rloo" and cfg.grpo.scale_rewards != "group":
         raise ConfigError("grpo.scale_rewards applies to advantage: group; rloo's advantages are not scaled")
+    if cfg.grpo.importance_sampling == "sequence" and cfg.grpo.loss_aggregation != "sequence_mean":
+        console.print(f"[yellow]grpo.importance_sampling: sequence with loss_aggregation: "
+                      f"{cfg.grpo.loss_aggregation} weighs each answer's one ratio by its length; GSPO averages "
+                      f"per answer (loss_aggregation: sequence_mean)")
 
 
 def answers_per_process(cfg: GRPOConfig) -> int:
@@ -183,17 +188,23 @@ def grpo_step(model: ActorCritic, s: RLSetup, prompt_idx: list[int], update, ste
         zero = zero_std_groups(exp.scores.cpu(), g.num_generations)  # [B / G]
     with phase(times, "advantages", s.device):
         exp.put(advantages=advantages(exp.scores, cfg)[:, None] * exp.mask)  # [B, R]
-    keep = [i for i in range(exp.size) if not (g.dynamic_sampling == "skip" and zero[i // g.num_generations])]
+    kept = kept_answers(zero, s)  # [B]
     with phase(times, "evaluate", s.device):
         evaluate_roles(model, s, exp)
     with phase(times, "update", s.device):
-        stats = update_passes(model, s, exp, keep, update, step)
-        gap, gap_mean = check_logprob_gap(s, exp, step, g.logprob_gap_tolerance, "grpo.logprob_gap_tolerance", keep)
-    metrics = step_metrics(s, exp, groups, score, zero, stats, times)
-    metrics.update(logprob_gap=gap, logprob_gap_mean=gap_mean, refilled_groups=refilled)
+        stats, gap = update_passes(model, s, exp, kept, update, step)
+    metrics = step_metrics(s, exp, groups, score, zero, kept, stats, times)
+    metrics.update(logprob_gap=gap[0], logprob_gap_mean=gap[1])
     rows = [s.train.records[grp.prompt].row for grp in groups for _ in grp.generations]
-    return metrics, sample_rows(exp, rows, {k: torch.cat([grp.parts[k] for grp in groups]) for k in groups[0].parts},
-                                score)
+    samples = sample_rows(exp, rows, {k: torch.cat([grp.parts[k] for grp in groups]) for k in groups[0].parts}, score)
+    return {**metrics, "refilled_groups": distributed.total(refilled)}, samples
+
+
+def kept_answers(zero: torch.Tensor, s: RLSetup) -> torch.Tensor:
+    """[B] bool: the answers the loss sees. With dynamic sampling, the groups that all scored the same (after any
+    refills) are masked out; their answers still run every forward, so that all processes run the same ones."""
+    keep = ~zero if s.cfg.grpo.dynamic_sampling != "off" else torch.ones_like(zero)
+    return keep.repeat_interleave(s.cfg.grpo.num_generations)
 
 
 # ------------------------------------------------------------------------------------------- rollout
@@ -201,12 +212,13 @@ def rollout(model: ActorCritic, s: RLSetup, prompt_idx: list[int], step: int) ->
     """G scored answers to each prompt; with dynamic sampling "refill", the groups that all scored the same are
     replaced by groups of fresh prompts, for up to grpo.max_refills rounds (every process runs as many rounds and
     samples as many prompts as the one that needs most: sampling is collective under FSDP). Returns the groups and
-    how many were replaced."""
+    how many were replaced (fresh prompts are drawn at random from the training set, with replacement). Groups
+    still flat after the last round are masked out of the loss (`kept_answers`)."""
     g = s.cfg.grpo
     groups = sample_groups(model, s, prompt_idx, seed(s, step, 0))
     refilled = 0
     for round_ in range(1, g.max_refills + 1 if g.dynamic_sampling == "refill" else 1):
-        flat = [i for i, grp in enumerate(groups) if bool((grp.scores == grp.scores[0]).all())]
+        flat = [i for i, grp in enumerate(groups) if bool(zero_std_groups(grp.scores, len(grp.scores))[0])]
         need = int(distributed.maximum(len(flat)))
         if need == 0:
             break
@@ -258,87 +270,103 @@ def evaluate_roles(model: ActorCritic, s: RLSetup, exp: Experience) -> None:
 
 
 # -------------------------------------------------------------------------------------------- update
-def update_passes(model: ActorCritic, s: RLSetup, exp: Experience, keep: list[int], update, step: int) -> list[dict]:
-    """grpo.iterations passes over the kept answers in shuffled minibatches, one optimizer step each (every process
-    takes the same number, a minibatch left empty by dynamic sampling included). Returns each minibatch's stats."""
+def update_passes(model: ActorCritic, s: RLSetup, exp: Experience, kept: torch.Tensor, update,
+                  step: int) -> tuple[list[dict], tuple[float, float]]:
+    """grpo.iterations passes over the answers in shuffled minibatches, one optimizer step each; the answers not
+    kept weigh 0 in the loss. Every process takes the same steps; a minibatch whose loss has no term on any
+    process takes none. The sampler-vs-trainer check runs before the first step. Returns each minibatch's stats
+    and the log-prob gap (largest, mean)."""
     g, n = s.cfg.grpo, exp.size
-    if exp.old_logps is None:  # μ = 1, one minibatch: the update's own forward is the old policy; and the gap
+    loss_mask = exp.mask * kept.to(exp.device, exp.mask.dtype)[:, None]  # [B, R]
+    own_old = exp.old_logps is None  # μ = 1, one minibatch: the update's own forward is π_old (ratio exactly 1)
+    if own_old:
         exp.old_logps = torch.zeros_like(exp.mask)
-    kept = torch.zeros(n, dtype=torch.bool)
-    kept[keep] = True
+    else:
+        gap = gap_check(s, exp, step)
     model.train()
     stats = []
     for it in range(g.iterations):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(s.cfg.seed + 7919 * step + it)).tolist()
         for minibatch in chunks(order, n // g.num_minibatches):
-            rows = [r for r in minibatch if kept[r]]
-            normaliser = distributed.total(loss_normaliser(s, exp, rows))
-            parts = [micro_update(model, s, exp, mb, normaliser, it) for mb in chunks(rows, s.cfg.train.batch_size)]
-            loss = sum(p["loss"] for p in parts)
-            stat = weighted(parts) if parts else {}
-            stat["loss"], stat["grad_norm"] = loss, update(loss)
+            normaliser = distributed.total(loss_normaliser(s, loss_mask, minibatch))
+            parts = [micro_update(model, s, exp, loss_mask, rows, normaliser, it == 0, own_old)
+                     for rows in chunks(minibatch, s.cfg.train.batch_size)]
+            if own_old and it == 0:  # every answer's π_old is in (one minibatch); no weight has moved yet
+                gap = gap_check(s, exp, step)
+            stat = token_weighted(parts)
+            stat["loss"] = sum(p["loss"] for p in parts)
+            stat["grad_norm"] = update(stat["loss"]) if normaliser else 0.0  # no term anywhere: no step
             stats.append(stat)
-    return stats
+    return stats, gap
 
 
-def loss_normaliser(s: RLSetup, exp: Experience, rows: list[int]) -> float:
-    """This process's part of the minibatch's denominator for grpo.loss_aggregation."""
+def gap_check(s: RLSetup, exp: Experience, step: int) -> tuple[float, float]:
+    return check_logprob_gap(s, exp, step, s.cfg.grpo.logprob_gap_tolerance, "grpo.logprob_gap_tolerance")
+
+
+def loss_normaliser(s: RLSetup, loss_mask: torch.Tensor, rows: list[int]) -> float:
+    """This process's part of the minibatch's denominator for grpo.loss_aggregation: its kept tokens (token_mean),
+    its kept answers (sequence_mean), or all its answers × rollout.max_new_tokens (constant: the same whatever
+    the answers)."""
     agg = s.cfg.grpo.loss_aggregation
     if agg == "token_mean":
-        return float(exp.mask[rows].sum()) if rows else 0.0
-    return float(len(rows) * (s.cfg.rollout.max_new_tokens if agg == "constant" else 1))
+        return float(loss_mask[rows].sum())
+    if agg == "sequence_mean":
+        return float((loss_mask[rows].sum(-1) > 0).sum())
+    return float(len(rows) * s.cfg.rollout.max_new_tokens)
 
 
-def micro_update(model: ActorCritic, s: RLSetup, exp: Experience, rows: list[int], normaliser: float,
-                 iteration: int) -> dict:
-    """Forward and backward of one micro-batch under the policy adapter; its share of the minibatch's loss."""
-    g, mask = s.cfg.grpo, exp.mask[rows]
-    first_pass_is_old = g.iterations == 1 and g.num_minibatches == 1
+def micro_update(model: ActorCritic, s: RLSetup, exp: Experience, loss_mask: torch.Tensor, rows: list[int],
+                 normaliser: float, first_pass: bool, own_old: bool) -> dict:
+    """Forward and backward of one micro-batch under the policy adapter: its share of the minibatch's loss (0 and
+    no backward when no process has a term in it); statistics over its kept tokens, the entropy in the first
+    pass only."""
+    g, mask = s.cfg.grpo, loss_mask[rows]
     with model.role(POLICY):
-        logps, entropy = policy_logps(model, s, exp, rows, with_entropy=True)
-        if first_pass_is_old:  # π_old = π_θ before this update: the ratio is exactly 1, and these are the old ones
+        logps, entropy = policy_logps(model, s, exp, rows, with_entropy=first_pass)
+        if own_old:  # π_old = π_θ before this update: the ratio is exactly 1
             exp.old_logps[rows] = logps.detach()
-        loss, st = grpo_policy_loss(logps, exp.old_logps[rows], exp.advantages[rows], mask, max(normaliser, 1e-9),
+        loss, st = grpo_policy_loss(logps, exp.old_logps[rows], exp.advantages[rows], mask, max(normaliser, 1.0),
                                     g.epsilon_low, g.epsilon_high, g.importance_sampling, g.loss_aggregation,
                                     exp.ref_logps[rows] if g.beta else None, g.beta)
-        loss.backward()
+        if normaliser:
+            loss.backward()
     tokens = float(mask.sum())
-    return {"loss": loss.item(), "tokens": tokens, **st,
-            "entropy": float((entropy.detach() * mask).sum() / max(tokens, 1)) if iteration == 0 else float("nan")}
-
-
-def weighted(parts: list[dict]) -> dict:
-    """Micro-batch statistics → the minibatch's, each weighted by its micro-batch's tokens."""
-    tokens = sum(p["tokens"] for p in parts) or 1.0
-    return {k: sum(p[k] * p["tokens"] for p in parts) / tokens for k in parts[0] if k not in ("tokens", "loss")}
+    if first_pass:
+        st["entropy"] = float((entropy * mask).sum() / max(tokens, 1.0))
+    return {"loss": loss.item() if normaliser else 0.0, "tokens": tokens, **st}
 
 
 # ------------------------------------------------------------------------------------------- metrics
 def step_metrics(s: RLSetup, exp: Experience, groups: list[Group], score: torch.Tensor, zero: torch.Tensor,
-                 stats: list[dict], times: dict) -> dict:
-    """The step's figures under the names TRL's GRPOTrainer logs."""
-    g = s.cfg.grpo.num_generations
-    lengths = exp.lengths()
+                 kept: torch.Tensor, stats: list[dict], times: dict) -> dict:
+    """The step's figures under the names TRL's GRPOTrainer logs; the same keys at every step and on every
+    process (0 where a step had nothing to measure)."""
+    lengths = exp.lengths().cpu()
     finished = torch.tensor([a.finished for a in exp.generations])
-    terminated = lengths.cpu()[finished]
-    with_stats = [st for st in stats if "ratio" in st]
-    first = [st for st in with_stats if st["entropy"] == st["entropy"]]  # the first pass's minibatches
+    terminated = lengths[finished]
+    first = [st for st in stats if "entropy" in st]  # the first pass's minibatches
     metrics = {
         "loss": mean_of(stats, "loss"), "grad_norm": stats[-1]["grad_norm"],
-        "reward": float(score.mean()), "reward_std": float(score.view(-1, g).std(-1).mean()),
-        "frac_reward_zero_std": float(zero.float().mean()),
+        "reward": float(score.mean()), "reward_std": global_std(score),
+        "frac_reward_zero_std": float(zero.float().mean()), "kept_answers": float(kept.float().mean()),
         **{f"rewards/{name}/mean": float(torch.cat([grp.parts[name] for grp in groups]).mean())
            for name in groups[0].parts},
         "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float((~finished).float().mean()),
         "completions/mean_terminated_length": float(terminated.mean()) if len(terminated) else 0.0,
         **{f"time/{k}": v for k, v in times.items()},
+        **{f"clip_ratio/{k}_mean": mean_of(stats, f"clip_ratio/{k}") for k in ("low", "high", "region")},
+        "ratio": mean_of(stats, "ratio"), "entropy": mean_of(first, "entropy"),
         "episodes": exp.size, "tokens": int(exp.attention_mask.sum()),
     }
-    if with_stats:
-        metrics.update({f"clip_ratio/{k}_mean": mean_of(with_stats, f"clip_ratio/{k}")
-                        for k in ("low", "high", "region")})
-        metrics.update(ratio=mean_of(with_stats, "ratio"), entropy=mean_of(first, "entropy") if first else 0.0)
-        if s.cfg.grpo.beta:
-            metrics["kl"] = mean_of(with_stats, "kl")
+    if s.cfg.grpo.beta:
+        metrics["kl"] = mean_of(stats, "kl")
     return metrics
+
+
+def global_std(x: torch.Tensor) -> float:
+    """The standard deviation of every process's values together (unbiased), as TRL logs reward_std."""
+    x = x.double()
+    n, total, squares = (distributed.total(float(v)) for v in (x.numel(), x.sum(), (x * x).sum()))
+    return max(squares - total * total / n, 0.0) ** 0.5 / max(n - 1, 1) ** 0.5

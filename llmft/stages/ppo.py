@@ -50,6 +50,7 @@ from llmft.rlcommon import (
     sample_rows,
     score_rollout,
     stop_names,
+    token_weighted,
 )
 from llmft.rollout import Experience, chunks, value_estimates
 from llmft.training import MetricsLog, console, plan_steps
@@ -243,12 +244,6 @@ def update_epochs(model: ActorCritic, s: Setup, exp: Experience, update, step: i
             mb["grad_norm"] = update(mb["loss"])
             stats.append(mb)
     return stats
-
-
-def token_weighted(parts: list[dict]) -> dict:
-    """Micro-batch statistics → the minibatch's, each weighted by its micro-batch's "tokens"."""
-    tokens = sum(p["tokens"] for p in parts)
-    return {k: sum(p[k] * p["tokens"] for p in parts) / tokens for k in parts[0] if k != "tokens"}
 
 
 def micro_update(model: ActorCritic, s: Setup, exp: Experience, rows: list[int], num_tokens) -> dict:
