@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Every stage and command on CUDA, in bf16, on a random-init model of real size: did it run, its peak CUDA memory,
-its tokens/s, and PPO's sampler-vs-trainer log-prob gap. Not part of CI (CI has no GPU); run it where one is lent:
+its tokens/s, and PPO's and GRPO's sampler-vs-trainer log-prob gaps. Not part of CI (CI has no GPU); run it where
+one is lent:
 
     PYTHONPATH=. python3 scripts/gpu_check.py --out $OUT/gpu_check.json       # ~0.5B Qwen2-shaped, a few minutes
     PYTHONPATH=. python3 scripts/gpu_check.py --size tiny --device cpu        # the same path on a CPU, in seconds
 
 The model is built from a config (Qwen2.5-0.5B's shape, vocabulary included) with random weights: nothing is
 downloaded. Its tokenizer is the test suite's Qwen2.5 look-alike (tests/families.py). The data are the demo files.
-Each stage runs 3 steps; PPO's log-prob gap is measured with the tolerance lifted, so that the figure is reported
-whatever it is, and compared with the tolerance the stage uses by default.
+Each stage runs 3 steps; the RL stages' log-prob gaps are measured with the tolerance lifted, so that the figure is
+reported whatever it is, and compared with the tolerance the stage uses by default.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def stage_configs(model: Path, runs: Path, device: str, steps: int) -> dict[str,
                 "rollout": {"max_new_tokens": 64, "temperature": 0.7, "batch_size": 16},
                 "reward": {"model": str(runs / "reward")}, "ppo": {"num_minibatches": 2, "epochs": 1,
                                                                    "logprob_gap_tolerance": 1e9}},
+        "grpo": {**common, "model": {"name": str(runs / "sft")}, "output_dir": str(runs / "grpo"),
+                 "data": {"train": str(DEMO / "ppo_train.jsonl"), "max_prompt_length": 256},
+                 "train": {**common["train"], "grad_accum": 2},  # 16 answers: 2 prompts × G = 8
+                 "rollout": {"max_new_tokens": 64, "temperature": 1.0, "batch_size": 16},
+                 "reward": {"judges": {"constraints": 1.0}},
+                 "grpo": {"num_generations": 8, "logprob_gap_tolerance": 1e9}},
     }
 
 
@@ -104,13 +111,13 @@ def main() -> None:
     from llmft.config import EvalConfig, GenerateConfig, SamplingConfig, load_config
     from llmft.evaluation import run as run_eval
     from llmft.generation import run_generate
-    from llmft.stages import dpo, ppo, reward, sft
+    from llmft.stages import dpo, grpo, ppo, reward, sft
 
     quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="llmft-gpu-check-"))
     rows = [measure("build model", lambda: str(build_model(args.size, work / "model")))]
     configs = stage_configs(work / "model", work / "runs", args.device, args.steps)
-    for name, module in (("sft", sft), ("reward", reward), ("dpo", dpo), ("ppo", ppo)):
+    for name, module in (("sft", sft), ("reward", reward), ("dpo", dpo), ("ppo", ppo), ("grpo", grpo)):
         (work / f"{name}.yaml").write_text(yaml.safe_dump(configs[name]))
         rows.append(measure(name, lambda m=module, n=name: m.run(load_config(n, work / f"{n}.yaml"))))
     sampling = SamplingConfig(max_new_tokens=64, temperature=0.7, batch_size=16)
@@ -121,10 +128,10 @@ def main() -> None:
         models=[str(work / "runs" / "sft"), str(work / "runs" / "ppo")], prompts=str(DEMO / "sft_eval.jsonl"),
         reference=str(work / "runs" / "sft"), reward_model=str(work / "runs" / "reward"), limit=16,
         sampling=SamplingConfig(max_new_tokens=64), device=args.device))["models"]))
-    report(rows, args, work / "runs" / "ppo" / "metrics.jsonl")
+    report(rows, args, work / "runs")
 
 
-def report(rows: list[dict], args, ppo_metrics: Path) -> None:
+def report(rows: list[dict], args, runs: Path) -> None:
     from llmft.rlcommon import default_gap_tolerance
 
     figures = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -138,13 +145,14 @@ def report(rows: list[dict], args, ppo_metrics: Path) -> None:
                     row[key] = round(result[key], 6)
         figures["stages"].append(row)
         print(json.dumps(row), flush=True)
-    if ppo_metrics.is_file():  # step 1: what the stage checks against its tolerance
-        first = json.loads(ppo_metrics.read_text().splitlines()[0])
-        figures["ppo_step1_logprob_gap"] = {k: first[k] for k in ("logprob_gap", "logprob_gap_mean")}
-        device = torch.device(args.device)
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        figures["ppo_step1_within_default_tolerance"] = first["logprob_gap_mean"] <= default_gap_tolerance(device,
-                                                                                                           dtype)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    for stage in ("ppo", "grpo"):  # step 1: what the stage checks against its tolerance
+        if (runs / stage / "metrics.jsonl").is_file():
+            first = json.loads((runs / stage / "metrics.jsonl").read_text().splitlines()[0])
+            figures[f"{stage}_step1_logprob_gap"] = {k: first[k] for k in ("logprob_gap", "logprob_gap_mean")}
+            figures[f"{stage}_step1_within_default_tolerance"] = (first["logprob_gap_mean"]
+                                                                  <= default_gap_tolerance(device, dtype))
     figures["all_ran"] = all(r["ran"] for r in figures["stages"])
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
