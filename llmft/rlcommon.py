@@ -19,12 +19,12 @@ from llmft.data import Record, read_all
 from llmft.errors import ConfigError, DataError, ModelError, TrainingAborted
 from llmft.generation import generate, prompt_messages
 from llmft.loop import resolved_name
-from llmft.modeling import load_tokenizer
+from llmft.modeling import add_lora, disable_dropout, load_model, load_tokenizer
 from llmft.reward_model import RewardScorer
 from llmft.rewards import Scorer
 from llmft.rollout import Experience, chunks, pack, response_logps
 from llmft.sources import resolve_source
-from llmft.training import require_dropout_off
+from llmft.training import console, require_dropout_off
 
 
 @dataclass
@@ -32,6 +32,31 @@ class RLSetup(loop.Setup):
     scorer: Scorer | None = None
     share_reward: bool = False  # the reward checkpoint was trained on the policy's own base weights
     external_reward: RewardScorer | None = None  # the reward model when it cannot share the base
+
+
+def build_model(s: RLSetup, critic: bool) -> ActorCritic:
+    """The RL stages' model: a fresh policy adapter on the policy source, the reward model's adapter and head when
+    it shares the base (else loaded on its own into s.external_reward), a value adapter and head with a critic,
+    dropout off."""
+    cfg = s.cfg
+    lm = add_lora(load_model(s.source, s.dtype, s.device, cfg.model), cfg.lora, cfg.train.gradient_checkpointing)
+    model = ActorCritic(lm, cfg.reward.model, s.share_reward, critic=critic)
+    disable_dropout(model)
+    if cfg.reward.model and not s.share_reward:
+        console.print(f"[yellow]reward model {cfg.reward.model} was trained on other base weights: loading it "
+                      f"separately (a second copy of the base in memory)")
+        s.external_reward = RewardScorer.load(cfg.reward.model, cfg.device, cfg.model.dtype, cfg.train.batch_size)
+    return model
+
+
+def reward_rollout_rows(t, s: RLSetup) -> None:
+    """The plan table's rows for the reward sources and the sampling."""
+    cfg, rm = s.cfg, s.cfg.reward.model
+    roles = f"reward model {rm} ({'shares the base' if s.share_reward else 'own base'})" if rm else "no reward model"
+    t.add_row("reward", f"{roles}; judges {dict(cfg.reward.judges) or 'none'}; "
+                        f"no-stop penalty {cfg.reward.missing_eos_penalty}")
+    t.add_row("rollout", f"temperature {cfg.rollout.temperature}, max_new_tokens {cfg.rollout.max_new_tokens}; "
+                         f"stops at {stop_names(s.chat)}")
 
 
 def check_sampling_config(cfg, stage: str) -> None:

@@ -28,15 +28,14 @@ from pathlib import Path
 
 import torch
 
-from llmft import distributed
+from llmft import distributed, rlcommon
 from llmft.actor_critic import POLICY, REFERENCE, ActorCritic
 from llmft.config import GRPOConfig
 from llmft.errors import ConfigError
 from llmft.generation import Generation
 from llmft.loop import Stage, StepContext, plan_table, run_stage
 from llmft.losses import grpo_policy_loss
-from llmft.modeling import add_lora, disable_dropout, load_model, resolve_model
-from llmft.reward_model import RewardScorer
+from llmft.modeling import resolve_model
 from llmft.rewards import Scorer
 from llmft.rl import group_advantages, rloo_advantages, zero_std_groups
 from llmft.rlcommon import (
@@ -50,10 +49,10 @@ from llmft.rlcommon import (
     mean_of,
     phase,
     policy_logps,
+    reward_rollout_rows,
     sample,
     sample_rows,
     score_rollout,
-    stop_names,
     token_weighted,
 )
 from llmft.rollout import Experience, chunks, pack
@@ -125,12 +124,7 @@ def show_plan(s: RLSetup) -> None:
     t.add_row("update", f"{g.advantage} advantage ({scale}); clip [1 − {g.epsilon_low}, 1 + {g.epsilon_high}] per "
                         f"{g.importance_sampling}; {g.loss_aggregation}; β {g.beta}; dynamic sampling "
                         f"{g.dynamic_sampling}")
-    rm = cfg.reward.model
-    roles = f"reward model {rm} ({'shares the base' if s.share_reward else 'own base'})" if rm else "no reward model"
-    t.add_row("reward", f"{roles}; judges {dict(cfg.reward.judges) or 'none'}; "
-                        f"no-stop penalty {cfg.reward.missing_eos_penalty}")
-    t.add_row("rollout", f"temperature {cfg.rollout.temperature}, max_new_tokens {cfg.rollout.max_new_tokens}; "
-                         f"stops at {stop_names(s.chat)}")
+    reward_rollout_rows(t, s)
     console.print(t)
 
 
@@ -141,15 +135,7 @@ def run(cfg: GRPOConfig, dry_run: bool = False) -> dict | None:
 
 
 def build_model(s: RLSetup) -> ActorCritic:
-    cfg = s.cfg
-    lm = add_lora(load_model(s.source, s.dtype, s.device, cfg.model), cfg.lora, cfg.train.gradient_checkpointing)
-    model = ActorCritic(lm, cfg.reward.model, s.share_reward, critic=False)
-    disable_dropout(model)
-    if cfg.reward.model and not s.share_reward:
-        console.print(f"[yellow]reward model {cfg.reward.model} was trained on other base weights: loading it "
-                      f"separately (a second copy of the base in memory)")
-        s.external_reward = RewardScorer.load(cfg.reward.model, cfg.device, cfg.model.dtype, cfg.train.batch_size)
-    return model
+    return rlcommon.build_model(s, critic=False)
 
 
 def stage(s: RLSetup, model: ActorCritic) -> Stage:

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-from llmft import distributed
+from llmft import distributed, rlcommon
 from llmft.actor_critic import POLICY, REFERENCE, VALUE, ActorCritic
 from llmft.config import PPOConfig
 from llmft.errors import ConfigError
 from llmft.loop import Stage, StepContext, plan_table, run_stage
 from llmft.losses import ppo_policy_loss, ppo_value_loss
-from llmft.modeling import add_lora, disable_dropout, load_model, resolve_model
-from llmft.reward_model import RewardScorer
+from llmft.modeling import resolve_model
 from llmft.rewards import Scorer
 from llmft.rl import KLController, explained_variance, gae, kl_per_token, shaped_rewards, whiten
 from llmft.rlcommon import (
@@ -46,10 +45,10 @@ from llmft.rlcommon import (
     no_eos_share,
     phase,
     policy_logps,
+    reward_rollout_rows,
     sample,
     sample_rows,
     score_rollout,
-    stop_names,
     token_weighted,
 )
 from llmft.rollout import Experience, chunks, value_estimates
@@ -109,14 +108,9 @@ def show_plan(s: Setup) -> None:
                        f"{pp.epochs} epochs × {pp.num_minibatches} minibatches of {tr.batch_size} × {tr.grad_accum} "
                        f"accumulation{on_each}" + (f"; {left} prompts per epoch left out (not a whole rollout "
                                                    f"batch)" if left else ""))
-    rm = cfg.reward.model
-    roles = f"reward model {rm} ({'shares the base' if s.share_reward else 'own base'})" if rm else "no reward model"
-    t.add_row("reward", f"{roles}; judges {dict(cfg.reward.judges) or 'none'}; "
-                        f"no-stop penalty {cfg.reward.missing_eos_penalty}")
     kl = f"adaptive, target {pp.kl_target}" if pp.kl_target else "fixed"
     t.add_row("KL", f"k1 in the reward, β={pp.kl_coef} ({kl})")
-    t.add_row("rollout", f"temperature {cfg.rollout.temperature}, max_new_tokens {cfg.rollout.max_new_tokens}; "
-                         f"stops at {stop_names(s.chat)}")
+    reward_rollout_rows(t, s)
     console.print(t)
 
 
@@ -127,15 +121,7 @@ def run(cfg: PPOConfig, dry_run: bool = False) -> dict | None:
 
 
 def build_model(s: Setup) -> ActorCritic:
-    cfg = s.cfg
-    lm = add_lora(load_model(s.source, s.dtype, s.device, cfg.model), cfg.lora, cfg.train.gradient_checkpointing)
-    model = ActorCritic(lm, cfg.reward.model, s.share_reward)
-    disable_dropout(model)
-    if cfg.reward.model and not s.share_reward:
-        console.print(f"[yellow]reward model {cfg.reward.model} was trained on other base weights: loading it "
-                      f"separately (a second copy of the base in memory)")
-        s.external_reward = RewardScorer.load(cfg.reward.model, cfg.device, cfg.model.dtype, cfg.train.batch_size)
-    return model
+    return rlcommon.build_model(s, critic=True)
 
 
 def stage(s: Setup, model: ActorCritic) -> Stage:
