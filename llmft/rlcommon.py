@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,7 +26,7 @@ from llmft.reward_model import RewardScorer
 from llmft.rewards import Scorer
 from llmft.rollout import Experience, chunks, pack, response_logps
 from llmft.sources import resolve_source
-from llmft.training import console, require_dropout_off
+from llmft.training import MetricsLog, console, require_dropout_off
 
 
 @dataclass
@@ -47,6 +49,36 @@ def build_model(s: RLSetup, critic: bool) -> ActorCritic:
                       f"separately (a second copy of the base in memory)")
         s.external_reward = RewardScorer.load(cfg.reward.model, cfg.device, cfg.model.dtype, cfg.train.batch_size)
     return model
+
+
+def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[str, ...],
+             extra_state: Callable[[], dict] = dict, load_extra: Callable[[dict], None] = lambda state: None
+             ) -> loop.Stage:
+    """An RL stage for `loop.fit`: rl_step(prompt indices, update, step number) → (metrics with "episodes" and
+    "tokens", samples rows); decoded samples go to samples.jsonl at step 1 and every cfg.samples_every steps. A
+    checkpoint keeps the score normaliser's moments and whatever `extra_state` returns (`load_extra` restores
+    it)."""
+    samples: dict[str, MetricsLog] = {}
+
+    def step(micro_batches: list[list[int]], ctx: loop.StepContext) -> tuple[dict, dict]:
+        metrics, rows = rl_step(micro_batches[0], ctx.update, ctx.number)
+        if ctx.number % s.cfg.samples_every == 0 or ctx.number == 1:
+            for row in rows:
+                samples["log"].log(ctx.number, row)
+        return metrics, {"episodes": metrics.pop("episodes"), "tokens": metrics.pop("tokens")}
+
+    def resume(state: dict | None) -> None:
+        samples["log"] = MetricsLog(Path(s.cfg.output_dir), state["step"] if state else None, False,
+                                    name="samples.jsonl")
+        if state:
+            s.scorer.moments = dataclasses.replace(s.scorer.moments, **state["score_moments"])
+            load_extra(state)
+
+    def state() -> dict:
+        return {"score_moments": dataclasses.asdict(s.scorer.moments), **extra_state()}
+
+    return loop.Stage(name, s.cfg, s.plan, s.device, step, (lambda: evaluate(model, s)) if s.eval else None,
+                      shown=shown, state=state, resume=resume)
 
 
 def reward_rollout_rows(t, s: RLSetup) -> None:

@@ -21,10 +21,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -33,7 +31,7 @@ from llmft.actor_critic import POLICY, REFERENCE, ActorCritic
 from llmft.config import GRPOConfig
 from llmft.errors import ConfigError
 from llmft.generation import Generation
-from llmft.loop import Stage, StepContext, plan_table, run_stage
+from llmft.loop import Stage, plan_table, run_stage
 from llmft.losses import grpo_policy_loss
 from llmft.modeling import resolve_model
 from llmft.rewards import Scorer
@@ -44,7 +42,6 @@ from llmft.rlcommon import (
     check_logprob_gap,
     check_reward_model,
     check_sampling_config,
-    evaluate,
     load_prompts,
     mean_of,
     phase,
@@ -56,7 +53,7 @@ from llmft.rlcommon import (
     token_weighted,
 )
 from llmft.rollout import Experience, chunks, pack
-from llmft.training import MetricsLog, console, plan_steps
+from llmft.training import console, plan_steps
 
 
 @dataclass
@@ -139,27 +136,9 @@ def build_model(s: RLSetup) -> ActorCritic:
 
 
 def stage(s: RLSetup, model: ActorCritic) -> Stage:
-    samples: dict[str, MetricsLog] = {}
-
-    def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
-        metrics, rows = grpo_step(model, s, micro_batches[0], ctx.update, ctx.number)
-        if ctx.number % s.cfg.samples_every == 0 or ctx.number == 1:
-            for row in rows:
-                samples["log"].log(ctx.number, row)
-        return metrics, {"episodes": metrics.pop("episodes"), "tokens": metrics.pop("tokens")}
-
-    def resume(state: dict | None) -> None:
-        samples["log"] = MetricsLog(Path(s.cfg.output_dir), state["step"] if state else None, False,
-                                    name="samples.jsonl")
-        if state:
-            s.scorer.moments = dataclasses.replace(s.scorer.moments, **state["score_moments"])
-
-    def state() -> dict:
-        return {"score_moments": dataclasses.asdict(s.scorer.moments)}
-
-    return Stage("grpo", s.cfg, s.plan, s.device, step, (lambda: evaluate(model, s)) if s.eval else None,
-                 shown=("reward", "frac_reward_zero_std", "completions/mean_length", "loss", "lr"), state=state,
-                 resume=resume)
+    return rlcommon.rl_stage("grpo", s, model, lambda prompts, update, number: grpo_step(model, s, prompts, update,
+                                                                                         number),
+                             shown=("reward", "frac_reward_zero_std", "completions/mean_length", "loss", "lr"))
 
 
 def grpo_step(model: ActorCritic, s: RLSetup, prompt_idx: list[int], update, step: int) -> tuple[dict, list[dict]]:

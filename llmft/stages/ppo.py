@@ -17,10 +17,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -28,7 +26,7 @@ from llmft import distributed, rlcommon
 from llmft.actor_critic import POLICY, REFERENCE, VALUE, ActorCritic
 from llmft.config import PPOConfig
 from llmft.errors import ConfigError
-from llmft.loop import Stage, StepContext, plan_table, run_stage
+from llmft.loop import Stage, plan_table, run_stage
 from llmft.losses import ppo_policy_loss, ppo_value_loss
 from llmft.modeling import resolve_model
 from llmft.rewards import Scorer
@@ -39,7 +37,6 @@ from llmft.rlcommon import (
     check_logprob_gap,
     check_reward_model,
     check_sampling_config,
-    evaluate,
     load_prompts,
     mean_of,
     no_eos_share,
@@ -52,7 +49,7 @@ from llmft.rlcommon import (
     token_weighted,
 )
 from llmft.rollout import Experience, chunks, value_estimates
-from llmft.training import MetricsLog, console, plan_steps
+from llmft.training import console, plan_steps
 
 
 @dataclass
@@ -125,28 +122,13 @@ def build_model(s: Setup) -> ActorCritic:
 
 
 def stage(s: Setup, model: ActorCritic) -> Stage:
-    run_dir = s.cfg.output_dir
-    samples: dict[str, MetricsLog] = {}
+    def load_kl(state: dict) -> None:
+        s.kl.value = state["kl_coef"]
 
-    def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
-        metrics, samples_rows = ppo_step(model, s, micro_batches[0], ctx.update, ctx.number)
-        if ctx.number % s.cfg.samples_every == 0 or ctx.number == 1:
-            for row in samples_rows:
-                samples["log"].log(ctx.number, row)
-        counts = {"episodes": len(micro_batches[0]), "tokens": metrics.pop("tokens")}
-        return metrics, counts
-
-    def resume(state: dict | None) -> None:
-        samples["log"] = MetricsLog(Path(run_dir), state["step"] if state else None, False, name="samples.jsonl")
-        if state:
-            s.kl.value = state["kl_coef"]
-            s.scorer.moments = dataclasses.replace(s.scorer.moments, **state["score_moments"])
-
-    def state() -> dict:
-        return {"kl_coef": s.kl.value, "score_moments": dataclasses.asdict(s.scorer.moments)}
-
-    return Stage("ppo", s.cfg, s.plan, s.device, step, (lambda: evaluate(model, s)) if s.eval else None,
-                 shown=("score", "kl", "length", "loss", "lr"), state=state, resume=resume)
+    return rlcommon.rl_stage("ppo", s, model, lambda prompts, update, number: ppo_step(model, s, prompts, update,
+                                                                                       number),
+                             shown=("score", "kl", "length", "loss", "lr"),
+                             extra_state=lambda: {"kl_coef": s.kl.value}, load_extra=load_kl)
 
 
 def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: int) -> tuple[dict, list[dict]]:
@@ -182,7 +164,7 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
         "grad_norm": stats[-1]["grad_norm"], "explained_variance": explained_variance(exp.values, returns, exp.mask),
         "logprob_gap": gap, "logprob_gap_mean": gap_mean,
         **{f"time/{k}": v for k, v in times.items()},
-        "tokens": int(exp.attention_mask.sum()),
+        "episodes": exp.size, "tokens": int(exp.attention_mask.sum()),
     }
     n = distributed.total(len(prompt_idx))
     s.kl.update(distributed.total(float(seq_kl.sum())) / n, n)
