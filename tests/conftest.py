@@ -111,7 +111,6 @@ def set_keys(cfg: dict, overrides: dict) -> dict:
 @pytest.fixture
 def write_config(tmp_path):
     """Write a YAML config for the tiny model and return its path."""
-    import yaml
 
     def write(model_dir: Path, data: Path, **overrides) -> Path:
         cfg = {"model": {"name": str(model_dir)},
@@ -120,12 +119,18 @@ def write_config(tmp_path):
                "train": {"batch_size": 4, "learning_rate": 1e-2, "epochs": 2, "warmup_ratio": 0.0,
                          "save_every": 2},
                "output_dir": str(tmp_path / "run"), "seed": 0}
-        set_keys(cfg, overrides)
-        path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*.yaml')))}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return save_config(tmp_path, "cfg", set_keys(cfg, overrides))
 
     return write
+
+
+def save_config(folder: Path, prefix: str, cfg: dict) -> Path:
+    """Write `cfg` as the next unused PREFIX-N.yaml in `folder` and return its path."""
+    import yaml
+
+    path = folder / f"{prefix}-{len(list(folder.glob(f'{prefix}-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def crash_then_resume(run, cfg, monkeypatch, at_step: int = 5) -> None:

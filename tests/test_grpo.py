@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from llmft.config import load_config
 from llmft.errors import ConfigError
 from llmft.stages import grpo
-from tests.conftest import ROWS, crash_then_resume, set_keys
+from tests.conftest import ROWS, crash_then_resume, save_config, set_keys
 
 JUDGE = "def fn(prompts, responses, rows):\n    return [-abs(len(r) - 12) / 10 for r in responses]\n"
 FLAT = ("def fn(prompts, responses, rows):\n"
@@ -22,8 +22,6 @@ FLAT = ("def fn(prompts, responses, rows):\n"
 
 @pytest.fixture
 def grpo_config(tiny_model_dir, tmp_path, monkeypatch):
-    import yaml
-
     (tmp_path / "lenjudge.py").write_text(JUDGE)
     (tmp_path / "flatjudge.py").write_text(FLAT)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -37,10 +35,7 @@ def grpo_config(tiny_model_dir, tmp_path, monkeypatch):
                "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-2, "save_every": 1},
                "grpo": {"num_generations": 4, "num_minibatches": 2}, "output_dir": str(tmp_path / "grpo"),
                "seed": 0, "samples_every": 1}
-        set_keys(cfg, overrides)
-        path = tmp_path / f"grpo-{len(list(tmp_path.glob('grpo-*.yaml')))}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return load_config("grpo", path)
+        return load_config("grpo", save_config(tmp_path, "grpo", set_keys(cfg, overrides)))
 
     return write
 

@@ -15,7 +15,7 @@ from llmft.errors import ConfigError, ModelError, TrainingAborted
 from llmft.losses import ppo_policy_loss, ppo_value_loss
 from llmft.rl import KLController, RunningMoments, gae, kl_per_token, shaped_rewards, whiten
 from llmft.stages import ppo, reward
-from tests.conftest import ROWS, build_tokenizer, crash_then_resume, set_keys
+from tests.conftest import ROWS, build_tokenizer, crash_then_resume, save_config, set_keys
 
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
 
@@ -146,8 +146,6 @@ def prompts(tmp_path):
 
 @pytest.fixture
 def ppo_config(tiny_model_dir, reward_dir, prompts, tmp_path):
-    import yaml
-
     def write(**overrides):
         cfg = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(prompts)},
                "lora": {"r": 4, "alpha": 8}, "rollout": {"max_new_tokens": 6, "temperature": 0.7},
@@ -155,10 +153,7 @@ def ppo_config(tiny_model_dir, reward_dir, prompts, tmp_path):
                "train": {"batch_size": 2, "max_steps": 2, "learning_rate": 1e-2, "save_every": 1},
                "ppo": {"num_minibatches": 2, "epochs": 2}, "output_dir": str(tmp_path / "ppo"), "seed": 0,
                "samples_every": 1}
-        set_keys(cfg, overrides)
-        path = tmp_path / f"ppo-{len(list(tmp_path.glob('ppo-*.yaml')))}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return load_config("ppo", path)
+        return load_config("ppo", save_config(tmp_path, "ppo", set_keys(cfg, overrides)))
 
     return write
 
