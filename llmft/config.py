@@ -272,7 +272,8 @@ class GRPOAlgoConfig:
     dynamic_sampling: Literal["off", "skip", "refill"] = opt(
         "off", "Groups whose answers all scored the same carry no signal: keep them (off), leave them out of the "
                "update (skip), or replace them by groups of fresh prompts (refill, DAPO), max_refills rounds at most.")
-    max_refills: int = opt(2, "dynamic_sampling refill: sampling rounds per step at most.", ge=0)
+    max_refills: int = opt(2, "dynamic_sampling refill: refill rounds per step at most, after the first sampling "
+                              "(0 = as skip).", ge=0)
     logprob_gap_tolerance: float | None = opt(
         None, "Largest mean |log π_sampler − log π_trainer| per token allowed at step 1; null = 1e-3 for fp32 on the "
               "CPU, 0.05 on CUDA or in 16-bit.", gt=0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmft.rl import kl_per_token
+
 
 def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood of the supervised tokens.
@@ -244,8 +246,7 @@ def grpo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: t
     per_token, low, high = clipped_surrogate(ratio, advantages, eps_low, eps_high)
     k3 = None
     if beta:
-        to_ref = ref_logps - logps
-        k3 = torch.exp(to_ref) - to_ref - 1
+        k3 = kl_per_token(logps, ref_logps, "k3")
         per_token = per_token + beta * k3
     per_token = per_token * mask
     if aggregation == "sequence_mean":

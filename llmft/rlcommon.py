@@ -81,6 +81,14 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
                       shown=shown, state=state, resume=resume)
 
 
+def rollout_seed(s: RLSetup, step: int, round_: int = 0) -> int:
+    """The sampling seed of a step (and of a refill round in it) on this process: a pure function of them, so a
+    resumed run samples what the uninterrupted one did."""
+    cfg = s.cfg
+    return (cfg.seed * 1_000_003 + cfg.rollout.seed * 1009 + step + 7_919 * round_
+            + 100_000_007 * distributed.world().rank)
+
+
 def reward_rollout_rows(t, s: RLSetup) -> None:
     """The plan table's rows for the reward sources and the sampling."""
     cfg, rm = s.cfg, s.cfg.reward.model

@@ -33,9 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def constraint_reward(prompts, completions, constraints, **kwargs) -> list[float]:
     """The demo's judge on each answer's text (TRL passes the dataset's extra columns as keyword arguments)."""
-    from llmft.judges.constraints import Verdict, check
+    from llmft.judges.constraints import judge
 
-    return [Verdict(check(c, answer[-1]["content"] if isinstance(answer, list) else answer)).score
+    return [judge(c, answer[-1]["content"] if isinstance(answer, list) else answer).score
             for c, answer in zip(constraints, completions, strict=True)]
 
 

@@ -132,6 +132,7 @@ def main() -> None:
 
 
 def report(rows: list[dict], args, runs: Path) -> None:
+    from llmft.modeling import resolve_dtype
     from llmft.rlcommon import default_gap_tolerance
 
     figures = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -146,7 +147,7 @@ def report(rows: list[dict], args, runs: Path) -> None:
         figures["stages"].append(row)
         print(json.dumps(row), flush=True)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = resolve_dtype("auto", device)
     for stage in ("ppo", "grpo"):  # step 1: what the stage checks against its tolerance
         if (runs / stage / "metrics.jsonl").is_file():
             first = json.loads((runs / stage / "metrics.jsonl").read_text().splitlines()[0])

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ from llmft.loop import Stage, plan_table, run_stage
 from llmft.losses import grpo_policy_loss
 from llmft.modeling import resolve_model
 from llmft.rewards import Scorer
-from llmft.rl import group_advantages, rloo_advantages, zero_std_groups
+from llmft.rl import group_advantages, masked_var, rloo_advantages, zero_std_groups
 from llmft.rlcommon import (
     RLSetup,
     check_finite,
@@ -47,6 +48,7 @@ from llmft.rlcommon import (
     phase,
     policy_logps,
     reward_rollout_rows,
+    rollout_seed,
     sample,
     sample_rows,
     score_rollout,
@@ -136,8 +138,7 @@ def build_model(s: RLSetup) -> ActorCritic:
 
 
 def stage(s: RLSetup, model: ActorCritic) -> Stage:
-    return rlcommon.rl_stage("grpo", s, model, lambda prompts, update, number: grpo_step(model, s, prompts, update,
-                                                                                         number),
+    return rlcommon.rl_stage("grpo", s, model, functools.partial(grpo_step, model, s),
                              shown=("reward", "frac_reward_zero_std", "completions/mean_length", "loss", "lr"))
 
 
@@ -180,28 +181,20 @@ def rollout(model: ActorCritic, s: RLSetup, prompt_idx: list[int], step: int) ->
     how many were replaced (fresh prompts are drawn at random from the training set, with replacement). Groups
     still flat after the last round are masked out of the loss (`kept_answers`)."""
     g = s.cfg.grpo
-    groups = sample_groups(model, s, prompt_idx, seed(s, step, 0))
+    groups = sample_groups(model, s, prompt_idx, rollout_seed(s, step))
     refilled = 0
     for round_ in range(1, g.max_refills + 1 if g.dynamic_sampling == "refill" else 1):
         flat = [i for i, grp in enumerate(groups) if bool(zero_std_groups(grp.scores, len(grp.scores))[0])]
         need = int(distributed.maximum(len(flat)))
         if need == 0:
             break
-        draw = torch.Generator().manual_seed(seed(s, step, round_))
+        draw = torch.Generator().manual_seed(rollout_seed(s, step, round_))
         fresh = sample_groups(model, s, torch.randint(len(s.train.ids), (need,), generator=draw).tolist(),
-                              seed(s, step, round_))
+                              rollout_seed(s, step, round_))
         for i, new in zip(flat, fresh, strict=False):
             groups[i] = new
             refilled += 1
     return groups, refilled
-
-
-def seed(s: RLSetup, step: int, round_: int) -> int:
-    """The sampling seed of a step's round on this process: a pure function of them, so a resumed run samples
-    what the uninterrupted one did."""
-    cfg = s.cfg
-    return (cfg.seed * 1_000_003 + cfg.rollout.seed * 1009 + step + 7_919 * round_
-            + 100_000_007 * distributed.world().rank)
 
 
 def sample_groups(model: ActorCritic, s: RLSetup, prompt_idx: list[int], seed_: int) -> list[Group]:
@@ -332,6 +325,4 @@ def step_metrics(s: RLSetup, exp: Experience, groups: list[Group], score: torch.
 
 def global_std(x: torch.Tensor) -> float:
     """The standard deviation of every process's values together (unbiased), as TRL logs reward_std."""
-    x = x.double()
-    n, total, squares = (distributed.total(float(v)) for v in (x.numel(), x.sum(), (x * x).sum()))
-    return max(squares - total * total / n, 0.0) ** 0.5 / max(n - 1, 1) ** 0.5
+    return float(masked_var(x.double(), torch.ones_like(x, dtype=torch.float64), distributed.sum_tensor).sqrt())

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ from llmft.rlcommon import (
     phase,
     policy_logps,
     reward_rollout_rows,
+    rollout_seed,
     sample,
     sample_rows,
     score_rollout,
@@ -125,8 +127,7 @@ def stage(s: Setup, model: ActorCritic) -> Stage:
     def load_kl(state: dict) -> None:
         s.kl.value = state["kl_coef"]
 
-    return rlcommon.rl_stage("ppo", s, model, lambda prompts, update, number: ppo_step(model, s, prompts, update,
-                                                                                       number),
+    return rlcommon.rl_stage("ppo", s, model, functools.partial(ppo_step, model, s),
                              shown=("score", "kl", "length", "loss", "lr"),
                              extra_state=lambda: {"kl_coef": s.kl.value}, load_extra=load_kl)
 
@@ -134,8 +135,7 @@ def stage(s: Setup, model: ActorCritic) -> Stage:
 def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: int) -> tuple[dict, list[dict]]:
     cfg, times = s.cfg, {}
     with phase(times, "generation", s.device):
-        seed = cfg.seed * 1_000_003 + cfg.rollout.seed * 1009 + step + 100_000_007 * distributed.world().rank
-        exp = rollout(model, s, prompt_idx, seed=seed)
+        exp = rollout(model, s, prompt_idx, seed=rollout_seed(s, step))
     with phase(times, "scoring", s.device):
         rows = [s.train.records[i].row for i in prompt_idx]
         parts, score = score_rollout(model, s, exp, rows)
