@@ -83,9 +83,10 @@ class ActorCritic(nn.Module):
         finally:
             self.use(POLICY)
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states [B, T, d] under the active role."""
-        return hidden_states(self.lm, input_ids, attention_mask)
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0,
+               owners: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states [B, T − start, d] under the active role (`modeling.hidden_states`)."""
+        return hidden_states(self.lm, input_ids, attention_mask, start, owners)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         """The value head, fp32: [..., d] → [...]."""

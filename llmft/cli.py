@@ -141,6 +141,34 @@ def evaluate(
 
 
 @app.command()
+def export(
+    run: str = typer.Argument(..., help="A finished run's output_dir (sft, dpo, ppo, grpo or reward).",
+                              show_default=False),
+    out: str = typer.Option(..., "--out", help="The folder to write (new, or an earlier export with --overwrite)."),
+    format_: str = typer.Option("hf", "--format", help="hf: a transformers model directory; gguf: one GGUF file "
+                                                       "for llama.cpp / Ollama (llama and qwen2 models)."),
+    dtype: str = typer.Option("auto", help="hf weights: auto (the base model's), float32, bfloat16 or float16."),
+    quant: str = typer.Option("f16", help="gguf matrices: f16 or q8_0."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out."),
+) -> None:
+    """Merge a run's whole adapter chain (base → sft → dpo ...) into one model that loads without llmft or peft:
+    [bold]AutoModelForCausalLM[/] (or a GGUF file) for a policy, [bold]AutoModelForSequenceClassification[/] for a
+    reward model."""
+    import json
+
+    from llmft.export import RECORD, run_export
+
+    target = run_export(run, out, format_, dtype, quant, overwrite)
+    record = json.loads((target / RECORD).read_text())
+    what = record.get("file", "") or record["class"]
+    print(f"wrote {target} ({what}, {record.get('quantization') or record.get('dtype')}; "
+          f"{len(record['lineage']) - 1} run(s) merged onto {record['lineage'][-1]['base_model']})")
+    if record.get("score_offset"):
+        err.print(f"[yellow]note:[/] the reward head's bias {record['score_offset']:.4g} has no place in "
+                  f"transformers' score layer: exported scores are lower by it (pairwise comparisons unchanged)")
+
+
+@app.command()
 def plot(
     runs: list[Path] = typer.Argument(..., help="Run directories (output_dir of any stage).", show_default=False),
     out: Path | None = typer.Option(None, "--out", help="PNG to write (default: FIRST_RUN/curves.png)."),

@@ -21,6 +21,7 @@ from llmft.data import Example, Record, collate, read_records
 from llmft.errors import ConfigError, ModelError
 from llmft.generation import Generation, generate, prompt_messages
 from llmft.judges import Judge, make_judge
+from llmft.logprobs import sequence_logps
 from llmft.losses import pairwise_accuracy
 from llmft.modeling import (
     check_lm_head,
@@ -29,7 +30,6 @@ from llmft.modeling import (
     resolve_device,
     resolve_dtype,
     resolve_source,
-    sequence_logps,
 )
 from llmft.preferences import detect_format as detect_pair_format
 from llmft.preferences import tokenize_pairs

@@ -1,6 +1,6 @@
 """Batched generation: prompts → left-padded batches → sampling with the KV cache → responses cut at the first stop id.
 
-This is the rollout primitive that `llmft generate`, `llmft eval` and PPO share, behind
+This is the rollout primitive that `llmft generate`, `llmft eval`, PPO and GRPO share, behind
 `generate(model, chat, prompts, sampling)`, so that another engine can be plugged in later.
 
 What is sampled is exactly softmax(z / T) (optionally cut by top-k and top-p), nothing else: the checkpoint's
@@ -25,7 +25,18 @@ from llmft.checkpoint import atomic_write_text
 from llmft.config import GenerateConfig, ModelConfig, SamplingConfig
 from llmft.data import Example, Record, collate, read_records
 from llmft.errors import DataError
-from llmft.modeling import load_chat, load_model, resolve_device, resolve_dtype, unwrap
+from llmft.modeling import (
+    cache_kwarg,
+    can_share_prefix,
+    load_chat,
+    load_model,
+    model_body,
+    prefix_cache,
+    prompt_owners,
+    resolve_device,
+    resolve_dtype,
+    unwrap,
+)
 from llmft.sources import resolve_source
 
 
@@ -72,8 +83,8 @@ def generate(model, chat: Chat, prompts: list[list[int]], sampling: SamplingConf
             batch = collate([Example(prompts[i], prompts[i]) for i in idx], chat.pad_id, side="left")
             width = batch["input_ids"].shape[1]
             recorder = SampledLogprobs(width) if logprobs else None
-            out = model.generate(input_ids=batch["input_ids"].to(device),
-                                 attention_mask=batch["attention_mask"].to(device),
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            out = model.generate(input_ids=ids, attention_mask=mask, **shared_prompts(model, ids, mask),
                                  **generate_kwargs(chat, sampling, recorder))
             lps = recorder.result(out).tolist() if recorder else None
             for row, i in enumerate(idx):
@@ -81,6 +92,18 @@ def generate(model, chat: Chat, prompts: list[list[int]], sampling: SamplingConf
                 results[i] = Generation(prompts[i], ids, chat.decode(ids), finished,
                                         lps[row][:len(ids)] if lps else None)
     return [results[i] for i in range(len(prompts))]
+
+
+def shared_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """generate's cache argument when prompts repeat in the batch (GRPO's G answers to one prompt): each distinct
+    prompt but its last token is encoded once and its keys and values are given to each of its rows, so generate
+    only runs the last token and the decoding steps. Nothing when every prompt differs, under FSDP, or for prompts
+    of one token."""
+    owners = prompt_owners(input_ids, attention_mask)
+    if owners is None or input_ids.shape[1] < 2 or not can_share_prefix(model):
+        return {}
+    cache = prefix_cache(model, input_ids, attention_mask, input_ids.shape[1] - 1, owners)
+    return {cache_kwarg(model_body(model)): cache}
 
 
 @contextmanager

@@ -12,26 +12,17 @@ import torch.nn.functional as F
 from llmft.rl import kl_per_token
 
 
-def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed negative log-likelihood of the supervised tokens.
-
-        S = Σ_t −log softmax(z_t)[y_t]
-
-    logits: [N, V] at the N positions that predict a supervised token; targets: [N] token ids.
-    """
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-def sft_loss(logits: torch.Tensor, targets: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+def sft_loss(logps: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
     """One micro-batch's share of the token-mean cross entropy of a whole accumulated batch.
 
         L = (1 / N) Σ_{micro-batches m} Σ_{t ∈ m} −log p(y_t | y_<t)
 
     N (`num_tokens`) counts the supervised tokens of *all* micro-batches of the optimizer step, so summing
     this over the micro-batches gives the true token mean — not the mean of per-micro-batch means, which
-    over-weights tokens in short micro-batches.
+    over-weights tokens in short micro-batches. `logps` [n]: log p(y_t | y_<t) of this micro-batch's
+    supervised tokens (`logprobs.supervised_logps`).
     """
-    return token_nll_sum(logits, targets) / num_tokens
+    return -logps.sum() / num_tokens
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -213,19 +213,82 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last-layer hidden states [B, T, d] of the transformer body, without the LM head; positions are counted
-    over real tokens, so left and right padding give the same states. Under FSDP the call goes through the
-    whole model (which gathers its sharded weights first), asking for the logits of one position only."""
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0,
+                  owners: torch.Tensor | None = None) -> torch.Tensor:
+    """Last-layer hidden states [B, T − start, d] of columns `start`… of the transformer body, without the LM head;
+    positions are counted over real tokens, so left and right padding give the same states. Under FSDP the call goes
+    through the whole model (which gathers its sharded weights first), asking for the logits of one position only.
+
+    `owners` [B] (optional) names, for each row, the first row whose columns before `start` are the same (G answers
+    to one prompt): those columns then run once per owner, and their keys and values are shared by its rows
+    (`shared_prefix_states`). The states and gradients are the same up to float rounding."""
+    if owners is not None and start > 0 and can_share_prefix(model):
+        return shared_prefix_states(model, input_ids, attention_mask, start, owners)
     positions = position_ids(attention_mask)
     if distributed.fsdp():
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
-        return out.hidden_states[-1]
-    base = unwrap(model)
-    body = getattr(base, base.base_model_prefix)
+        return out.hidden_states[-1][:, start:]
+    body = model_body(model)
     return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                use_cache=False).last_hidden_state
+                use_cache=False).last_hidden_state[:, start:]
+
+
+def shared_prefix_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                         owners: torch.Tensor) -> torch.Tensor:
+    """Hidden states of columns `start`… [B, T − start, d], with columns …start − 1 run once per distinct owner
+    (`prefix_cache`) and the suffix forward attending to their keys and values. For G answers to one prompt the
+    prompt is encoded once instead of G times, in training and in the old/reference log-prob passes alike."""
+    body, key = model_body(model), cache_kwarg(model_body(model))
+    cache = prefix_cache(model, input_ids, attention_mask, start, owners)
+    positions = position_ids(attention_mask)[:, start:]
+    return body(input_ids=input_ids[:, start:], attention_mask=attention_mask, position_ids=positions,
+                use_cache=True, **{key: cache}).last_hidden_state
+
+
+def prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, owners: torch.Tensor):
+    """The KV cache of columns …start − 1 for every row, computed on the owners' rows only: each row then takes
+    its owner's keys and values (an index, so under autograd their gradients are summed back)."""
+    body, heads = model_body(model), torch.unique(owners)  # heads: the owner rows, sorted
+    mask = attention_mask[heads, :start]
+    out = body(input_ids=input_ids[heads, :start], attention_mask=mask, position_ids=position_ids(mask),
+               use_cache=True)
+    cache = getattr(out, cache_kwarg(body))
+    cache.batch_select_indices(torch.searchsorted(heads, owners))  # row i ← its owner's keys and values
+    return cache
+
+
+def prompt_owners(prompts: torch.Tensor, attention: torch.Tensor) -> torch.Tensor | None:
+    """[B] for each row, the first row with the same (left-padded) prompt, or None when no two rows share one."""
+    _, which = torch.unique(torch.cat([prompts, attention], 1), dim=0, return_inverse=True)  # [B] class ids
+    if int(which.max()) + 1 == len(which):
+        return None
+    rows = torch.arange(len(which), device=which.device)
+    first = torch.full_like(which, len(which)).scatter_reduce(0, which, rows, "amin")  # class → its first row
+    return first[which]
+
+
+def model_body(model):
+    """The transformer body (embeddings and decoder layers, no LM head) under a PEFT wrapper or not."""
+    base = unwrap(model)
+    return getattr(base, base.base_model_prefix)
+
+
+def cache_kwarg(body) -> str:
+    """The name transformers gives the KV cache in forward and generate: `cache` from 5.x, `past_key_values`
+    before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def can_share_prefix(model) -> bool:
+    """Whether a prefix's KV cache can be shared: not under FSDP (the call goes through the wrapped model), and not
+    while gradient checkpointing recomputes layers (transformers drops the cache of a checkpointed layer)."""
+    if distributed.fsdp():
+        return False
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model_body(model).modules())
+    return not (checkpointed and torch.is_grad_enabled())
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -243,19 +306,6 @@ def disable_dropout(model) -> None:
         for name in ("attention_dropout", "attn_dropout", "dropout"):
             if isinstance(getattr(m, name, None), float):
                 setattr(m, name, 0.0)
-
-
-def supervised_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (fp32) at the positions that predict a supervised token, and those tokens.
-
-    Runs the transformer body once and the LM head only where `labels[:, 1:] != -100`
-    (`hidden[:, :-1]` predicts `ids[:, 1:]`): prompt and padding positions never pay for the vocabulary
-    projection. Returns logits [N, V] and targets [N], N = number of supervised tokens in the batch.
-    """
-    hidden = hidden_states(model, input_ids, attention_mask)  # [B, T, d]
-    keep = labels[:, 1:] != -100  # [B, T-1]
-    return lm_logits(model, hidden[:, :-1][keep]), labels[:, 1:][keep]  # [N, V], [N]
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -292,17 +342,3 @@ def check_lm_head(model) -> None:
         raise ModelError(f"this model's forward transforms its logits in a way llmft does not apply (largest "
                          f"difference {gap:.3g} on a probe): its log-probs would not be the model's. Please report it "
                          f"with `llmft env` and the model's config.json")
-
-
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """Summed log-probability of each row's supervised tokens, fp32: [B].
-
-        log π(y | x) = Σ_t log π(y_t | x, y_<t)   over the positions where labels != -100
-    """
-    from llmft.losses import token_logps
-
-    logits, targets = supervised_logits(model, input_ids, attention_mask, labels)  # [N, V], [N]
-    rows = (labels[:, 1:] != -100).nonzero()[:, 0]  # [N]: the row of each supervised position
-    logps = token_logps(logits, targets, temperature)
-    return torch.zeros(labels.shape[0], dtype=torch.float32, device=logps.device).index_add_(0, rows, logps)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from llmft.generation import Generation
-from llmft.modeling import lm_logits
-from llmft.rl import entropy_from_logits
+from llmft.logprobs import head_logps
+from llmft.modeling import prompt_owners
 from llmft.training import autocast
 
 
@@ -87,6 +87,7 @@ class MicroBatch:
     mask: torch.Tensor  # [b, r] response mask
     prompt_width: int  # p
     full_width: int  # R of the experience: per-token outputs are padded back to [b, R]
+    owners: torch.Tensor | None  # [b] the first row with the same prompt; None when every prompt differs
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(x, (0, self.full_width - x.shape[1]))
@@ -97,32 +98,30 @@ def micro_batch(exp: Experience, rows: list[int]) -> MicroBatch:
     first = int(attention.argmax(-1).min())  # the earliest real prompt token of these rows
     r = int(mask.sum(-1).max())  # their longest response
     cols = slice(first, exp.prompt_width + r)
-    return MicroBatch(exp.input_ids[rows, cols], attention[:, cols], mask[:, :r], exp.prompt_width - first,
-                      mask.shape[1])
+    ids, attention, p = exp.input_ids[rows, cols], attention[:, cols], exp.prompt_width - first
+    return MicroBatch(ids, attention, mask[:, :r], p, mask.shape[1], prompt_owners(ids[:, :p], attention[:, :p]))
 
 
 def response_states(hidden_fn, mb: MicroBatch) -> torch.Tensor:
     """Hidden states [b, r, d] of the positions that predict each response token (p − 1 … p + r − 2);
-    `hidden_fn(input_ids, attention_mask)` runs the body under the active adapter role."""
-    return hidden_fn(mb.input_ids, mb.attention_mask)[:, mb.prompt_width - 1:-1]
+    `hidden_fn(input_ids, attention_mask, start, owners)` (`modeling.hidden_states`) runs the body under the
+    active adapter role, each distinct prompt once up to its last token."""
+    return hidden_fn(mb.input_ids, mb.attention_mask, mb.prompt_width - 1, mb.owners)[:, :-1]
 
 
 def response_logps(model, hidden_fn, exp: Experience, rows: list[int], temperature: float, dtype: torch.dtype,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(y_t) at the sampling temperature [b, R] (0 on padding), and the entropy [b, R] when asked, fp32.
-    The LM head (`modeling.lm_logits`, soft-capping included) runs on the valid positions only."""
-    from llmft.losses import token_logps
-
+    The LM head (`logprobs.head_logps`: soft-capping included, in chunks) runs on the valid positions only."""
     mb = micro_batch(exp, rows)
+    valid = mb.mask.bool()
+    targets = mb.input_ids[:, mb.prompt_width:][valid]  # [N]
     with autocast(exp.device, dtype):
         hidden = response_states(hidden_fn, mb)
-        valid = mb.mask.bool()
-        logits = lm_logits(model, hidden[valid]) / temperature  # [N, V] fp32
-    targets = mb.input_ids[:, mb.prompt_width:][valid]
-    logps = torch.zeros_like(mb.mask).masked_scatter(valid, token_logps(logits, targets))
-    entropy = None
-    if with_entropy:  # a statistic, never differentiated
-        entropy = torch.zeros_like(mb.mask).masked_scatter(valid, entropy_from_logits(logits.detach()))
+        logps, entropy = head_logps(model, hidden[valid], targets, temperature, with_entropy)  # [N], [N] | None
+    logps = torch.zeros_like(mb.mask).masked_scatter(valid, logps)
+    if entropy is not None:  # a statistic, never differentiated
+        entropy = torch.zeros_like(mb.mask).masked_scatter(valid, entropy)
     return mb.pad(logps), mb.pad(entropy) if entropy is not None else None
 
 

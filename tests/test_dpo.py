@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from llmft.config import load_config
 from llmft.data import Record
 from llmft.errors import ConfigError
+from llmft.logprobs import sequence_logps
 from llmft.losses import dpo_hinge, dpo_robust, dpo_sigmoid, ipo_loss, orpo_loss, preference_loss, simpo_loss
-from llmft.modeling import sequence_logps
 from llmft.preferences import collate_pairs, tokenize_pairs
 from llmft.stages import dpo
 from tests.conftest import crash_then_resume, train_in_process

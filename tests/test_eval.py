@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from llmft.data import Example, collate
 from llmft.evaluation import win_rate
 from llmft.judges.text import bleu, rouge_l
-from llmft.modeling import sequence_logps
+from llmft.logprobs import sequence_logps
 from tests.test_cli import assert_one_line_error, llmft
 
 

@@ -6,6 +6,7 @@ PPO's ratio 1 on the first minibatch, and the reward model reading its score on 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,8 @@ from llmft import data as D
 from llmft.config import load_config
 from llmft.errors import DataError
 from llmft.modeling import last_token_index, load_chat
+from llmft.modeling import model_body as modeling_body
+from llmft.modeling import shared_prefix_states as SHARED
 from llmft.preferences import collate_pairs
 from llmft.sources import resolve_source
 from llmft.stages import dpo, grpo, ppo, reward, sft
@@ -77,6 +80,103 @@ def test_system_messages_and_multi_turn_conversations(family):
     assert ex.input_ids == ids(tok, rendered[:rendered.rindex(f.turn_end) + len(f.turn_end)])
     answers = [t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != -100]
     assert tok.decode(answers).replace(" ", "").replace("▁", "") == f"sea{f.turn_end}blue{f.turn_end}"
+
+
+# ------------------------------------------------------------------------------------- shared prompts
+def lora_model(path: Path, gradient_checkpointing: bool = False):
+    from llmft.config import LoraConfig, ModelConfig
+    from llmft.modeling import add_lora, disable_dropout, load_model
+
+    model = load_model(resolve_source(str(path)), torch.float32, torch.device("cpu"), ModelConfig(name=str(path)))
+    torch.manual_seed(1)
+    lm = add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), gradient_checkpointing)
+    for name, p in lm.named_parameters():
+        if "lora_B" in name:  # B = 0 would hide a wrong gradient through the prompt's keys and values
+            p.data.normal_(0, 0.3)
+    disable_dropout(lm)
+    return lm
+
+
+def experience(chat, answers_per_prompt: int = 3):
+    """Two prompts of different lengths (left padding), each with answers of different lengths (right padding)."""
+    from llmft.generation import Generation
+    from llmft.rollout import pack
+
+    torch.manual_seed(2)
+    prompts = [chat.prompt_ids([{"role": "user", "content": t}]) for t in ("the sea", "a lighthouse guides ships")]
+    gens = [Generation(p, torch.randint(5, len(chat.tokenizer) - 1, (3 + 5 * k,)).tolist(), "", False)
+            for p in prompts for k in range(answers_per_prompt)]
+    return pack(gens, chat.pad_id, torch.device("cpu"))
+
+
+def logps_and_grads(lm, exp, share: bool, monkeypatch):
+    from llmft import rollout
+    from llmft.modeling import hidden_states
+
+    if not share:
+        monkeypatch.setattr(rollout, "prompt_owners", lambda *a: None)
+    lm.zero_grad()
+    logps, _ = rollout.response_logps(lm, functools.partial(hidden_states, lm), exp, list(range(exp.size)), 0.7,
+                                      torch.float32)
+    (logps * exp.mask).sum().backward()
+    monkeypatch.undo()
+    return logps.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}
+
+
+def test_a_shared_prompt_gives_the_same_log_probs_and_gradients(family, monkeypatch):
+    # G answers to one prompt: its keys and values are computed once and shared (sliding windows and soft-capping
+    # included); the log-probs and the LoRA gradients (through the prompt's keys and values too) are the same
+    from llmft import modeling
+
+    f, path = family
+    chat, lm = load_chat(resolve_source(str(path))), lora_model(path)
+    exp = experience(chat)
+    calls = []
+    monkeypatch.setattr(modeling, "shared_prefix_states", lambda *a: calls.append(1) or SHARED(*a))
+    shared, shared_grads = logps_and_grads(lm, exp, True, monkeypatch)
+    assert calls == [1]
+    full, full_grads = logps_and_grads(lm, exp, False, monkeypatch)
+    assert torch.allclose(shared, full, atol=1e-5) and len(set(exp.mask.sum(-1).tolist())) == 3
+    scale = max(float(g.abs().max()) for g in full_grads.values())
+    assert scale > 0 and all(torch.allclose(shared_grads[n], g, atol=1e-5 * scale) for n, g in full_grads.items())
+
+
+def test_a_shared_prompt_is_not_shared_under_gradient_checkpointing(family, monkeypatch):
+    # transformers drops the KV cache of a checkpointed layer: sharing would silently drop the prompt
+    from llmft import modeling
+
+    f, path = family
+    chat = load_chat(resolve_source(str(path)))
+    exp = experience(chat)
+    reference, _ = logps_and_grads(lora_model(path), exp, False, monkeypatch)
+    lm = lora_model(path, gradient_checkpointing=True)
+    lm.train()
+    calls = []
+    monkeypatch.setattr(modeling, "shared_prefix_states", lambda *a: calls.append(1) or SHARED(*a))
+    checkpointed, _ = logps_and_grads(lm, exp, True, monkeypatch)
+    assert calls == [] and torch.allclose(checkpointed, reference, atol=1e-5)
+
+
+def test_generation_encodes_a_repeated_prompt_once(family, monkeypatch):
+    # the same answers and sampler log-probs as encoding every copy of the prompt, with the prompt run once
+    from llmft import generation
+    from llmft.config import SamplingConfig
+
+    f, path = family
+    chat, lm = load_chat(resolve_source(str(path))), lora_model(path)
+    prompts = [chat.prompt_ids([{"role": "user", "content": t}]) for t in ("the sea", "a lighthouse guides ships")]
+    prompts = [p for p in prompts for _ in range(4)]
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, seed=3, batch_size=8)
+    widths = []
+    embed = modeling_body(lm).get_input_embeddings()
+    embed.register_forward_hook(lambda m, args, out: widths.append(tuple(args[0].shape)))
+    shared = generation.generate(lm, chat, prompts, sampling, logprobs=True)
+    assert widths[0] == (2, max(map(len, prompts)) - 1) and widths[1] == (8, 1)  # distinct prompts, then 8 rows
+    monkeypatch.setattr(generation, "shared_prompts", lambda *a: {})
+    plain = generation.generate(lm, chat, prompts, sampling, logprobs=True)
+    assert [g.response_ids for g in shared] == [g.response_ids for g in plain]
+    assert max(abs(a - b) for s, p in zip(shared, plain, strict=True)
+               for a, b in zip(s.logprobs, p.logprobs, strict=True)) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- stages

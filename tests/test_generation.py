@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -115,7 +116,7 @@ def test_checkpoint_sampling_defaults_never_reach_the_sampler(tiny_model_dir, tm
     assert model.generation_config.repetition_penalty == 1.5  # ... and keep them after generating
     exp = pack(gens, chat.pad_id, torch.device("cpu"))
     with torch.no_grad():
-        recomputed, _ = response_logps(model, lambda i, m: hidden_states(model, i, m), exp, list(range(exp.size)), 0.7,
+        recomputed, _ = response_logps(model, functools.partial(hidden_states, model), exp, list(range(exp.size)), 0.7,
                                     torch.float32)
     gap = ((recomputed - exp.sampler_logps).abs() * exp.mask).max()
     assert gap < 1e-5  # ... but the sampler drew from softmax(z / 0.7) alone (suppressed EOS, banned words,

@@ -7,27 +7,27 @@ import math
 import pytest
 import torch
 
-from llmft.losses import sft_loss, token_nll_sum
+from llmft.losses import sft_loss, token_logps
 
 
-def test_token_nll_sum_by_hand():
-    # two positions over a 3-token vocabulary
+def test_token_logps_by_hand():
+    # two positions over a 3-token vocabulary: log(1/3) and log(e²/(e²+2)); at T = 2, log(e/(e+2))
     logits = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
     targets = torch.tensor([1, 0])
-    # −log(1/3) − log(e²/(e²+2))
-    expected = math.log(3) - (2 - math.log(math.exp(2) + 2))
-    assert math.isclose(float(token_nll_sum(logits, targets)), expected, rel_tol=1e-6)
+    expected = [-math.log(3), 2 - math.log(math.exp(2) + 2)]
+    assert token_logps(logits, targets).tolist() == pytest.approx(expected, rel=1e-6)
+    assert float(token_logps(logits, targets, 2.0)[1]) == pytest.approx(1 - math.log(math.e + 2), rel=1e-6)
 
 
 def test_sft_loss_is_token_mean_over_the_accumulated_batch():
     # micro-batch A has 1 token, B has 3; the step's mean weights all 4 tokens equally
-    a_logits, a_t = torch.tensor([[0.0, 0.0]]), torch.tensor([0])  # nll ln 2
-    b_logits, b_t = torch.tensor([[0.0, 0.0]] * 3), torch.tensor([1, 1, 1])  # nll 3 ln 2
-    total = sft_loss(a_logits, a_t, 4) + sft_loss(b_logits, b_t, 4)
+    a = torch.tensor([-math.log(2)])  # log-probs of A's token: nll ln 2
+    b = torch.tensor([-math.log(2)] * 3)  # nll 3 ln 2
+    total = sft_loss(a, 4) + sft_loss(b, 4)
     assert math.isclose(float(total), math.log(2), rel_tol=1e-6)
     # the mean of micro-batch means would also be ln 2 here; make the tokens differ to tell them apart
-    b_logits = torch.tensor([[0.0, math.log(3)]] * 3)  # p(1) = 3/4 → nll ln(4/3) each
-    total = sft_loss(a_logits, a_t, 4) + sft_loss(b_logits, b_t, 4)
+    b = torch.tensor([math.log(3 / 4)] * 3)  # p = 3/4 → nll ln(4/3) each
+    total = sft_loss(a, 4) + sft_loss(b, 4)
     assert math.isclose(float(total), (math.log(2) + 3 * math.log(4 / 3)) / 4, rel_tol=1e-6)
     wrong = (math.log(2) + math.log(4 / 3)) / 2
     assert not math.isclose(float(total), wrong, rel_tol=1e-3)
@@ -35,7 +35,7 @@ def test_sft_loss_is_token_mean_over_the_accumulated_batch():
 
 def test_loss_is_fp32_even_for_bf16_logits():
     logits = torch.randn(5, 7).to(torch.bfloat16)
-    assert token_nll_sum(logits, torch.zeros(5, dtype=torch.long)).dtype == torch.float32
+    assert token_logps(logits, torch.zeros(5, dtype=torch.long)).dtype == torch.float32
 
 
 def test_log1mexp_is_accurate_where_one_minus_exp_cancels():

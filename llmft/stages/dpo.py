@@ -20,9 +20,10 @@ import torch
 from llmft import distributed, loop
 from llmft import preferences as P
 from llmft.config import DPOConfig
+from llmft.logprobs import sequence_logps
 from llmft.loop import Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import REFERENCE_FREE, preference_loss, with_chosen_nll
-from llmft.modeling import add_lora, disable_dropout, load_model, resolve_model, sequence_logps
+from llmft.modeling import add_lora, disable_dropout, load_model, resolve_model
 from llmft.training import autocast, console, plan_for, require_dropout_off
 
 

@@ -14,14 +14,10 @@ import torch
 from llmft import data as D
 from llmft import distributed
 from llmft.config import SFTConfig
+from llmft.logprobs import supervised_logps
 from llmft.loop import Setup, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import sft_loss
-from llmft.modeling import (
-    add_lora,
-    load_model,
-    resolve_model,
-    supervised_logits,
-)
+from llmft.modeling import add_lora, load_model, resolve_model
 from llmft.training import (
     autocast,
     console,
@@ -89,8 +85,8 @@ def accumulate(model, batches: list[dict], device, dtype) -> tuple[float, int]:
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         with autocast(device, dtype):
-            logits, targets = supervised_logits(model, b["input_ids"], b["attention_mask"], b["labels"])
-        loss = sft_loss(logits, targets, num_tokens)
+            logps = supervised_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+        loss = sft_loss(logps, num_tokens)
         loss.backward()
         total += loss.detach()
         seen += int(b["attention_mask"].sum())
@@ -105,8 +101,8 @@ def evaluate(model, data: D.TokenizedSet, batch_size: int, pad: int, device, dty
     for i in range(0, len(data.examples), batch_size):
         b = {k: v.to(device) for k, v in D.collate(data.examples[i:i + batch_size], pad).items()}
         with autocast(device, dtype):
-            logits, targets = supervised_logits(model, b["input_ids"], b["attention_mask"], b["labels"])
-        nll += float(sft_loss(logits, targets, 1))
-        count += targets.numel()
+            logps = supervised_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+        nll += float(sft_loss(logps, 1))
+        count += logps.numel()
     model.train()
     return nll / count

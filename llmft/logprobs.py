@@ -1,0 +1,116 @@
+"""Token log-probs from hidden states, in chunks: the [N × V] fp32 logits of a batch never exist at once.
+
+    log π(y_t) = log softmax(lm_logits(h_t) / T)[y_t]          (`modeling.lm_logits`: the model's own final transform)
+
+Every stage's log-probs (sft's loss, dpo, ppo, grpo, eval's KL) come through `head_logps`. The N positions are cut
+into chunks of rows whose fp32 logits take at most `CHUNK_BYTES`; per chunk the logits are made, used and freed.
+
+Backward without the logits. Each log π(y_t) depends on its own h_t only, so its gradient is one row
+g_t = ∂ log π(y_t) / ∂h_t [d]. With a frozen LM head (LoRA: the usual case) the forward computes g_t chunk by
+chunk, alongside the values, and keeps only g [N, d]; backward is then ∂L/∂h_t = (∂L/∂ log π(y_t)) · g_t, exact and
+with no second pass over the vocabulary. When the LM head itself trains (rows of tokens a chat template added), each
+chunk is checkpointed instead: backward recomputes its logits, one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from llmft.losses import token_logps
+from llmft.modeling import hidden_states, lm_logits, unwrap
+from llmft.rl import entropy_from_logits
+
+CHUNK_BYTES = 256 << 20  # fp32 logits per chunk: 256 MiB (e.g. 1,365 positions of a 49,152-token vocabulary)
+
+
+def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+               with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y_t) [N] (fp32) of targets [N] from hidden states [N, d], and the entropy of each position [N] when asked
+    (a statistic: never differentiated)."""
+    rows = chunk_rows(model)
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        return chunked(model, hidden.detach(), targets, temperature, with_entropy, rows)
+    if head_trains(model):
+        parts = [checkpoint(chunk_logps, model, h, y, temperature, use_reentrant=False)
+                 for h, y in zip(hidden.split(rows), targets.split(rows), strict=True)]
+        entropy = chunked(model, hidden.detach(), targets, temperature, True, rows)[1] if with_entropy else None
+        return torch.cat(parts), entropy
+    logps, entropy = RowGradLogps.apply(hidden, targets, model, temperature, with_entropy, rows)
+    return logps, entropy if with_entropy else None
+
+
+def supervised_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """log π of each supervised token [N] (fp32), N = the positions where `labels[:, 1:] != -100`, in row order.
+
+    Runs the transformer body once and the LM head only where a label is (`hidden[:, :-1]` predicts `ids[:, 1:]`):
+    prompt and padding positions never pay for the vocabulary projection."""
+    hidden = hidden_states(model, input_ids, attention_mask)  # [B, T, d]
+    keep = labels[:, 1:] != -100  # [B, T-1]
+    return head_logps(model, hidden[:, :-1][keep], labels[:, 1:][keep], temperature)[0]
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Summed log-probability of each row's supervised tokens, fp32: [B].
+
+        log π(y | x) = Σ_t log π(y_t | x, y_<t)   over the positions where labels != -100
+    """
+    logps = supervised_logps(model, input_ids, attention_mask, labels, temperature)  # [N]
+    rows = (labels[:, 1:] != -100).nonzero()[:, 0]  # [N]: the row of each supervised position
+    return torch.zeros(labels.shape[0], dtype=torch.float32, device=logps.device).index_add_(0, rows, logps)
+
+
+def chunk_rows(model) -> int:
+    vocab = unwrap(model).get_output_embeddings().weight.shape[0]
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def head_trains(model) -> bool:
+    """Whether any LM-head weight takes gradients (peft's trainable token rows on an untied head)."""
+    head = unwrap(model).get_output_embeddings()
+    return any(p.requires_grad for p in head.parameters())
+
+
+def chunk_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    return token_logps(lm_logits(model, hidden), targets, temperature)
+
+
+@torch.no_grad()
+def chunked(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+            rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logps, entropy = [], []
+    for h, y in zip(hidden.split(rows), targets.split(rows), strict=True):
+        logits = lm_logits(model, h) / temperature
+        logps.append(token_logps(logits, y))
+        if with_entropy:
+            entropy.append(entropy_from_logits(logits))
+    return torch.cat(logps), torch.cat(entropy) if with_entropy else None
+
+
+class RowGradLogps(torch.autograd.Function):
+    """log π(y_t) [N] with each row's gradient g_t = ∂ log π(y_t)/∂h_t computed in the forward (frozen LM head)."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, model, temperature, with_entropy, rows):
+        logps, grads, entropy = [], [], []
+        for h, y in zip(hidden.split(rows), targets.split(rows), strict=True):
+            with torch.enable_grad():
+                h = h.detach().requires_grad_()
+                logits = lm_logits(model, h) / temperature
+                lp = token_logps(logits, y)
+                (g,) = torch.autograd.grad(lp.sum(), h)  # row t of the sum's gradient is ∂ log π(y_t)/∂h_t
+            logps.append(lp.detach())
+            grads.append(g.float())
+            if with_entropy:
+                entropy.append(entropy_from_logits(logits.detach()))
+        ctx.save_for_backward(torch.cat(grads))
+        ctx.dtype = hidden.dtype
+        out = torch.cat(logps)
+        return out, torch.cat(entropy) if with_entropy else torch.zeros_like(out)
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy):
+        (grads,) = ctx.saved_tensors
+        return (grad_logps[:, None] * grads).to(ctx.dtype), None, None, None, None, None
