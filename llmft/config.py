@@ -61,6 +61,8 @@ class DataConfig:
     max_length: int = opt(1024, "Longest tokenised example; longer rows are truncated (and counted).", ge=8)
     loss_on: Literal["completion", "all"] = opt(
         "completion", "Train on completion/assistant tokens only, or on every token.")
+    packing: bool = opt(False, "Run each micro-batch's rows as one padding-free sequence (positions restart at each "
+                               "row, attention never crosses rows): the same losses, no compute spent on padding.")
 
 
 @dataclass
@@ -120,6 +122,8 @@ class PreferenceDataConfig:
         "auto", "pairs = {prompt, chosen, rejected}, ranked = {prompt, responses}; auto detects it.")
     max_length: int = opt(1024, "Longest prompt + response in tokens; longer pairs are dropped (and counted).",
                           ge=8)
+    packing: bool = opt(False, "Run each micro-batch's rows as one padding-free sequence (positions restart at each "
+                               "row, attention never crosses rows): the same losses, no compute spent on padding.")
 
 
 @dataclass

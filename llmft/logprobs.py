@@ -41,23 +41,24 @@ def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: 
 
 
 def supervised_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
+                     temperature: float = 1.0, packed: bool = False) -> torch.Tensor:
     """log π of each supervised token [N] (fp32), N = the positions where `labels[:, 1:] != -100`, in row order.
 
     Runs the transformer body once and the LM head only where a label is (`hidden[:, :-1]` predicts `ids[:, 1:]`):
-    prompt and padding positions never pay for the vocabulary projection."""
-    hidden = hidden_states(model, input_ids, attention_mask)  # [B, T, d]
+    prompt and padding positions never pay for the vocabulary projection; with `packed`, padding positions
+    never pay for the body either (`modeling.packed_states`)."""
+    hidden = hidden_states(model, input_ids, attention_mask, packed=packed)  # [B, T, d]
     keep = labels[:, 1:] != -100  # [B, T-1]
     return head_logps(model, hidden[:, :-1][keep], labels[:, 1:][keep], temperature)[0]
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, packed: bool = False) -> torch.Tensor:
     """Summed log-probability of each row's supervised tokens, fp32: [B].
 
         log π(y | x) = Σ_t log π(y_t | x, y_<t)   over the positions where labels != -100
     """
-    logps = supervised_logps(model, input_ids, attention_mask, labels, temperature)  # [N]
+    logps = supervised_logps(model, input_ids, attention_mask, labels, temperature, packed)  # [N]
     rows = (labels[:, 1:] != -100).nonzero()[:, 0]  # [N]: the row of each supervised position
     return torch.zeros(labels.shape[0], dtype=torch.float32, device=logps.device).index_add_(0, rows, logps)
 

@@ -214,24 +214,64 @@ def unwrap(model):
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0,
-                  owners: torch.Tensor | None = None) -> torch.Tensor:
+                  owners: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
     """Last-layer hidden states [B, T − start, d] of columns `start`… of the transformer body, without the LM head;
     positions are counted over real tokens, so left and right padding give the same states. Under FSDP the call goes
     through the whole model (which gathers its sharded weights first), asking for the logits of one position only.
 
     `owners` [B] (optional) names, for each row, the first row whose columns before `start` are the same (G answers
     to one prompt): those columns then run once per owner, and their keys and values are shared by its rows
-    (`shared_prefix_states`). The states and gradients are the same up to float rounding."""
+    (`shared_prefix_states`). With `packed` the rows' real tokens run as one padding-free sequence
+    (`packed_states`; padding positions come back as 0). Either way the states and gradients are the same up to
+    float rounding."""
     if owners is not None and start > 0 and can_share_prefix(model):
         return shared_prefix_states(model, input_ids, attention_mask, start, owners)
-    positions = position_ids(attention_mask)
+    if packed and not bool(attention_mask.all()):
+        return packed_states(model, input_ids, attention_mask)[:, start:]
+    return body_states(model, input_ids, attention_mask, position_ids(attention_mask))[:, start:]
+
+
+def body_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                positions: torch.Tensor) -> torch.Tensor:
     if distributed.fsdp():
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
-        return out.hidden_states[-1][:, start:]
-    body = model_body(model)
-    return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                use_cache=False).last_hidden_state[:, start:]
+        return out.hidden_states[-1]
+    return model_body(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=False).last_hidden_state
+
+
+def packed_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, T, d] computed without padding: the real tokens of all rows run as one sequence [1, N] whose
+    positions restart at each row, with no attention mask; transformers then finds the rows from the positions and
+    keeps attention within each (its packed-sequence mask). Padding positions are 0."""
+    keep = attention_mask.bool()
+    flat = body_states(model, input_ids[keep][None], None, position_ids(attention_mask)[keep][None])[0]  # [N, d]
+    return flat.new_zeros(*input_ids.shape, flat.shape[-1]).masked_scatter(keep[..., None], flat)
+
+
+@torch.no_grad()
+def check_packing(model) -> None:
+    """Refuse data.packing for a model whose attention does not keep packed rows apart (an older transformers, a
+    model with its own masks): on a probe of two rows, packed and padded states must agree."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        raise ModelError("data.packing needs a transformers release that masks packed sequences (4.54 or later)") \
+            from None
+    base = unwrap(model)
+    device, training = next(base.parameters()).device, base.training
+    vocab = base.config.get_text_config().vocab_size
+    ids = (torch.arange(10, device=device).view(2, 5) * 7 + 3) % vocab
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], device=device)
+    base.eval()
+    padded = hidden_states(model, ids, mask)
+    packed = packed_states(model, ids, mask)
+    base.train(training)
+    gap, scale = float((padded - packed)[mask.bool()].abs().max()), float(padded.abs().max())
+    if gap > 1e-3 * (1 + scale):
+        raise ModelError(f"data.packing: this model's attention crosses packed rows (largest difference {gap:.3g} on a "
+                         f"probe); set data.packing: false")
 
 
 def shared_prefix_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,

@@ -47,14 +47,15 @@ from llmft.modeling import (
 class RewardModel(nn.Module):
     """A causal LM (usually with a LoRA adapter) and a scalar head on the last real token's hidden state."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, packed: bool = False):
         super().__init__()
-        self.lm = lm
+        self.lm, self.packed = lm, packed  # packed: padding-free forwards (`modeling.packed_states`)
         self.head = scalar_head(unwrap(lm).config.hidden_size, next(lm.parameters()).device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards [B] (fp32) of right- or left-padded sequences."""
-        return last_token_scores(self.head, hidden_states(self.lm, input_ids, attention_mask), attention_mask)
+        hidden = hidden_states(self.lm, input_ids, attention_mask, packed=self.packed)
+        return last_token_scores(self.head, hidden, attention_mask)
 
     def save_pretrained(self, directory: Path) -> None:
         save_adapter(self.lm, directory)

@@ -81,7 +81,8 @@ def llmft_config(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
     targets = args.target_modules
     return {
         "model": {"name": model_dir},
-        "data": {"train": args.data, "max_length": args.max_length},
+        "data": {"train": args.data, "max_length": args.max_length,
+                 **({"packing": True} if getattr(args, "packing", False) else {})},
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                  "target_modules": targets if targets == "all-linear" else targets.split(",")},
         "train": {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "learning_rate": args.lr,
@@ -378,8 +379,14 @@ def pair_parser(stages, name: str, text: str, func) -> argparse.ArgumentParser:
                data_help="{prompt, chosen, rejected} JSONL (string answers)")
     p.add_argument("--trl-flush", action=argparse.BooleanOptionalAction, default=True,
                    help="also run TRL with torch.set_flush_denormal(True), as llmft sets on CPU")
+    add_packing(p)
     p.set_defaults(func=func, max_length=384, batch_size=4, steps=4)
     return p
+
+
+def add_packing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
+                   help="llmft with data.packing: true (padding-free micro-batches); TRL as shipped")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -387,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = parser.add_subparsers(dest="stage", required=True)
     sft = stages.add_parser("sft", help="llmft sft vs trl.SFTTrainer (LoRA)")
     add_common(sft, out=str(ROOT / "benchmarks/sft-cpu.json"))
+    add_packing(sft)
     sft.set_defaults(func=cmd_sft)
     pair_parser(stages, "reward", "llmft reward vs trl.RewardTrainer (LoRA + scalar head)", cmd_reward)
     dpo = pair_parser(stages, "dpo", "llmft dpo vs trl.DPOTrainer (LoRA; reference = adapter disabled)",

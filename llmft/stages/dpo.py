@@ -23,7 +23,7 @@ from llmft.config import DPOConfig
 from llmft.logprobs import sequence_logps
 from llmft.loop import Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import REFERENCE_FREE, preference_loss, with_chosen_nll
-from llmft.modeling import add_lora, disable_dropout, load_model, resolve_model
+from llmft.modeling import add_lora, check_packing, disable_dropout, load_model, resolve_model
 from llmft.training import autocast, console, plan_for, require_dropout_off
 
 
@@ -63,8 +63,10 @@ def run(cfg: DPOConfig, dry_run: bool = False) -> dict | None:
 
 
 def build_model(s: Setup):
-    model = add_lora(load_model(s.source, s.dtype, s.device, s.cfg.model), s.cfg.lora,
-                     s.cfg.train.gradient_checkpointing, s.chat.added_ids)
+    base = load_model(s.source, s.dtype, s.device, s.cfg.model)
+    if s.cfg.data.packing:
+        check_packing(base)
+    model = add_lora(base, s.cfg.lora, s.cfg.train.gradient_checkpointing, s.chat.added_ids)
     disable_dropout(model)
     return model
 
@@ -126,7 +128,8 @@ def batch_logps(model, batch: dict, s: Setup, reference: bool = False) -> torch.
     model with its adapter disabled, run without gradients."""
     off = model.disable_adapter() if reference else nullcontext()
     with off, torch.no_grad() if reference else nullcontext(), autocast(s.device, s.dtype):
-        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                               packed=s.cfg.data.packing)
     return logps.view(2, -1)
 
 

@@ -21,6 +21,7 @@ from llmft.loop import Setup, Stage, StepContext, plan_table, run_stage, steps_r
 from llmft.losses import pairwise_accuracy, reward_loss
 from llmft.modeling import (
     add_lora,
+    check_packing,
     disable_dropout,
     load_model,
     resolve_model,
@@ -68,7 +69,10 @@ def run(cfg: RewardConfig, dry_run: bool = False) -> dict | None:
 
 def build_model(s: Setup) -> RewardModel:
     lm = load_model(s.source, s.dtype, s.device, s.cfg.model)
-    model = RewardModel(add_lora(lm, s.cfg.lora, s.cfg.train.gradient_checkpointing, s.chat.added_ids))
+    if s.cfg.data.packing:
+        check_packing(lm)
+    model = RewardModel(add_lora(lm, s.cfg.lora, s.cfg.train.gradient_checkpointing, s.chat.added_ids),
+                        packed=s.cfg.data.packing)
     disable_dropout(model)
     return model
 

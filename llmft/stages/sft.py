@@ -17,7 +17,7 @@ from llmft.config import SFTConfig
 from llmft.logprobs import supervised_logps
 from llmft.loop import Setup, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import sft_loss
-from llmft.modeling import add_lora, load_model, resolve_model
+from llmft.modeling import add_lora, check_packing, load_model, resolve_model
 from llmft.training import (
     autocast,
     console,
@@ -58,6 +58,8 @@ def run(cfg: SFTConfig, dry_run: bool = False) -> dict | None:
 
 def build_model(s: Setup):
     model = load_model(s.source, s.dtype, s.device, s.cfg.model)
+    if s.cfg.data.packing:
+        check_packing(model)
     return add_lora(model, s.cfg.lora, s.cfg.train.gradient_checkpointing, s.chat.added_ids)
 
 
@@ -67,17 +69,18 @@ def stage(s: Setup, model) -> Stage:
 
     def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
         batches = [D.collate([s.train.examples[i] for i in mb], pad) for mb in micro_batches]
-        loss, tokens = accumulate(model, batches, s.device, s.dtype)
+        loss, tokens = accumulate(model, batches, s.device, s.dtype, s.cfg.data.packing)
         return {"loss": loss, "grad_norm": ctx.update(loss)}, {"tokens": tokens}
 
     def run_eval() -> dict:
-        return {"eval/loss": evaluate(model, s.eval, s.cfg.train.batch_size, pad, s.device, s.dtype)}
+        return {"eval/loss": evaluate(model, s.eval, s.cfg.train.batch_size, pad, s.device, s.dtype,
+                                      s.cfg.data.packing)}
 
     return Stage("sft", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
                  shown=("loss", "lr", "tokens_per_s", "eval/loss"))
 
 
-def accumulate(model, batches: list[dict], device, dtype) -> tuple[float, int]:
+def accumulate(model, batches: list[dict], device, dtype, packed: bool = False) -> tuple[float, int]:
     """Forward/backward every micro-batch of one optimizer step; return (this process's share of the step's
     token-mean loss, tokens seen). The mean is over the step's tokens on every data-parallel process."""
     num_tokens = distributed.total(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))  # all ranks
@@ -85,7 +88,7 @@ def accumulate(model, batches: list[dict], device, dtype) -> tuple[float, int]:
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         with autocast(device, dtype):
-            logps = supervised_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+            logps = supervised_logps(model, b["input_ids"], b["attention_mask"], b["labels"], packed=packed)
         loss = sft_loss(logps, num_tokens)
         loss.backward()
         total += loss.detach()
@@ -94,14 +97,14 @@ def accumulate(model, batches: list[dict], device, dtype) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def evaluate(model, data: D.TokenizedSet, batch_size: int, pad: int, device, dtype) -> float:
+def evaluate(model, data: D.TokenizedSet, batch_size: int, pad: int, device, dtype, packed: bool = False) -> float:
     """Token-mean cross entropy over the whole eval set (dropout off)."""
     model.eval()
     nll, count = 0.0, 0
     for i in range(0, len(data.examples), batch_size):
         b = {k: v.to(device) for k, v in D.collate(data.examples[i:i + batch_size], pad).items()}
         with autocast(device, dtype):
-            logps = supervised_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+            logps = supervised_logps(model, b["input_ids"], b["attention_mask"], b["labels"], packed=packed)
         nll += float(sft_loss(logps, 1))
         count += logps.numel()
     model.train()

@@ -1,0 +1,103 @@
+"""data.packing: each micro-batch's rows run as one padding-free sequence. The same per-token losses and gradients as
+the padded batch, on every model family, and no token attends across a row boundary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from llmft.config import load_config
+from llmft.logprobs import supervised_logps
+from llmft.modeling import check_packing, load_chat, packed_states
+from llmft.sources import resolve_source
+from llmft.stages import dpo, reward, sft
+from tests.conftest import PAIRS, ROWS
+from tests.families import FAMILIES, build
+
+
+@pytest.fixture(scope="module", params=[f.name for f in FAMILIES])
+def family_model(request, tmp_path_factory):
+    from tests.test_families import lora_model
+
+    f = next(f for f in FAMILIES if f.name == request.param)
+    path = build(f, tmp_path_factory.mktemp(f.name))
+    return load_chat(resolve_source(str(path))), lora_model(path)
+
+
+def padded_batch(chat):
+    """Three chat rows of different lengths, right-padded, labels on the answers."""
+    from llmft import data as D
+
+    examples = [D.tokenize_example(chat, [{"role": "user", "content": r["prompt"]},
+                                          {"role": "assistant", "content": r["completion"]}], 256, "completion",
+                                   f"row {i}")[0] for i, r in enumerate(ROWS[:3])]
+    return D.collate(examples, chat.pad_id)
+
+
+def test_packed_rows_give_the_same_token_log_probs_and_gradients(family_model):
+    chat, lm = family_model
+    check_packing(lm)  # the probe agrees on every family (sliding windows, soft-capping included)
+    b = padded_batch(chat)
+    assert not bool(b["attention_mask"].all())  # there is padding to skip
+    results = []
+    for packed in (False, True):
+        lm.zero_grad()
+        logps = supervised_logps(lm, b["input_ids"], b["attention_mask"], b["labels"], 0.9, packed=packed)
+        (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (packed, packed_grads) = results
+    assert torch.allclose(packed, plain, atol=1e-5)
+    scale = max(float(g.abs().max()) for g in plain_grads.values())
+    assert all(torch.allclose(packed_grads[n], g, atol=1e-5 * scale) for n, g in plain_grads.items())
+
+
+@torch.no_grad()
+def test_no_token_attends_across_a_row_boundary(family_model):
+    chat, lm = family_model
+    b = padded_batch(chat)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    before = packed_states(lm, ids, mask)
+    changed = ids.clone()
+    changed[0, 2:int(mask[0].sum())] = (changed[0, 2:int(mask[0].sum())] + 1) % lm.config.vocab_size
+    after = packed_states(lm, changed, mask)  # row 0 changed: it comes first in the packed sequence
+    assert not torch.equal(before[0], after[0])
+    assert torch.equal(before[1:], after[1:])  # rows 1 and 2 see nothing of row 0
+
+
+def test_the_stages_train_the_same_with_packing(tiny_model_dir, tmp_path):
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+
+    def losses(stage, module, data, packing):
+        out = tmp_path / f"{stage}-{packing}"
+        cfg = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(tmp_path / data), "max_length": 64,
+                                                                "packing": packing},
+               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "output_dir": str(out), "seed": 0,
+               "train": {"batch_size": 4, "max_steps": 3, "learning_rate": 5e-2, "warmup_ratio": 0.0}}
+        (tmp_path / f"{stage}.yaml").write_text(yaml.safe_dump(cfg))
+        module.run(load_config(stage, tmp_path / f"{stage}.yaml"))
+        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+
+    for stage, module, data in (("sft", sft, "sft.jsonl"), ("reward", reward, "pairs.jsonl"),
+                                ("dpo", dpo, "pairs.jsonl")):
+        plain, packed = losses(stage, module, data, False), losses(stage, module, data, True)
+        assert len(plain) == 3 and packed == pytest.approx(plain, abs=1e-5), stage
+
+
+def test_packing_is_refused_where_attention_would_cross_rows(family_model, monkeypatch):
+    from llmft import modeling
+    from llmft.errors import ModelError
+
+    def crossing(model, ids, mask):  # packed with an explicit all-ones mask: transformers then lets rows see each other
+        keep = mask.bool()
+        flat = modeling.body_states(model, ids[keep][None], torch.ones_like(ids[keep][None]),
+                                    modeling.position_ids(mask)[keep][None])[0]
+        return flat.new_zeros(*ids.shape, flat.shape[-1]).masked_scatter(keep[..., None], flat)
+
+    chat, lm = family_model
+    monkeypatch.setattr(modeling, "packed_states", crossing)
+    with pytest.raises(ModelError, match="crosses packed rows"):
+        check_packing(lm)
