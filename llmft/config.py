@@ -62,7 +62,9 @@ class DataConfig:
     loss_on: Literal["completion", "all"] = opt(
         "completion", "Train on completion/assistant tokens only, or on every token.")
     packing: bool = opt(False, "Run each micro-batch's rows as one padding-free sequence (positions restart at each "
-                               "row, attention never crosses rows): the same losses, no compute spent on padding.")
+                               "row, attention never crosses rows): the same losses, no layer computes padding; "
+                               "attention spans the packed sequence block-masked unless its kernel is varlen "
+                               "(flash-attention).")
 
 
 @dataclass
@@ -123,7 +125,9 @@ class PreferenceDataConfig:
     max_length: int = opt(1024, "Longest prompt + response in tokens; longer pairs are dropped (and counted).",
                           ge=8)
     packing: bool = opt(False, "Run each micro-batch's rows as one padding-free sequence (positions restart at each "
-                               "row, attention never crosses rows): the same losses, no compute spent on padding.")
+                               "row, attention never crosses rows): the same losses, no layer computes padding; "
+                               "attention spans the packed sequence block-masked unless its kernel is varlen "
+                               "(flash-attention).")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from llmft.chat import Chat
 from llmft.checkpoint import MANIFEST, fsync_dir
 from llmft.config import ModelConfig
-from llmft.errors import LlmftError, ModelError
+from llmft.errors import ConfigError, ModelError, RunError
 from llmft.modeling import disable_dropout, load_chat, load_model, merged_adapter
 from llmft.sources import ModelSource, resolve_source
 
@@ -42,15 +43,10 @@ def run_export(run_dir: str, out: str, fmt: str = "hf", dtype: str = "auto", qua
     target = Path(out).expanduser().resolve()
     check_target(target, source, overwrite)
     reward = source.manifest.get("stage") == "reward"
-    if fmt not in ("hf", "gguf"):
-        raise LlmftError(f"--format {fmt}: choose hf (a transformers model directory) or gguf")
-    if fmt == "gguf" and reward:
-        raise LlmftError(f"{run_dir} is a reward model: it exports as a transformers sequence-classification "
-                         f"model (--format hf); GGUF holds causal LMs")
+    check_format(fmt, reward, run_dir, source, quant)
     chat = load_chat(source)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         if reward:
             extra = write_reward(source, chat, tmp, export_dtype(dtype, source))
@@ -64,10 +60,32 @@ def run_export(run_dir: str, out: str, fmt: str = "hf", dtype: str = "auto", qua
         record = {"exported_from": str(Path(source.path)), "format": fmt, **extra, "stop_ids": chat.stop_ids,
                   "lineage": lineage(source)}
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
-        replace_dir(tmp, target)
+        replace_dir(tmp, target, source, overwrite)
+    except OSError as e:
+        raise RunError(f"export to {target} failed ({e.strerror or e}); nothing was written there") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def check_format(fmt: str, reward: bool, run_dir: str, source: ModelSource, quant: str) -> None:
+    """What can be refused before minutes of merging: the format, and for GGUF the package and the architecture."""
+    if fmt not in ("hf", "gguf"):
+        raise ConfigError(f"--format {fmt}: choose hf (a transformers model directory) or gguf")
+    if fmt == "hf":
+        return
+    if reward:
+        raise ConfigError(f"{run_dir} is a reward model: it exports as a transformers sequence-classification "
+                          f"model (--format hf); GGUF holds causal LMs")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ConfigError("--format gguf needs the gguf package: pip install gguf") from None
+    from transformers import AutoConfig
+
+    from llmft.gguf_export import check_exportable
+
+    check_exportable(AutoConfig.from_pretrained(root_of(source).path), quant)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -86,14 +104,14 @@ def check_target(target: Path, source: ModelSource, overwrite: bool) -> None:
     """Refuse to write into the run itself, or over a folder that is not an earlier export."""
     run = Path(source.path).resolve()
     if target == run or run in target.parents or target in run.parents:
-        raise LlmftError(f"--out {target} overlaps the run {run}: export into a folder of its own")
+        raise RunError(f"--out {target} overlaps the run {run}: export into a folder of its own")
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         return
     if not (target / RECORD).is_file():
-        raise LlmftError(f"--out {target} exists and is not an llmft export: choose a new folder (nothing there is "
-                         f"deleted)")
+        raise RunError(f"--out {target} exists and is not an llmft export: choose a new folder (nothing there is "
+                       f"deleted)")
     if not overwrite:
-        raise LlmftError(f"--out {target} holds an earlier export: pass --overwrite to replace it")
+        raise RunError(f"--out {target} holds an earlier export: pass --overwrite to replace it")
 
 
 def export_dtype(name: str, source: ModelSource) -> torch.dtype:
@@ -101,20 +119,24 @@ def export_dtype(name: str, source: ModelSource) -> torch.dtype:
     if name == "auto":
         from transformers import AutoConfig
 
-        root = source
-        while root.kind == "stage":
-            root = root.base
-        stored = getattr(AutoConfig.from_pretrained(root.path), "dtype", None)
+        stored = getattr(AutoConfig.from_pretrained(root_of(source).path), "dtype", None)
         name = str(stored).removeprefix("torch.") if stored else "float32"
         name = name if name in DTYPES else "float32"
     if name not in DTYPES:
-        raise LlmftError(f"--dtype {name}: choose auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"--dtype {name}: choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
+def root_of(source: ModelSource) -> ModelSource:
+    while source.kind == "stage":
+        source = source.base
+    return source
+
+
 def model_config(source: ModelSource) -> ModelConfig:
-    """The run's own model settings (trust_remote_code, attention), never its allow_pickle: that is the user's call."""
-    return ModelConfig(**{**source.manifest["config"]["model"], "allow_pickle": False})
+    """The run's own model settings (trust_remote_code), not its attention kernel (the export may run where that one
+    is missing) nor its allow_pickle (that is the user's call)."""
+    return ModelConfig(**{**source.manifest["config"]["model"], "allow_pickle": False, "attn_implementation": None})
 
 
 def lineage(source: ModelSource) -> list[dict]:
@@ -195,11 +217,15 @@ def spare_pad(chat: Chat) -> int:
                      "sequence-classification export would read scores one token early")
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """`tmp` becomes `target`; an earlier export there is moved aside first and deleted after."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+def replace_dir(tmp: Path, target: Path, source: ModelSource, overwrite: bool) -> None:
+    """`tmp` becomes `target`; an earlier export there is moved aside first and deleted after. What is there is
+    checked again now, just before the move, not only when the export started."""
+    check_target(target, source, overwrite)
+    old = None
     if target.exists():
-        os.replace(target, old)
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "export")
     os.replace(tmp, target)
     fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

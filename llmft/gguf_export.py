@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from llmft.chat import Chat
-from llmft.errors import LlmftError
+from llmft.errors import ConfigError, ModelError
 
 ARCHES = {"llama": "LLAMA", "qwen2": "QWEN2"}
 PRE_TOKENIZERS = {("llama", 128256): "llama-bpe", ("llama", 49152): "smollm", ("qwen2", None): "qwen2"}
@@ -41,7 +41,7 @@ def write_gguf(model, chat: Chat, path: Path, quant: str) -> dict:
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise LlmftError(f"GGUF export: no GGUF name for tensor {hf_name} of {config.model_type}")
+            raise ModelError(f"GGUF export: no GGUF name for tensor {hf_name} of {config.model_type}")
         data, dtype = encode(rope_layout(hf_name, tensor.float(), config), quant)
         writer.add_tensor(name, data, raw_dtype=dtype)
     writer.write_header_to_file()
@@ -53,14 +53,23 @@ def write_gguf(model, chat: Chat, path: Path, quant: str) -> dict:
 
 def check_exportable(config, quant: str) -> None:
     if config.model_type not in ARCHES:
-        raise LlmftError(f"GGUF export supports {' and '.join(ARCHES)} models; this one is {config.model_type} "
+        raise ModelError(f"GGUF export supports {' and '.join(ARCHES)} models; this one is {config.model_type} "
                          f"(export it with --format hf and convert it with llama.cpp's convert_hf_to_gguf.py)")
     scaling = getattr(config, "rope_scaling", None) or {}
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise LlmftError(f"GGUF export: rope scaling {scaling.get('rope_type') or scaling.get('type')} is not "
+        raise ModelError(f"GGUF export: rope scaling {scaling.get('rope_type') or scaling.get('type')} is not "
                          f"written by llmft (export with --format hf and convert with llama.cpp)")
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim and head_dim * config.num_attention_heads != config.hidden_size:
+        raise ModelError(f"GGUF export: head_dim {head_dim} × {config.num_attention_heads} heads ≠ hidden size "
+                         f"{config.hidden_size} is not written by llmft (export with --format hf and convert with "
+                         f"llama.cpp)")
+    if pre_tokenizer(config) is None:
+        raise ModelError(f"GGUF export: llmft knows llama.cpp's pre-tokenizer for SmolLM2 (vocabulary 49,152), Llama-3 "
+                         f"(128,256) and Qwen2, not for this {config.model_type} vocabulary of {config.vocab_size}: "
+                         f"llama.cpp would split text differently (export with --format hf and convert with llama.cpp)")
     if quant not in ("f16", "q8_0"):
-        raise LlmftError(f"--quant {quant}: choose f16 or q8_0")
+        raise ConfigError(f"--quant {quant}: choose f16 or q8_0")
 
 
 def write_hparams(writer, config, quant: str) -> None:
@@ -94,7 +103,7 @@ def write_tokenizer(writer, chat: Chat, config) -> None:
     spec = json.loads(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else {}
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise LlmftError("GGUF export supports byte-level BPE tokenizers (Llama-3, Qwen2, SmolLM2); this one is "
+        raise ModelError("GGUF export supports byte-level BPE tokenizers (Llama-3, Qwen2, SmolLM2); this one is "
                          f"{model.get('type')}: export with --format hf and convert with llama.cpp")
     added = tok.added_tokens_decoder
     tokens, types = [], []
@@ -115,9 +124,10 @@ def write_tokenizer(writer, chat: Chat, config) -> None:
         writer.add_chat_template(tok.chat_template)
 
 
-def pre_tokenizer(config) -> str:
+def pre_tokenizer(config) -> str | None:
+    """llama.cpp's name for the model's pre-tokenizer (how text is split before BPE), where llmft knows it."""
     arch = config.model_type
-    return PRE_TOKENIZERS.get((arch, config.vocab_size)) or PRE_TOKENIZERS.get((arch, None)) or "default"
+    return PRE_TOKENIZERS.get((arch, config.vocab_size)) or PRE_TOKENIZERS.get((arch, None))
 
 
 def special_ids(writer, chat: Chat) -> None:

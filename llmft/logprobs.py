@@ -21,7 +21,8 @@ from llmft.losses import token_logps
 from llmft.modeling import hidden_states, lm_logits, unwrap
 from llmft.rl import entropy_from_logits
 
-CHUNK_BYTES = 256 << 20  # fp32 logits per chunk: 256 MiB (e.g. 1,365 positions of a 49,152-token vocabulary)
+CHUNK_BYTES = 256 << 20  # fp32 logits per chunk: 256 MiB (1,365 positions of a 49,152-token vocabulary); a chunk's
+# peak is a few times that (logits, log-softmax, their gradient), whatever the number of positions
 
 
 def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -29,7 +30,7 @@ def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: 
     """log π(y_t) [N] (fp32) of targets [N] from hidden states [N, d], and the entropy of each position [N] when asked
     (a statistic: never differentiated)."""
     rows = chunk_rows(model)
-    if not (torch.is_grad_enabled() and hidden.requires_grad):
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or head_trains(model))):
         return chunked(model, hidden.detach(), targets, temperature, with_entropy, rows)
     if head_trains(model):
         parts = [checkpoint(chunk_logps, model, h, y, temperature, use_reentrant=False)
@@ -109,9 +110,12 @@ class RowGradLogps(torch.autograd.Function):
         ctx.save_for_backward(torch.cat(grads))
         ctx.dtype = hidden.dtype
         out = torch.cat(logps)
-        return out, torch.cat(entropy) if with_entropy else torch.zeros_like(out)
+        entropy = torch.cat(entropy) if with_entropy else torch.zeros_like(out)
+        ctx.mark_non_differentiable(entropy)  # a statistic: a loss on it would get no gradient, so it may not have one
+        return out, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, _grad_entropy):
         (grads,) = ctx.saved_tensors
         return (grad_logps[:, None] * grads).to(ctx.dtype), None, None, None, None, None

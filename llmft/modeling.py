@@ -252,26 +252,27 @@ def packed_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 @torch.no_grad()
 def check_packing(model) -> None:
-    """Refuse data.packing for a model whose attention does not keep packed rows apart (an older transformers, a
-    model with its own masks): on a probe of two rows, packed and padded states must agree."""
-    try:
-        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-    except ImportError:
-        raise ModelError("data.packing needs a transformers release that masks packed sequences (4.54 or later)") \
-            from None
+    """Refuse data.packing for a model whose attention does not keep packed rows apart (a model with its own masks,
+    remote code): on a probe of two rows, packed and padded states must agree."""
     base = unwrap(model)
     device, training = next(base.parameters()).device, base.training
     vocab = base.config.get_text_config().vocab_size
     ids = (torch.arange(10, device=device).view(2, 5) * 7 + 3) % vocab
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], device=device)
     base.eval()
-    padded = hidden_states(model, ids, mask)
-    packed = packed_states(model, ids, mask)
-    base.train(training)
+    try:
+        padded, packed = hidden_states(model, ids, mask), packed_states(model, ids, mask)
+    finally:
+        base.train(training)
     gap, scale = float((padded - packed)[mask.bool()].abs().max()), float(padded.abs().max())
-    if gap > 1e-3 * (1 + scale):
+    if gap > probe_tolerance(base) * (1 + scale):
         raise ModelError(f"data.packing: this model's attention crosses packed rows (largest difference {gap:.3g} on a "
                          f"probe); set data.packing: false")
+
+
+def probe_tolerance(base) -> float:
+    """How far two ways of computing the same outputs may differ: fp32 rounding, or 16-bit's."""
+    return 1e-3 if next(base.parameters()).dtype == torch.float32 else 2e-2
 
 
 def shared_prefix_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
@@ -289,11 +290,19 @@ def shared_prefix_states(model, input_ids: torch.Tensor, attention_mask: torch.T
 def prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, owners: torch.Tensor):
     """The KV cache of columns …start − 1 for every row, computed on the owners' rows only: each row then takes
     its owner's keys and values (an index, so under autograd their gradients are summed back)."""
+    from transformers import DynamicCache
+
     body, heads = model_body(model), torch.unique(owners)  # heads: the owner rows, sorted
     mask = attention_mask[heads, :start]
-    out = body(input_ids=input_ids[heads, :start], attention_mask=mask, position_ids=position_ids(mask),
-               use_cache=True)
-    cache = getattr(out, cache_kwarg(body))
+    try:
+        cache = DynamicCache(config=body.config)  # given, not left to the model: some make none in train mode
+    except TypeError:  # an older transformers
+        cache = DynamicCache()
+    body(input_ids=input_ids[heads, :start], attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+         **{cache_kwarg(body): cache})
+    if cache.get_seq_length() != start:
+        raise ModelError(f"{type(body).__name__} did not fill the KV cache it was given ({cache.get_seq_length()} of "
+                         f"{start} positions): the prompt cannot be shared. Please report it with `llmft env`")
     cache.batch_select_indices(torch.searchsorted(heads, owners))  # row i ← its owner's keys and values
     return cache
 
@@ -327,8 +336,9 @@ def can_share_prefix(model) -> bool:
     while gradient checkpointing recomputes layers (transformers drops the cache of a checkpointed layer)."""
     if distributed.fsdp():
         return False
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model_body(model).modules())
-    return not (checkpointed and torch.is_grad_enabled())
+    body = model_body(model)
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in body.modules())
+    return not (checkpointed and (torch.is_grad_enabled() or body.training))
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -373,12 +383,13 @@ def check_lm_head(model) -> None:
     ids = torch.arange(4, device=device)[None] % base.config.get_text_config().vocab_size
     mask = torch.ones_like(ids)
     base.eval()  # no dropout: the check must not draw from the random stream training uses
-    own = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits.float()
-    ours = lm_logits(model, hidden_states(model, ids, mask))
-    base.train(training)
+    try:
+        own = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits.float()
+        ours = lm_logits(model, hidden_states(model, ids, mask))
+    finally:
+        base.train(training)
     gap, scale = float((own - ours).abs().max()), float(own.abs().max())
-    tolerance = 1e-3 if next(base.parameters()).dtype == torch.float32 else 2e-2
-    if gap > tolerance * (1 + scale):
+    if gap > probe_tolerance(base) * (1 + scale):
         raise ModelError(f"this model's forward transforms its logits in a way llmft does not apply (largest "
                          f"difference {gap:.3g} on a probe): its log-probs would not be the model's. Please report it "
                          f"with `llmft env` and the model's config.json")

@@ -118,9 +118,22 @@ def test_a_reward_model_exports_as_a_classifier_scoring_like_the_scorer(runs, ca
     assert (early + offset - expected).abs().max() > 1e-2
 
 
+def tiny_vocab_is_smollm(runs, monkeypatch) -> None:
+    """llmft names llama.cpp's pre-tokenizer only for vocabularies it knows (SmolLM2's 49,152 ...): the tiny test
+    tokenizer (byte-level BPE, as SmolLM2's) is registered as SmolLM2's for these tests."""
+    from transformers import AutoConfig
+
+    from llmft import gguf_export
+
+    vocab = AutoConfig.from_pretrained(runs["base"]).vocab_size
+    monkeypatch.setitem(gguf_export.PRE_TOKENIZERS, ("llama", vocab), "smollm")
+
+
 def test_gguf_loads_back_in_transformers_with_the_same_logits(runs, capsys, monkeypatch):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_vocab_is_smollm(runs, monkeypatch)
 
     for quant in ("f16", "q8_0"):
         out = runs["dir"] / f"gguf-{quant}"
@@ -185,7 +198,7 @@ def test_export_refuses_what_it_cannot_do_safely(runs, capsys, monkeypatch, tmp_
         (("export", runs["reward"], "--out", tmp_path / "o", "--format", "gguf"), "reward model"),
         (("export", runs["sft"], "--out", tmp_path / "o", "--format", "onnx"), "--format onnx"),
         (("export", runs["sft"], "--out", tmp_path / "o", "--dtype", "int4"), "--dtype int4"),
-        (("export", runs["sft"], "--out", tmp_path / "o", "--format", "gguf", "--quant", "q4_k"), "--quant q4_k"),
+        (("export", runs["sft"], "--out", tmp_path / "o", "--format", "gguf"), "pre-tokenizer"),
     ]
     for args, expected in cases:
         code, _, err = llmft(capsys, monkeypatch, *args)
@@ -201,13 +214,19 @@ def test_export_refuses_what_it_cannot_do_safely(runs, capsys, monkeypatch, tmp_
 
 
 def test_gguf_refuses_other_architectures():
-    from transformers import Gemma2Config
+    from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
     from llmft.errors import LlmftError
     from llmft.gguf_export import check_exportable
 
     with pytest.raises(LlmftError, match="supports llama and qwen2 models; this one is gemma2"):
         check_exportable(Gemma2Config(), "f16")
+    with pytest.raises(LlmftError, match="--quant q4_k"):
+        check_exportable(Qwen2Config(), "q4_k")
+    with pytest.raises(LlmftError, match="rope scaling llama3"):
+        check_exportable(LlamaConfig(vocab_size=128256, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                       "original_max_position_embeddings": 8192}), "f16")
 
 
 def test_llama_cpp_runs_the_gguf(runs, capsys, monkeypatch):
@@ -215,6 +234,8 @@ def test_llama_cpp_runs_the_gguf(runs, capsys, monkeypatch):
     # file: the same tokens, logits close to transformers' on the same f16 weights, and it stops at the terminator
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_vocab_is_smollm(runs, monkeypatch)
 
     out, plain = runs["dir"] / "gguf-for-llama-cpp", runs["dir"] / "hf-for-llama-cpp"
     assert llmft(capsys, monkeypatch, "export", runs["dpo"], "--out", out, "--format", "gguf")[0] == 0
