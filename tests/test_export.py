@@ -224,9 +224,9 @@ def test_gguf_refuses_other_architectures():
     with pytest.raises(LlmftError, match="--quant q4_k"):
         check_exportable(Qwen2Config(), "q4_k")
     with pytest.raises(LlmftError, match="rope scaling llama3"):
-        check_exportable(LlamaConfig(vocab_size=128256, rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                                       "original_max_position_embeddings": 8192}), "f16")
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+        check_exportable(LlamaConfig(vocab_size=128256, rope_scaling=scaling), "f16")
 
 
 def test_llama_cpp_runs_the_gguf(runs, capsys, monkeypatch):
