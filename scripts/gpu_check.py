@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Every stage and command on CUDA, in bf16, on a random-init model of real size: did it run, its peak CUDA memory,
-its tokens/s, and PPO's and GRPO's sampler-vs-trainer log-prob gaps. Not part of CI (CI has no GPU); run it where
-one is lent:
+its tokens/s, and PPO's and GRPO's sampler-vs-trainer log-prob gaps; reward and DPO with packed batches, and an
+export of the DPO run. Not part of CI (CI has no GPU); run it where one is lent:
 
     PYTHONPATH=. python3 scripts/gpu_check.py --out $OUT/gpu_check.json       # ~0.5B Qwen2-shaped, a few minutes
     PYTHONPATH=. python3 scripts/gpu_check.py --size tiny --device cpu        # the same path on a CPU, in seconds
@@ -63,9 +63,9 @@ def stage_configs(model: Path, runs: Path, device: str, steps: int) -> dict[str,
         "sft": {**common, "model": {"name": str(model)}, "output_dir": str(runs / "sft"),
                 "data": {"train": str(DEMO / "sft_train.jsonl"), "max_length": 384}},
         "reward": {**common, "model": {"name": str(runs / "sft")}, "output_dir": str(runs / "reward"),
-                   "data": {"train": str(DEMO / "pref_train.jsonl"), "max_length": 384}},
+                   "data": {"train": str(DEMO / "pref_train.jsonl"), "max_length": 384, "packing": True}},
         "dpo": {**common, "model": {"name": str(runs / "sft")}, "output_dir": str(runs / "dpo"),
-                "data": {"train": str(DEMO / "onpolicy_train.jsonl"), "max_length": 384}},
+                "data": {"train": str(DEMO / "onpolicy_train.jsonl"), "max_length": 384, "packing": True}},
         "ppo": {**common, "model": {"name": str(runs / "sft")}, "output_dir": str(runs / "ppo"),
                 "data": {"train": str(DEMO / "ppo_train.jsonl"), "max_prompt_length": 256},
                 "rollout": {"max_new_tokens": 64, "temperature": 0.7, "batch_size": 16},
@@ -110,6 +110,7 @@ def main() -> None:
     from llmft.cli import quiet_libraries
     from llmft.config import EvalConfig, GenerateConfig, SamplingConfig, load_config
     from llmft.evaluation import run as run_eval
+    from llmft.export import run_export
     from llmft.generation import run_generate
     from llmft.stages import dpo, grpo, ppo, reward, sft
 
@@ -128,6 +129,7 @@ def main() -> None:
         models=[str(work / "runs" / "sft"), str(work / "runs" / "ppo")], prompts=str(DEMO / "sft_eval.jsonl"),
         reference=str(work / "runs" / "sft"), reward_model=str(work / "runs" / "reward"), limit=16,
         sampling=SamplingConfig(max_new_tokens=64), device=args.device))["models"]))
+    rows.append(measure("export", lambda: str(run_export(str(work / "runs" / "dpo"), str(work / "export")))))
     report(rows, args, work / "runs")
 
 
