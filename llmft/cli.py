@@ -148,7 +148,7 @@ def export(
     format_: str = typer.Option("hf", "--format", help="hf: a transformers model directory; gguf: one GGUF file "
                                                        "for llama.cpp / Ollama (llama and qwen2 models)."),
     dtype: str = typer.Option("auto", help="hf weights: auto (the base model's), float32, bfloat16 or float16."),
-    quant: str = typer.Option("f16", help="gguf matrices: f16 or q8_0."),
+    quant: str | None = typer.Option(None, help="gguf matrices: f16 (the default) or q8_0."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out."),
 ) -> None:
     """Merge a run's whole adapter chain (base → sft → dpo ...) into one model that loads without llmft or peft:

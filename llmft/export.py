@@ -36,9 +36,14 @@ RECORD = "llmft-export.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run_export(run_dir: str, out: str, fmt: str = "hf", dtype: str = "auto", quant: str = "f16",
+def run_export(run_dir: str, out: str, fmt: str = "hf", dtype: str = "auto", quant: str | None = None,
                overwrite: bool = False) -> Path:
     """The `llmft export` command; returns the folder written."""
+    if fmt == "hf" and quant:
+        raise ConfigError("--quant applies to --format gguf; a transformers export takes --dtype")
+    if fmt == "gguf" and dtype != "auto":
+        raise ConfigError("--dtype applies to --format hf; a GGUF export takes --quant f16 or q8_0")
+    quant = quant or "f16"
     source = stage_source(run_dir)
     target = Path(out).expanduser().resolve()
     check_target(target, source, overwrite)

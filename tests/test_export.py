@@ -199,6 +199,9 @@ def test_export_refuses_what_it_cannot_do_safely(runs, capsys, monkeypatch, tmp_
         (("export", runs["sft"], "--out", tmp_path / "o", "--format", "onnx"), "--format onnx"),
         (("export", runs["sft"], "--out", tmp_path / "o", "--dtype", "int4"), "--dtype int4"),
         (("export", runs["sft"], "--out", tmp_path / "o", "--format", "gguf"), "pre-tokenizer"),
+        (("export", runs["sft"], "--out", tmp_path / "o", "--quant", "q8_0"), "--quant applies to --format gguf"),
+        (("export", runs["sft"], "--out", tmp_path / "o", "--format", "gguf", "--dtype", "float16"),
+         "--dtype applies to --format hf"),
     ]
     for args, expected in cases:
         code, _, err = llmft(capsys, monkeypatch, *args)
