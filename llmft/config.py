@@ -124,10 +124,9 @@ class PreferenceDataConfig:
         "auto", "pairs = {prompt, chosen, rejected}, ranked = {prompt, responses}; auto detects it.")
     max_length: int = opt(1024, "Longest prompt + response in tokens; longer pairs are dropped (and counted).",
                           ge=8)
-    packing: bool = opt(False, "Run each micro-batch's rows as one padding-free sequence (positions restart at each "
-                               "row, attention never crosses rows): the same losses, no layer computes padding; "
-                               "attention spans the packed sequence block-masked unless its kernel is varlen "
-                               "(flash-attention).")
+    packing: bool = opt(False, "Run each micro-batch padding-free, each pair as [prompt | chosen | rejected] with the "
+                               "prompt computed once (sdpa/eager attention; else each row packed on its own): the "
+                               "same losses, no padding computed.")
 
 
 @dataclass

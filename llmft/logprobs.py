@@ -64,6 +64,16 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return torch.zeros(labels.shape[0], dtype=torch.float32, device=logps.device).index_add_(0, rows, logps)
 
 
+def pair_logps(model, batch: dict) -> torch.Tensor:
+    """Summed answer log-probs [2B] (chosen rows first) of pairs packed with each prompt once (`llmft.pairpack`)."""
+    from llmft.pairpack import pair_states
+
+    hidden = pair_states(model, batch)  # [N, d]
+    logps = head_logps(model, hidden[batch["tree_predictors"]], batch["tree_targets"])[0]  # [M]
+    rows = 2 * len(batch["margin"])
+    return torch.zeros(rows, dtype=torch.float32, device=logps.device).index_add_(0, batch["tree_rows"], logps)
+
+
 def chunk_rows(model) -> int:
     vocab = unwrap(model).get_output_embeddings().weight.shape[0]
     return max(1, CHUNK_BYTES // (4 * vocab))

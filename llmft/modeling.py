@@ -261,13 +261,16 @@ def check_packing(model) -> None:
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], device=device)
     base.eval()
     try:
+        from llmft.pairpack import pair_probe
+
         padded, packed = hidden_states(model, ids, mask), packed_states(model, ids, mask)
+        pairs = pair_probe(model, ids)
     finally:
         base.train(training)
     gap, scale = float((padded - packed)[mask.bool()].abs().max()), float(padded.abs().max())
-    if gap > probe_tolerance(base) * (1 + scale):
-        raise ModelError(f"data.packing: this model's attention crosses packed rows (largest difference {gap:.3g} on a "
-                         f"probe); set data.packing: false")
+    if max(gap, pairs) > probe_tolerance(base) * (1 + scale):
+        raise ModelError(f"data.packing: this model's attention crosses packed rows (largest difference "
+                         f"{max(gap, pairs):.3g} on a probe); set data.packing: false")
 
 
 def probe_tolerance(base) -> float:

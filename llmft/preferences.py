@@ -155,9 +155,10 @@ def describe(ps: PairSet, max_length: int) -> str:
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int, side: str = "right",
-                  default_margin: float = 0.0) -> dict[str, torch.Tensor]:
+                  default_margin: float = 0.0, packed: bool = False) -> dict[str, torch.Tensor]:
     """One batch of 2B sequences, chosen rows first: input_ids/attention_mask/labels [2B, T] (labels are the
-    response tokens, -100 on the prompt and padding) and margin [B] (`default_margin` where a pair has none)."""
+    response tokens, -100 on the prompt and padding) and margin [B] (`default_margin` where a pair has none); with
+    `packed`, also the pairs packed with each prompt once (`pairpack.pack_pairs`)."""
     def example(p: TokenizedPair, response: list[int]) -> Example:
         return Example(p.prompt_ids + response, [-100] * len(p.prompt_ids) + response)
 
@@ -165,4 +166,8 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, side: str = "right",
     batch = collate(examples, pad_id, side)
     batch["margin"] = torch.tensor([default_margin if p.margin is None else p.margin for p in pairs],
                                    dtype=torch.float32)
+    if packed:
+        from llmft.pairpack import pack_pairs
+
+        batch.update(pack_pairs(pairs))
     return batch

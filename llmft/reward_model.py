@@ -57,6 +57,14 @@ class RewardModel(nn.Module):
         hidden = hidden_states(self.lm, input_ids, attention_mask, packed=self.packed)
         return last_token_scores(self.head, hidden, attention_mask)
 
+    def pair_scores(self, batch: dict) -> torch.Tensor:
+        """Rewards [2B] (chosen first) of pairs packed with each prompt once (`llmft.pairpack`)."""
+        from llmft.pairpack import pair_states
+
+        last = pair_states(self.lm, batch)[batch["tree_last"]]  # [2B, d]
+        with torch.autocast(last.device.type, enabled=False):
+            return self.head(last.float()).squeeze(-1)
+
     def save_pretrained(self, directory: Path) -> None:
         save_adapter(self.lm, directory)
         save_head(self.head, Path(directory) / HEAD_FILE)

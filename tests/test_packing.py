@@ -101,3 +101,56 @@ def test_packing_is_refused_where_attention_would_cross_rows(family_model, monke
     monkeypatch.setattr(modeling, "packed_states", crossing)
     with pytest.raises(ModelError, match="crosses packed rows"):
         check_packing(lm)
+
+
+def test_pairs_packed_with_their_prompt_once_score_like_padded_rows(family_model):
+    # dpo and reward: [prompt | chosen | rejected] per pair, the rejected answer never seeing the chosen one
+    from llmft.logprobs import pair_logps, sequence_logps
+    from llmft.pairpack import can_pack_pairs
+    from llmft.preferences import TokenizedPair, collate_pairs
+    from llmft.reward_model import RewardModel
+
+    chat, lm = family_model
+    pairs = []
+    for row in PAIRS[:3]:
+        prompt, chosen = chat.encode([{"role": "user", "content": row["prompt"]}], row["chosen"])
+        pairs.append(TokenizedPair(prompt, chosen, chat.encode([{"role": "user", "content": row["prompt"]}],
+                                                                row["rejected"])[1], None))
+    batch = collate_pairs(pairs, chat.pad_id, packed=True)
+    window = getattr(lm.config, "sliding_window", None)
+    if not can_pack_pairs(lm, batch):  # Gemma's tiny window (16) is shorter than the packed sequence
+        assert window and batch["tree_ids"].shape[1] > window
+        return
+    results = []
+    for packed in (False, True):
+        lm.zero_grad()
+        logps = (pair_logps(lm, batch) if packed else
+                 sequence_logps(lm, batch["input_ids"], batch["attention_mask"], batch["labels"]))
+        (logps * torch.tensor([1.0, 2.0, 3.0, -1.0, -2.0, 0.5])).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (packed, packed_grads) = results
+    assert torch.allclose(packed, plain, atol=1e-4 * (1 + float(plain.abs().max())))
+    scale = max(float(g.abs().max()) for g in plain_grads.values())
+    assert all(torch.allclose(packed_grads[n], g, atol=1e-5 * scale) for n, g in plain_grads.items())
+    rm = RewardModel(lm, packed=True)
+    with torch.no_grad():
+        assert torch.allclose(rm.pair_scores(batch), rm(batch["input_ids"], batch["attention_mask"]), atol=1e-5)
+    assert batch["tree_ids"].shape[1] == sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                                             for p in pairs)  # each prompt once, no padding
+
+
+def test_packed_pairs_are_refused_where_the_rejected_answer_would_see_the_chosen(tiny_model_dir, monkeypatch):
+    from llmft import pairpack
+    from llmft.errors import ModelError
+    from tests.test_families import lora_model
+
+    real = pairpack.pair_mask
+
+    def leaky(pair, segment, dtype, additive):  # every answer sees everything before it in its pair
+        return real(pair, segment.clamp(max=0), dtype, additive)
+
+    lm = lora_model(tiny_model_dir)
+    check_packing(lm)
+    monkeypatch.setattr(pairpack, "pair_mask", leaky)
+    with pytest.raises(ModelError, match="crosses packed rows"):
+        check_packing(lm)

@@ -20,10 +20,11 @@ import torch
 from llmft import distributed, loop
 from llmft import preferences as P
 from llmft.config import DPOConfig
-from llmft.logprobs import sequence_logps
+from llmft.logprobs import pair_logps, sequence_logps
 from llmft.loop import Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import REFERENCE_FREE, preference_loss, with_chosen_nll
 from llmft.modeling import add_lora, check_packing, disable_dropout, load_model, resolve_model
+from llmft.pairpack import can_pack_pairs
 from llmft.training import autocast, console, plan_for, require_dropout_off
 
 
@@ -85,7 +86,7 @@ def stage(s: Setup, model) -> Stage:
         num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean
         total, rewards, logps, tokens = 0.0, [], [], 0
         for mb in micro_batches:
-            batch = P.collate_pairs([s.train.pairs[i] for i in mb], s.chat.pad_id)
+            batch = P.collate_pairs([s.train.pairs[i] for i in mb], s.chat.pad_id, packed=s.cfg.data.packing)
             ref = s.reference["train"][:, mb] if s.reference["train"] is not None else None
             losses, r, lp = pair_losses(model, batch, ref, s)
             loss = losses.sum() / num_pairs
@@ -128,8 +129,11 @@ def batch_logps(model, batch: dict, s: Setup, reference: bool = False) -> torch.
     model with its adapter disabled, run without gradients."""
     off = model.disable_adapter() if reference else nullcontext()
     with off, torch.no_grad() if reference else nullcontext(), autocast(s.device, s.dtype):
-        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                               packed=s.cfg.data.packing)
+        if can_pack_pairs(model, batch):  # each prompt once for both answers
+            logps = pair_logps(model, batch)
+        else:
+            logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                   packed=s.cfg.data.packing)
     return logps.view(2, -1)
 
 
@@ -138,7 +142,7 @@ def reference_logps(model, pairs: list[P.TokenizedPair], s: Setup) -> torch.Tens
     """Reference log-probs [2, N] of every pair, with the truncation and dtype of training."""
     out = []
     for i in range(0, len(pairs), s.cfg.train.batch_size):
-        batch = P.collate_pairs(pairs[i:i + s.cfg.train.batch_size], s.chat.pad_id)
+        batch = P.collate_pairs(pairs[i:i + s.cfg.train.batch_size], s.chat.pad_id, packed=s.cfg.data.packing)
         out.append(batch_logps(model, {k: v.to(s.device) for k, v in batch.items()}, s, reference=True).cpu())
     return torch.cat(out, dim=1)
 
@@ -157,7 +161,7 @@ def evaluate(model, s: Setup) -> dict[str, float]:
     losses, rewards, logps = [], [], []
     for i in range(0, len(s.eval.pairs), s.cfg.train.batch_size):
         idx = list(range(i, min(i + s.cfg.train.batch_size, len(s.eval.pairs))))
-        batch = P.collate_pairs([s.eval.pairs[j] for j in idx], s.chat.pad_id)
+        batch = P.collate_pairs([s.eval.pairs[j] for j in idx], s.chat.pad_id, packed=s.cfg.data.packing)
         ref = s.reference["eval"][:, idx] if s.reference["eval"] is not None else None
         loss, r, lp = pair_losses(model, batch, ref, s)
         losses.append(loss)

@@ -26,6 +26,7 @@ from llmft.modeling import (
     load_model,
     resolve_model,
 )
+from llmft.pairpack import can_pack_pairs
 from llmft.reward_model import RewardModel
 from llmft.training import (
     autocast,
@@ -85,7 +86,8 @@ def stage(s: Setup, model: RewardModel) -> Stage:
         num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean
         total, chosen, rejected, tokens = 0.0, [], [], 0
         for mb in micro_batches:
-            batch = P.collate_pairs([s.train.pairs[i] for i in mb], pad, default_margin=default_margin(loss_cfg))
+            batch = P.collate_pairs([s.train.pairs[i] for i in mb], pad, default_margin=default_margin(loss_cfg),
+                                    packed=s.cfg.data.packing)
             r_c, r_r = rewards(model, batch, s.device, s.dtype)
             loss = reward_loss(r_c, r_r, num_pairs, loss_cfg.type, margins(batch, loss_cfg, s.device),
                                loss_cfg.center_coef)
@@ -105,9 +107,13 @@ def stage(s: Setup, model: RewardModel) -> Stage:
 
 
 def rewards(model: RewardModel, batch: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """r_c [B], r_r [B]: chosen and rejected of every pair scored in one forward pass."""
+    """r_c [B], r_r [B]: chosen and rejected of every pair scored in one forward pass (packed with each prompt once
+    where the model allows: `llmft.pairpack`)."""
     with autocast(device, dtype):
-        r = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # [2B]
+        if model.packed and can_pack_pairs(model.lm, batch):
+            r = model.pair_scores({k: v.to(device) for k, v in batch.items()})  # [2B]
+        else:
+            r = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # [2B]
     return r.chunk(2)
 
 
@@ -134,7 +140,8 @@ def evaluate(model: RewardModel, data: P.PairSet, cfg: RewardConfig, pad: int, d
     model.eval()
     chosen, rejected, loss = [], [], 0.0
     for i in range(0, len(data.pairs), cfg.train.batch_size):
-        batch = P.collate_pairs(data.pairs[i:i + cfg.train.batch_size], pad, default_margin=default_margin(cfg.loss))
+        batch = P.collate_pairs(data.pairs[i:i + cfg.train.batch_size], pad, default_margin=default_margin(cfg.loss),
+                                packed=cfg.data.packing)
         r_c, r_r = rewards(model, batch, device, dtype)
         loss += float(reward_loss(r_c, r_r, len(data.pairs), cfg.loss.type, margins(batch, cfg.loss, device),
                                   cfg.loss.center_coef))
