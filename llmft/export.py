@@ -29,8 +29,8 @@ from llmft.chat import Chat
 from llmft.checkpoint import MANIFEST, fsync_dir
 from llmft.config import ModelConfig
 from llmft.errors import ConfigError, ModelError, RunError
-from llmft.modeling import disable_dropout, load_chat, load_model, merged_adapter
-from llmft.sources import ModelSource, resolve_source
+from llmft.modeling import load_chat, load_model
+from llmft.sources import ModelSource, resolve_source, root_source
 
 RECORD = "llmft-export.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,7 +90,7 @@ def check_format(fmt: str, reward: bool, run_dir: str, source: ModelSource, quan
 
     from llmft.gguf_export import check_exportable
 
-    check_exportable(AutoConfig.from_pretrained(root_of(source).path), quant)
+    check_exportable(AutoConfig.from_pretrained(root_source(source).path), quant)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -124,18 +124,12 @@ def export_dtype(name: str, source: ModelSource) -> torch.dtype:
     if name == "auto":
         from transformers import AutoConfig
 
-        stored = getattr(AutoConfig.from_pretrained(root_of(source).path), "dtype", None)
+        stored = getattr(AutoConfig.from_pretrained(root_source(source).path), "dtype", None)
         name = str(stored).removeprefix("torch.") if stored else "float32"
         name = name if name in DTYPES else "float32"
     if name not in DTYPES:
         raise ConfigError(f"--dtype {name}: choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def root_of(source: ModelSource) -> ModelSource:
-    while source.kind == "stage":
-        source = source.base
-    return source
 
 
 def model_config(source: ModelSource) -> ModelConfig:
@@ -174,13 +168,10 @@ def write_reward(source: ModelSource, chat: Chat, folder: Path, dtype: torch.dty
     spare special token becomes the pad, or the score would be read one token early."""
     from transformers import AutoModelForSequenceClassification
 
-    from llmft.reward_model import RewardModel
+    from llmft.reward_model import load_reward_model
 
-    lm = merged_adapter(load_model(source.base, torch.float32, torch.device("cpu"), model_config(source)), source)
-    rm = RewardModel(lm)
-    rm.load_head(Path(source.path))
-    disable_dropout(rm)
-    pad = spare_pad(chat)
+    rm = load_reward_model(source, torch.float32, torch.device("cpu"), model_config(source))
+    lm, pad = rm.lm, spare_pad(chat)
     config = lm.config
     config.num_labels, config.pad_token_id = 1, pad
     config.architectures = [type(lm).__name__.replace("ForCausalLM", "ForSequenceClassification")]

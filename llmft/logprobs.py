@@ -33,10 +33,10 @@ def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: 
     if not (torch.is_grad_enabled() and (hidden.requires_grad or head_trains(model))):
         return chunked(model, hidden.detach(), targets, temperature, with_entropy, rows)
     if head_trains(model):
-        parts = [checkpoint(chunk_logps, model, h, y, temperature, use_reentrant=False)
+        parts = [checkpoint(chunk_logps, model, h, y, temperature, with_entropy, use_reentrant=False)
                  for h, y in zip(hidden.split(rows), targets.split(rows), strict=True)]
-        entropy = chunked(model, hidden.detach(), targets, temperature, True, rows)[1] if with_entropy else None
-        return torch.cat(parts), entropy
+        logps, entropy = zip(*parts, strict=True)
+        return torch.cat(logps), torch.cat(entropy) if with_entropy else None
     logps, entropy = RowGradLogps.apply(hidden, targets, model, temperature, with_entropy, rows)
     return logps, entropy if with_entropy else None
 
@@ -70,7 +70,7 @@ def pair_logps(model, batch: dict) -> torch.Tensor:
 
     hidden = pair_states(model, batch)  # [N, d]
     logps = head_logps(model, hidden[batch["tree_predictors"]], batch["tree_targets"])[0]  # [M]
-    rows = 2 * len(batch["margin"])
+    rows = len(batch["tree_last"])  # 2B answers
     return torch.zeros(rows, dtype=torch.float32, device=logps.device).index_add_(0, batch["tree_rows"], logps)
 
 
@@ -85,8 +85,11 @@ def head_trains(model) -> bool:
     return any(p.requires_grad for p in head.parameters())
 
 
-def chunk_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    return token_logps(lm_logits(model, hidden), targets, temperature)
+def chunk_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One checkpointed chunk: log-probs, and the entropy (detached) from the same logits when asked."""
+    logits = lm_logits(model, hidden) / temperature
+    return token_logps(logits, targets), entropy_from_logits(logits.detach()) if with_entropy else None
 
 
 @torch.no_grad()

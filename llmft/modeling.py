@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -329,9 +330,14 @@ def model_body(model):
 def cache_kwarg(body) -> str:
     """The name transformers gives the KV cache in forward and generate: `cache` from 5.x, `past_key_values`
     before."""
+    return forward_cache_name(type(body))
+
+
+@functools.cache
+def forward_cache_name(cls) -> str:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def can_share_prefix(model) -> bool:

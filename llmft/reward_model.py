@@ -116,6 +116,15 @@ def load_head(head: nn.Linear, path: Path) -> None:
     head.load_state_dict(weights)
 
 
+def load_reward_model(source, dtype: torch.dtype, device, model_cfg: ModelConfig) -> RewardModel:
+    """A reward run (stage output `source`) as a RewardModel: its base with the run's adapter merged, and its head;
+    dropout off."""
+    model = RewardModel(merged_adapter(load_model(source.base, dtype, device, model_cfg), source))
+    model.load_head(Path(source.path))
+    disable_dropout(model)
+    return model
+
+
 class RewardScorer:
     """A trained reward model, ready to score (prompt, response) batches; no gradients, dropout off."""
 
@@ -132,11 +141,8 @@ class RewardScorer:
                              f"it is {f'an llmft {stage} output' if stage else f'a {source.kind} model'}")
         dev = resolve_device(device)
         model_cfg = ModelConfig(**{**source.manifest["config"]["model"], "allow_pickle": False})  # the user's call
-        base = load_model(source.base, resolve_dtype(dtype, dev), dev, model_cfg)
-        model = RewardModel(merged_adapter(base, source))
-        model.load_head(Path(source.path))
-        disable_dropout(model)
-        return cls(model, load_chat(source), batch_size, path)
+        return cls(load_reward_model(source, resolve_dtype(dtype, dev), dev, model_cfg), load_chat(source),
+                   batch_size, path)
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:

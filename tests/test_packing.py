@@ -103,7 +103,7 @@ def test_packing_is_refused_where_attention_would_cross_rows(family_model, monke
         check_packing(lm)
 
 
-def test_pairs_packed_with_their_prompt_once_score_like_padded_rows(family_model):
+def test_pairs_packed_with_their_prompt_once_score_like_padded_rows(family_model, monkeypatch):
     # dpo and reward: [prompt | chosen | rejected] per pair, the rejected answer never seeing the chosen one
     from llmft.logprobs import pair_logps, sequence_logps
     from llmft.pairpack import can_pack_pairs
@@ -118,9 +118,10 @@ def test_pairs_packed_with_their_prompt_once_score_like_padded_rows(family_model
                                                                 row["rejected"])[1], None))
     batch = collate_pairs(pairs, chat.pad_id, packed=True)
     window = getattr(lm.config, "sliding_window", None)
-    if not can_pack_pairs(lm, batch):  # Gemma's tiny window (16) is shorter than the packed sequence
+    if not can_pack_pairs(lm, batch):  # Gemma's tiny window (16) is shorter than the packed sequence: refused ...
         assert window and batch["tree_ids"].shape[1] > window
-        return
+        monkeypatch.setattr(lm.config, "sliding_window", 4096)  # ... and taken with a real model's window
+        assert can_pack_pairs(lm, batch)
     results = []
     for packed in (False, True):
         lm.zero_grad()
