@@ -36,6 +36,9 @@ class ModelConfig:
                                         "(named templates know theirs).")
     allow_pickle: bool = opt(False, "Load pickled weights (pytorch_model.bin) when a model has no safetensors. "
                                     "Unpickling can run code: only for files you trust.")
+    quantization: Literal["nf4", "int8"] | None = opt(
+        None, "QLoRA: hold the frozen base's linear layers (all but the LM head) in 4-bit NF4 or 8-bit int8 through "
+              "bitsandbytes (pip install 'llmft[qlora]') and train LoRA on top in `dtype`. null = full precision.")
 
 
 @dataclass

@@ -134,8 +134,10 @@ def export_dtype(name: str, source: ModelSource) -> torch.dtype:
 
 def model_config(source: ModelSource) -> ModelConfig:
     """The run's own model settings (trust_remote_code), not its attention kernel (the export may run where that one
-    is missing) nor its allow_pickle (that is the user's call)."""
-    return ModelConfig(**{**source.manifest["config"]["model"], "allow_pickle": False, "attn_implementation": None})
+    is missing), its allow_pickle (that is the user's call) nor its quantisation (a QLoRA run is merged into its
+    base de-quantised: `modeling.merged_adapter`)."""
+    return ModelConfig(**{**source.manifest["config"]["model"], "allow_pickle": False, "attn_implementation": None,
+                          "quantization": None})
 
 
 def lineage(source: ModelSource) -> list[dict]:

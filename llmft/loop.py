@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from llmft import distributed, rundir
+from llmft import distributed, quantization, rundir
 from llmft.checkpoint import (
     content_hash,
     latest_checkpoint,
@@ -152,7 +152,8 @@ def train(name: str, s: Any, recipe: Any, resume_from: Path | None, data: list[d
                       f"adapters and heads whole on each")
     check_lm_head(getattr(model, "lm", model))
     trainable, total = parameter_counts(model)
-    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); weights "
+                  f"{weight_bytes(model) / 2**20:,.0f} MiB")
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, s.plan.total)
     explicit = isinstance(cfg.resume, str) and cfg.resume != "auto"
@@ -161,6 +162,7 @@ def train(name: str, s: Any, recipe: Any, resume_from: Path | None, data: list[d
     if distributed.world().main:
         record = manifest(name, cfg, s.source, metrics, data)
         record["model"]["embedding_rows"] = embedding_rows(unwrap(getattr(model, "lm", model)))
+        record["model"]["quantization"] = quantization.record(cfg.model.quantization, s.dtype)
         try:
             save_final(run_dir, model, s.chat.tokenizer, record, s.chat.generation_ids(),
                        before_move=lambda names: rundir.record_final_files(run_dir, names))
@@ -173,7 +175,8 @@ def plan_table(name: str, s: Any) -> Table:
     """The start of every stage's plan: where it writes, the model, device and dtype."""
     t = Table(title=f"llmft {name} → {s.cfg.output_dir}", show_header=False)
     t.add_row("model", f"{s.cfg.model.name} ({s.source.kind}: {s.source.path})")
-    t.add_row("device / dtype", f"{s.device} / {str(s.dtype).removeprefix('torch.')}")
+    quantized = f"; base linear layers in {q} (QLoRA)" if (q := s.cfg.model.quantization) else ""
+    t.add_row("device / dtype", f"{s.device} / {str(s.dtype).removeprefix('torch.')}{quantized}")
     return t
 
 
@@ -310,6 +313,11 @@ def manifest(stage: str, cfg: Any, source, metrics: dict, data: list[dict]) -> d
         "metrics": metrics,
         "versions": versions(),
     }
+
+
+def weight_bytes(model) -> int:
+    """Bytes the model's parameters hold (a quantised base: its packed weights; its constants are not counted)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def embedding_rows(lm) -> int:

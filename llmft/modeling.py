@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from llmft import distributed
+from llmft import distributed, quantization
 from llmft.chat import Chat
 from llmft.errors import ModelError
 from llmft.sources import ModelSource, resolve_source, root_source
@@ -93,13 +93,24 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cfg: Any):
-    """Load a causal LM; for a stage output, load its base and merge its adapter into it. Under FSDP it stays on
-    the CPU: `distributed.shard_model` moves each rank's shard to the device."""
-    device = torch.device("cpu") if distributed.fsdp() else device
+    """Load a causal LM; for a stage output, load its base and merge its adapter into it; with `cfg.quantization`,
+    its linear layers quantised for QLoRA (`llmft.quantization`) as they move to `device`. Under FSDP it stays on the
+    CPU: `distributed.shard_model` moves each rank's shard to the device."""
     check_policy_source(source)
-    if source.kind == "stage":  # merged in fp32; pickled base weights only with this run's own allow_pickle
-        base = load_model(source.base, torch.float32, torch.device("cpu"), cfg)
-        return merged_adapter(base, source).to(device=device, dtype=dtype)
+    model = load_weights(source, dtype, cfg)
+    if getattr(cfg, "quantization", None):
+        if distributed.fsdp():
+            raise ModelError("model.quantization: FSDP does not shard bitsandbytes' quantised layers; launch without "
+                             "--use_fsdp (each process then holds the quantised base, as DDP does)")
+        model = quantization.quantize(model, cfg.quantization, dtype)
+    return model.to(torch.device("cpu") if distributed.fsdp() else device)
+
+
+def load_weights(source: ModelSource, dtype: torch.dtype, cfg: Any):
+    """The model's weights in `dtype` on the CPU: a stage output's adapter merged into its base (in fp32; pickled base
+    weights only with this run's own allow_pickle)."""
+    if source.kind == "stage":
+        return merged_adapter(load_weights(source.base, torch.float32, cfg), source).to(dtype=dtype)
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
@@ -109,11 +120,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cf
         kwargs["revision"] = cfg.revision
     refuse_pickle(source, cfg.allow_pickle)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=None if cfg.allow_pickle else True,
-                                                     **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=None if cfg.allow_pickle else True,
+                                                    **kwargs)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot load model {source.name}: {e}") from None
-    return model.to(device)
 
 
 def check_policy_source(source: ModelSource) -> None:
@@ -142,6 +152,8 @@ def dry_build(source: ModelSource, model_cfg: Any, lora: Any, new_tokens: list[i
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_policy_source(source)
+    if model_cfg.quantization:
+        quantization.bitsandbytes(model_cfg.quantization)
     root = root_source(source)
     try:
         config = AutoConfig.from_pretrained(root.path, trust_remote_code=model_cfg.trust_remote_code)
@@ -154,9 +166,12 @@ def dry_build(source: ModelSource, model_cfg: Any, lora: Any, new_tokens: list[i
 
 def merged_adapter(base, source: ModelSource):
     """`base` with the adapter of the stage output `source` merged in (its embedding rows grown first when that stage
-    added tokens: `model.chat_template`)."""
+    added tokens: `model.chat_template`). An adapter trained on a quantised base (QLoRA) is merged into that base
+    de-quantised, the weights it was trained against."""
     from peft import PeftModel
 
+    if trained := quantization.trained_on(source.manifest):
+        base = quantization.round_trip(base, *trained)
     rows = source.manifest.get("model", {}).get("embedding_rows")
     if rows and rows > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(rows, mean_resizing=False)
@@ -200,7 +215,7 @@ def grow_embeddings(model, new_tokens: list[int]) -> dict[str, list[int]]:
 
 def parameter_counts(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return trainable, sum(quantization.numel(p) for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ forward

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llmft import distributed, loop
+from llmft import distributed, loop, quantization
 from llmft.actor_critic import POLICY, ActorCritic
 from llmft.chat import tokenizer_difference
 from llmft.checkpoint import content_hash
@@ -145,9 +145,10 @@ def load_prompts(path: str | list[str], cfg, chat) -> PromptSet:
     return PromptSet(records, ids, too_long)
 
 
-def check_reward_model(cfg, source, chat) -> bool:
+def check_reward_model(cfg, source, chat, dtype: torch.dtype) -> bool:
     """Refuse a reward model that tokenizes or templates differently (it scores the policy's own token ids);
-    return whether it was trained on the policy's own base weights (then all roles share one base)."""
+    return whether it was trained on the policy's own base weights, quantised alike (then all roles share one
+    base)."""
     if not cfg.reward.model:
         return False
     rm = resolve_source(cfg.reward.model)
@@ -159,7 +160,7 @@ def check_reward_model(cfg, source, chat) -> bool:
     parent = rm.manifest.get("parent") or {}
     same_base = rm.manifest["model"]["resolved"] == resolved_name(source) and (
         source.kind != "stage" or parent.get("sha256") == content_hash(source.path))
-    return same_base
+    return same_base and rm.manifest["model"].get("quantization") == quantization.record(cfg.model.quantization, dtype)
 
 
 def stop_names(chat) -> str:

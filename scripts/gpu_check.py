@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Every stage and command on CUDA, in bf16, on a random-init model of real size: did it run, its peak CUDA memory,
-its tokens/s, and PPO's and GRPO's sampler-vs-trainer log-prob gaps; reward and DPO with packed batches, and an
-export of the DPO run. Not part of CI (CI has no GPU); run it where one is lent:
+its tokens/s, and PPO's and GRPO's sampler-vs-trainer log-prob gaps; reward and DPO with packed batches, an export
+of the DPO run, and QLoRA (SFT and GRPO on an nf4 base, needs bitsandbytes; the export de-quantised). Not part of CI
+(CI has no GPU); run it where one is lent:
 
     PYTHONPATH=. python3 scripts/gpu_check.py --out $OUT/gpu_check.json       # ~0.5B Qwen2-shaped, a few minutes
     PYTHONPATH=. python3 scripts/gpu_check.py --size tiny --device cpu        # the same path on a CPU, in seconds
@@ -77,7 +78,16 @@ def stage_configs(model: Path, runs: Path, device: str, steps: int) -> dict[str,
                  "rollout": {"max_new_tokens": 64, "temperature": 1.0, "batch_size": 16},
                  "reward": {"judges": {"constraints": 1.0}},
                  "grpo": {"num_generations": 8, "logprob_gap_tolerance": 1e9}},
+        # QLoRA: the same SFT on an nf4 base, GRPO on top of it (nf4 again), and its export de-quantised
+        "sft-nf4": {**common, "model": {"name": str(model), "quantization": "nf4"}, "output_dir": str(runs / "sft-nf4"),
+                    "data": {"train": str(DEMO / "sft_train.jsonl"), "max_length": 384}},
     }
+
+
+def qlora_configs(configs: dict[str, dict], runs: Path) -> dict[str, dict]:
+    grpo = configs["grpo"]
+    return {"grpo-nf4": {**grpo, "model": {"name": str(runs / "sft-nf4"), "quantization": "nf4"},
+                         "output_dir": str(runs / "grpo-nf4")}}
 
 
 def measure(name: str, fn) -> dict:
@@ -118,9 +128,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="llmft-gpu-check-"))
     rows = [measure("build model", lambda: str(build_model(args.size, work / "model")))]
     configs = stage_configs(work / "model", work / "runs", args.device, args.steps)
-    for name, module in (("sft", sft), ("reward", reward), ("dpo", dpo), ("ppo", ppo), ("grpo", grpo)):
+    configs |= qlora_configs(configs, work / "runs")
+    for name, module in (("sft", sft), ("reward", reward), ("dpo", dpo), ("ppo", ppo), ("grpo", grpo),
+                         ("sft-nf4", sft), ("grpo-nf4", grpo)):
         (work / f"{name}.yaml").write_text(yaml.safe_dump(configs[name]))
-        rows.append(measure(name, lambda m=module, n=name: m.run(load_config(n, work / f"{n}.yaml"))))
+        stage = module.__name__.rsplit(".", 1)[-1]
+        rows.append(measure(name, lambda m=module, n=name, st=stage: m.run(load_config(st, work / f"{n}.yaml"))))
     sampling = SamplingConfig(max_new_tokens=64, temperature=0.7, batch_size=16)
     rows.append(measure("generate", lambda: len(run_generate(GenerateConfig(
         model=str(work / "runs" / "sft"), prompts=str(DEMO / "sft_eval.jsonl"), out=str(work / "gen.jsonl"),
@@ -130,6 +143,8 @@ def main() -> None:
         reference=str(work / "runs" / "sft"), reward_model=str(work / "runs" / "reward"), limit=16,
         sampling=SamplingConfig(max_new_tokens=64), device=args.device))["models"]))
     rows.append(measure("export", lambda: str(run_export(str(work / "runs" / "dpo"), str(work / "export")))))
+    rows.append(measure("export-nf4", lambda: str(run_export(str(work / "runs" / "sft-nf4"),
+                                                             str(work / "export-nf4")))))
     report(rows, args, work / "runs")
 
 
@@ -150,7 +165,7 @@ def report(rows: list[dict], args, runs: Path) -> None:
         print(json.dumps(row), flush=True)
     device = torch.device(args.device)
     dtype = resolve_dtype("auto", device)
-    for stage in ("ppo", "grpo"):  # step 1: what the stage checks against its tolerance
+    for stage in ("ppo", "grpo", "grpo-nf4"):  # step 1: what the stage checks against its tolerance
         if (runs / stage / "metrics.jsonl").is_file():
             first = json.loads((runs / stage / "metrics.jsonl").read_text().splitlines()[0])
             figures[f"{stage}_step1_logprob_gap"] = {k: first[k] for k in ("logprob_gap", "logprob_gap_mean")}

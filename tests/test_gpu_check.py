@@ -17,7 +17,8 @@ def test_gpu_check_runs_every_stage_in_its_tiny_cpu_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert figures["all_ran"] and [r["stage"] for r in figures["stages"]] == [
-        "build model", "sft", "reward", "dpo", "ppo", "grpo", "generate", "eval", "export"]
-    for stage in ("ppo", "grpo"):
+        "build model", "sft", "reward", "dpo", "ppo", "grpo", "sft-nf4", "grpo-nf4", "generate", "eval", "export",
+        "export-nf4"]
+    for stage in ("ppo", "grpo", "grpo-nf4"):
         assert figures[f"{stage}_step1_logprob_gap"]["logprob_gap"] < 1e-4, stage
         assert figures[f"{stage}_step1_within_default_tolerance"], stage

@@ -74,7 +74,7 @@ def setup(cfg: GRPOConfig) -> RLSetup:
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
     train = load_prompts(cfg.data.train, cfg, chat)
     evals = load_prompts(cfg.data.eval, cfg, chat) if cfg.data.eval else None
-    share = check_reward_model(cfg, source, chat)
+    share = check_reward_model(cfg, source, chat, dtype)
     scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []))
     per_step = prompts_per_process(cfg) * distributed.world().size
     if len(train.ids) < per_step:

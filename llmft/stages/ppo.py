@@ -65,7 +65,7 @@ def setup(cfg: PPOConfig) -> Setup:
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
     train = load_prompts(cfg.data.train, cfg, chat)
     evals = load_prompts(cfg.data.eval, cfg, chat) if cfg.data.eval else None
-    share = check_reward_model(cfg, source, chat)
+    share = check_reward_model(cfg, source, chat, dtype)
     scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []))
     per_step = rollout_size(cfg) * distributed.world().size  # each process samples its own share of a step
     if len(train.ids) < per_step:
