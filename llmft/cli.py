@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from llmft.errors import LlmftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="LLM post-training with LoRA: [bold]sft → reward → ppo[/], [bold]sft → dpo[/], or "
-                       "[bold]sft → grpo[/].")
+                       "[bold]sft → grpo[/], [bold]sft → kto[/].")
 err = Console(stderr=True)
 
 CONFIG = typer.Argument(..., help="The stage's YAML config (see configs/).", show_default=False)
@@ -63,6 +64,15 @@ def dpo(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -
     from llmft.stages import dpo as stage
 
     stage.run(load_config("dpo", config, set_), dry_run=dry_run)
+
+
+@app.command()
+def kto(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) -> None:
+    """Kahneman-Tversky optimisation of a LoRA adapter on answers labelled desirable or undesirable (unpaired)."""
+    from llmft.config import load_config
+    from llmft.stages import kto as stage
+
+    stage.run(load_config("kto", config, set_), dry_run=dry_run)
 
 
 @app.command()
@@ -222,6 +232,7 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it advises optional CPU kernels on import
 
 
 def main() -> None:

@@ -64,10 +64,12 @@ class DataConfig:
     max_length: int = opt(1024, "Longest tokenised example; longer rows are truncated (and counted).", ge=8)
     loss_on: Literal["completion", "all"] = opt(
         "completion", "Train on completion/assistant tokens only, or on every token.")
-    packing: bool = opt(False, "Run each micro-batch's rows as one padding-free sequence (positions restart at each "
-                               "row, attention never crosses rows): the same losses, no layer computes padding; "
-                               "attention spans the packed sequence block-masked unless its kernel is varlen "
-                               "(flash-attention).")
+    packing: Union[bool, Literal["blocks"]] = opt(  # noqa: UP007
+        False, "true: run each micro-batch's rows as one padding-free sequence (positions restart at each row, "
+               "attention never crosses rows): the same batches and losses, no layer computes padding. blocks: "
+               "regroup the rows into blocks of up to max_length tokens (best-fit decreasing, like TRL's packing), "
+               "each block a row of the batch (padded to the longest block; flash-attention: one padding-free "
+               "sequence); train.batch_size then counts blocks.")
 
 
 @dataclass
@@ -175,6 +177,43 @@ class DPOConfig(RunConfig):
     output_dir: str = opt("runs/dpo", "Where the adapter, checkpoints, metrics and manifest go.")
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig, metadata={"help": "Preferences."})
     loss: DPOLossConfig = field(default_factory=DPOLossConfig, metadata={"help": "Preference objective."})
+
+
+@dataclass
+class LabelledDataConfig:
+    train: Union[str, list[str]] = field(default=REQUIRED, metadata={  # noqa: UP007
+        "help": "Labelled answers: {prompt, completion, label: true/false} rows (or a numeric 'rating' with "
+                "rating_threshold), or preference pairs {prompt, chosen, rejected} (each a desirable and an "
+                "undesirable answer), in a .jsonl/.json/.parquet/.csv file or a hub dataset id, or a list of them."})
+    eval: Union[str, list[str], None] = opt(  # noqa: UP007
+        None, "Held-out rows (same forms as train); null = none, or see eval_fraction.")
+    eval_fraction: float = opt(0.0, "Fraction of train held out for eval when `eval` is null.", ge=0, lt=1)
+    split: str = opt("train", "Split to read from hub datasets.")
+    format: Literal["auto", "labelled", "pairs"] = opt(
+        "auto", "labelled = {prompt, completion, label}, pairs = {prompt, chosen, rejected}; auto detects it.")
+    rating_threshold: float | None = opt(None, "Rows with a numeric 'rating' instead of 'label': desirable when "
+                                               "rating >= this (e.g. 4 on a 1-5 scale).")
+    max_length: int = opt(1024, "Longest prompt + answer in tokens; longer answers are dropped (and counted).", ge=8)
+    packing: bool = opt(False, "Run each micro-batch's rows as one padding-free sequence: the same losses, no "
+                               "padding computed.")
+
+
+@dataclass
+class KTOLossConfig:
+    beta: float = opt(0.1, "β: strength of the pull towards the reference.", gt=0)
+    desirable_weight: float = opt(1.0, "λ_D: weight of desirable answers' losses.", gt=0)
+    undesirable_weight: float = opt(1.0, "λ_U: weight of undesirable answers' losses (for imbalanced data, set "
+                                         "λ_D n_D / (λ_U n_U) between 1 and 4/3).", gt=0)
+
+
+@dataclass
+class KTOConfig(RunConfig):
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0),
+                             metadata={"help": "LoRA adapter (dropout must stay 0: the policy starts equal to "
+                                               "the reference)."})
+    output_dir: str = opt("runs/kto", "Where the adapter, checkpoints, metrics and manifest go.")
+    data: LabelledDataConfig = field(default_factory=LabelledDataConfig, metadata={"help": "Labelled answers."})
+    loss: KTOLossConfig = field(default_factory=KTOLossConfig, metadata={"help": "KTO objective."})
 
 
 @dataclass
@@ -338,7 +377,8 @@ class GenerateConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "kto": KTOConfig,
+                                  "ppo": PPOConfig,
                                   "grpo": GRPOConfig, "eval": EvalConfig,
                                   "generate": GenerateConfig}
 

@@ -9,6 +9,7 @@ Every error names the file and the line (JSONL/CSV) or row (JSON/Parquet/hub) it
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -261,6 +262,7 @@ class Example:
 @dataclass
 class TokenizedSet:
     examples: list[Example]
+    blocks: list[list[int]] | None = None  # data.packing: blocks — the examples of each packed block (`pack_blocks`)
     rows: int = 0
     truncated: int = 0
     dropped: int = 0  # rows left with no supervised token after truncation
@@ -321,3 +323,37 @@ def collate(examples: list[Example], pad_id: int, side: str = "right") -> dict[s
         mask[i, cols] = 1
         labels[i, cols] = torch.tensor(e.labels)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack_blocks(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: the indices of rows of `lengths` tokens grouped into blocks of at most `capacity` tokens.
+    Longest rows first, each into the block it fills most (the one with the least room that still fits it), else a
+    new block; blocks in the order they were opened, their rows in the order they were placed."""
+    blocks: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, block), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        at = bisect.bisect_left(room, (lengths[i], -1))
+        if at == len(room):
+            blocks.append([i])
+            left, block = capacity - lengths[i], len(blocks) - 1
+        else:
+            (left, block) = room.pop(at)
+            blocks[block].append(i)
+            left -= lengths[i]
+        bisect.insort(room, (left, block))
+    return blocks
+
+
+def collate_blocks(blocks: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per block: its examples one after another, positions restarting at each, right-padded to the longest
+    block (the padding counts from 0 again: a sequence of its own). No token's label is predicted from another
+    example (each example's first label is -100), so the supervised log-probs are the unpacked rows'. `position_ids`
+    is how the model keeps attention within each example (transformers' packed-sequence mask)."""
+    rows = [Example([t for e in b for t in e.input_ids], [t for e in b for t in [-100, *e.labels[1:]]])
+            for b in blocks]
+    batch = collate(rows, pad_id)
+    positions = torch.zeros_like(batch["input_ids"])
+    for r, b in enumerate(blocks):
+        pieces = [len(e.input_ids) for e in b] + [batch["input_ids"].shape[1] - len(rows[r].input_ids)]
+        positions[r] = torch.cat([torch.arange(n) for n in pieces])
+    return batch | {"position_ids": positions}

@@ -21,8 +21,10 @@ from llmft.losses import token_logps
 from llmft.modeling import hidden_states, lm_logits, unwrap
 from llmft.rl import entropy_from_logits
 
-CHUNK_BYTES = 256 << 20  # fp32 logits per chunk: 256 MiB (1,365 positions of a 49,152-token vocabulary); a chunk's
-# peak is a few times that (logits, log-softmax, their gradient), whatever the number of positions
+CHUNK_BYTES = 64 << 20  # fp32 logits per chunk: 64 MiB (341 positions of a 49,152-token vocabulary); a chunk's
+# peak is a few times that (logits, log-softmax, their gradient), whatever the number of positions ...
+MIN_CHUNK_ROWS = 256  # ... but at least 256 positions (148 MiB for Qwen's 151,936 tokens): fewer make the LM head's
+# product too thin to run at speed
 
 
 def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -42,13 +44,14 @@ def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: 
 
 
 def supervised_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                     temperature: float = 1.0, packed: bool = False) -> torch.Tensor:
+                     temperature: float = 1.0, packed: bool = False,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
     """log π of each supervised token [N] (fp32), N = the positions where `labels[:, 1:] != -100`, in row order.
 
     Runs the transformer body once and the LM head only where a label is (`hidden[:, :-1]` predicts `ids[:, 1:]`):
     prompt and padding positions never pay for the vocabulary projection; with `packed`, padding positions
-    never pay for the body either (`modeling.packed_states`)."""
-    hidden = hidden_states(model, input_ids, attention_mask, packed=packed)  # [B, T, d]
+    never pay for the body either (`modeling.packed_states`); `positions`: rows that are blocks of examples."""
+    hidden = hidden_states(model, input_ids, attention_mask, packed=packed, positions=positions)  # [B, T, d]
     keep = labels[:, 1:] != -100  # [B, T-1]
     return head_logps(model, hidden[:, :-1][keep], labels[:, 1:][keep], temperature)[0]
 
@@ -76,7 +79,7 @@ def pair_logps(model, batch: dict) -> torch.Tensor:
 
 def chunk_rows(model) -> int:
     vocab = unwrap(model).get_output_embeddings().weight.shape[0]
-    return max(1, CHUNK_BYTES // (4 * vocab))
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab))
 
 
 def head_trains(model) -> bool:

@@ -170,6 +170,30 @@ def preference_loss(kind: str, logps: torch.Tensor, ref_logps: torch.Tensor | No
     raise ValueError(f"unknown preference loss {kind!r}")
 
 
+def kto_loss(logratios: torch.Tensor, reference_point: torch.Tensor | float, desirable: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Per-answer loss [B] of KTO (Ethayarajh et al. 2024, eq. 8), from unpaired answers labelled desirable or not:
+
+        L = E_{x,y}[λ_y − v(x, y)],   r(x, y) = log π(y|x) − log π_ref(y|x),   z0 = KL(π ‖ π_ref) (no gradient)
+        v(x, y) = λ_D σ(β (r − z0))  for a desirable y,   λ_U σ(β (z0 − r))  for an undesirable one
+
+    logratios: [B] r of each answer; reference_point: z0, a scalar ≥ 0 (`kto_reference_point`); desirable: [B] bool.
+    λ_D, λ_U weigh the two kinds, e.g. so that λ_D n_D / (λ_U n_U) lies in [1, 4/3] for imbalanced data."""
+    shifted = torch.where(desirable, logratios - reference_point, reference_point - logratios)
+    weight = torch.where(desirable, desirable_weight, undesirable_weight)
+    return weight * (1 - torch.sigmoid(beta * shifted))
+
+
+def kto_reference_point(kl_sum: torch.Tensor, count: int) -> torch.Tensor:
+    """KTO's z0: the batch estimate of KL(π ‖ π_ref) from answers paired with prompts that are not theirs,
+
+        z0 = max(0, (1 / n) Σ_i [log π(y_j | x_i) − log π_ref(y_j | x_i)]),  j ≠ i
+
+    kl_sum: the sum of those n log-ratios (computed without gradient; over every process); the clamp keeps the
+    estimate a KL's sign."""
+    return (kl_sum / count).clamp(min=0)
+
+
 # ---------------------------------------------------------------------------------------------------- PPO
 def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float,
                       eps_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -97,13 +97,21 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cf
     its linear layers quantised for QLoRA (`llmft.quantization`) as they move to `device`. Under FSDP it stays on the
     CPU: `distributed.shard_model` moves each rank's shard to the device."""
     check_policy_source(source)
+    check_quantization(cfg)
     model = load_weights(source, dtype, cfg)
     if getattr(cfg, "quantization", None):
-        if distributed.fsdp():
-            raise ModelError("model.quantization: FSDP does not shard bitsandbytes' quantised layers; launch without "
-                             "--use_fsdp (each process then holds the quantised base, as DDP does)")
         model = quantization.quantize(model, cfg.quantization, dtype)
     return model.to(torch.device("cpu") if distributed.fsdp() else device)
+
+
+def check_quantization(cfg: Any) -> None:
+    """model.quantization needs bitsandbytes, and is refused under FSDP."""
+    if not getattr(cfg, "quantization", None):
+        return
+    if distributed.fsdp():
+        raise ModelError("model.quantization: FSDP does not shard bitsandbytes' quantised layers; launch without "
+                         "--use_fsdp (each process then holds the quantised base, as DDP does)")
+    quantization.bitsandbytes(cfg.quantization)
 
 
 def load_weights(source: ModelSource, dtype: torch.dtype, cfg: Any):
@@ -152,8 +160,7 @@ def dry_build(source: ModelSource, model_cfg: Any, lora: Any, new_tokens: list[i
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_policy_source(source)
-    if model_cfg.quantization:
-        quantization.bitsandbytes(model_cfg.quantization)
+    check_quantization(model_cfg)
     root = root_source(source)
     try:
         config = AutoConfig.from_pretrained(root.path, trust_remote_code=model_cfg.trust_remote_code)
@@ -230,7 +237,8 @@ def unwrap(model):
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0,
-                  owners: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
+                  owners: torch.Tensor | None = None, packed: bool = False,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
     """Last-layer hidden states [B, T − start, d] of columns `start`… of the transformer body, without the LM head;
     positions are counted over real tokens, so left and right padding give the same states. Under FSDP the call goes
     through the whole model (which gathers its sharded weights first), asking for the logits of one position only.
@@ -239,7 +247,12 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     to one prompt): those columns then run once per owner, and their keys and values are shared by its rows
     (`shared_prefix_states`). With `packed` the rows' real tokens run as one padding-free sequence
     (`packed_states`; padding positions come back as 0). Either way the states and gradients are the same up to
-    float rounding."""
+    float rounding. With `positions` (blocks of several examples: `data.collate_blocks`) each row runs as it is, the
+    model keeping attention within each example from where the positions restart."""
+    if positions is not None:  # flash kernels find packed examples only in a batch of one row: flatten for them
+        if "flash" in str(getattr(unwrap(model).config, "_attn_implementation", "")):
+            return packed_states(model, input_ids, attention_mask, positions)[:, start:]
+        return body_states(model, input_ids, None, positions)[:, start:]
     if owners is not None and start > 0 and can_share_prefix(model):
         return shared_prefix_states(model, input_ids, attention_mask, start, owners)
     if packed and not bool(attention_mask.all()):
@@ -257,12 +270,15 @@ def body_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
                              use_cache=False).last_hidden_state
 
 
-def packed_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def packed_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden states [B, T, d] computed without padding: the real tokens of all rows run as one sequence [1, N] whose
-    positions restart at each row, with no attention mask; transformers then finds the rows from the positions and
-    keeps attention within each (its packed-sequence mask). Padding positions are 0."""
+    positions restart at each row (or wherever `positions` restart), with no attention mask; transformers then finds
+    the rows from the positions and keeps attention within each (its packed-sequence mask). Padding positions are
+    0."""
     keep = attention_mask.bool()
-    flat = body_states(model, input_ids[keep][None], None, position_ids(attention_mask)[keep][None])[0]  # [N, d]
+    positions = position_ids(attention_mask) if positions is None else positions
+    flat = body_states(model, input_ids[keep][None], None, positions[keep][None])[0]  # [N, d]
     return flat.new_zeros(*input_ids.shape, flat.shape[-1]).masked_scatter(keep[..., None], flat)
 
 

@@ -9,7 +9,6 @@ stage, `llmft eval`/`generate` and `llmft export` (`modeling.merged_adapter`).""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -21,7 +20,6 @@ KINDS = ("nf4", "int8")
 
 def bitsandbytes(kind: str):
     """The bitsandbytes module, or one line on what to install."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns on import about optional CPU kernels
     try:
         import bitsandbytes as bnb
     except Exception as e:  # noqa: BLE001 — a broken install raises more than ImportError

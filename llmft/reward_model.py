@@ -140,7 +140,8 @@ class RewardScorer:
             raise ModelError(f"{path} is not a reward model (an llmft reward output); "
                              f"it is {f'an llmft {stage} output' if stage else f'a {source.kind} model'}")
         dev = resolve_device(device)
-        model_cfg = ModelConfig(**{**source.manifest["config"]["model"], "allow_pickle": False})  # the user's call
+        # pickled weights: the user's call; a QLoRA run is scored on its base de-quantised (`merged_adapter`)
+        model_cfg = ModelConfig(**{**source.manifest["config"]["model"], "allow_pickle": False, "quantization": None})
         return cls(load_reward_model(source, resolve_dtype(dtype, dev), dev, model_cfg), load_chat(source),
                    batch_size, path)
 

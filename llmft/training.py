@@ -84,11 +84,11 @@ def plan_steps(n: int, batch_size: int, grad_accum: int, epochs: int, max_steps:
     return StepPlan(steps[:max_steps] if max_steps else steps, per_epoch)
 
 
-def plan_for(cfg: Any, n: int) -> StepPlan:
+def plan_for(cfg: Any, n: int, min_rows: int = 1) -> StepPlan:
     """The step plan of a stage config over `n` training examples; a micro-batch of the plan is
-    train.batch_size on each of the data-parallel processes."""
+    train.batch_size on each of the data-parallel processes (an epoch's last one kept when each gets `min_rows`)."""
     tr, procs = cfg.train, distributed.world().size
-    return plan_steps(n, tr.batch_size * procs, tr.grad_accum, tr.epochs, tr.max_steps, cfg.seed, procs)
+    return plan_steps(n, tr.batch_size * procs, tr.grad_accum, tr.epochs, tr.max_steps, cfg.seed, procs * min_rows)
 
 
 # -------------------------------------------------------------------------------- optimizer & schedule

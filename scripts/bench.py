@@ -82,7 +82,7 @@ def llmft_config(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
     return {
         "model": {"name": model_dir},
         "data": {"train": args.data, "max_length": args.max_length,
-                 **({"packing": True} if getattr(args, "packing", False) else {})},
+                 **({"packing": packing} if (packing := LLMFT_PACKING.get(getattr(args, "packing", False))) else {})},
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                  "target_modules": targets if targets == "all-linear" else targets.split(",")},
         "train": {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "learning_rate": args.lr,
@@ -113,7 +113,8 @@ def llmft_result(rows: list[dict], rss: float, args: argparse.Namespace, unit: s
 
 
 def llmft_sft(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
-    return llmft_result(*run_llmft("sft", args, model_dir, work), args, "samples")
+    rows, rss = run_llmft("sft", args, model_dir, work)
+    return llmft_result([r | {"samples": r["examples"]} for r in rows], rss, args, "samples")
 
 
 def llmft_pairs(stage: str, args: argparse.Namespace, model_dir: str, work: Path, **sections) -> tuple[list, dict]:
@@ -158,7 +159,8 @@ def run_trl(script: str, args: argparse.Namespace, model_dir: str, work: Path, f
 
 
 def trl_sft(args: argparse.Namespace, model_dir: str, work: Path, flush: bool) -> dict:
-    return run_trl("bench_trl.py", args, model_dir, work, flush, ["samples_per_s", "samples"])
+    return run_trl("bench_trl.py", args, model_dir, work, flush, ["samples_per_s", "samples"],
+                   extra=("--packing", args.packing))
 
 
 PAIR_KEYS = ["pairs_per_s", "pairs", "step_pairs", "train_pairs", "trainable_params"]
@@ -237,17 +239,26 @@ def bench(stage: str, args: argparse.Namespace, runs, unit: str, rate: str, note
 
 
 def sft_notes(results: list[dict], extra: dict) -> list[str]:
-    if all(r["step_tokens"] == results[0]["step_tokens"] for r in results):
+    if extra["packing"] == "blocks":
+        return ["Packed into blocks: each side forms its own (best-fit decreasing on both, each in its own order), so "
+                "the steps hold different rows: compare rates, not losses."]
+    trl, ours = results[0]["step_tokens"], results[-1]["step_tokens"]
+    if all(r["step_tokens"] == trl for r in results):
         return ["Same tokens in every step on all sides: same batches (llmft's data order, "
                 "randperm(seed), is TRL's RandomSampler order), so first-step losses should agree closely."]
-    return ["Per-step token counts differ: the sides saw different batches (different shuffles), "
-            "so first-step losses need only be of similar magnitude."]
+    if all(t - o == extra["rows_per_step"] for t, o in zip(trl, ours, strict=True)):
+        return ["TRL's steps hold one token more per row: the newline its chat template renders after <|im_end|>, "
+                "which llmft does not supervise (the next turn's context). The same rows in every step (llmft's "
+                "order, randperm(seed), is TRL's RandomSampler order); first-step losses differ by that token."]
+    return ["Per-step token counts differ beyond one token per row: the sides saw different batches, so first-step "
+            "losses need only be of similar magnitude."]
 
 
 def cmd_sft(args: argparse.Namespace) -> dict:
     def runs(model_dir: str, work: Path) -> tuple[list[dict], dict]:
         return [trl_sft(args, model_dir, work, flush=False), trl_sft(args, model_dir, work, flush=True),
-                llmft_sft(args, model_dir, work)], {}
+                llmft_sft(args, model_dir, work)], {"packing": args.packing,
+                                                     "rows_per_step": args.batch_size * args.grad_accum}
 
     return bench("sft", args, runs, "samples", "tokens_per_s", sft_notes)
 
@@ -389,12 +400,19 @@ def add_packing(p: argparse.ArgumentParser) -> None:
                    help="llmft with data.packing: true (padding-free micro-batches); TRL as shipped")
 
 
+# sft --packing: llmft's data.packing, and TRL's alike (bench_trl.py --packing)
+LLMFT_PACKING = {True: True, "none": None, "rows": True, "blocks": "blocks"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     stages = parser.add_subparsers(dest="stage", required=True)
     sft = stages.add_parser("sft", help="llmft sft vs trl.SFTTrainer (LoRA)")
     add_common(sft, out=str(ROOT / "benchmarks/sft-cpu.json"))
-    add_packing(sft)
+    sft.add_argument("--packing", choices=("none", "rows", "blocks"), default="none",
+                     help="both sides padding-free: rows = each batch's rows as one sequence (llmft data.packing: "
+                          "true, TRL padding_free), blocks = rows regrouped into max_length blocks (llmft "
+                          "data.packing: blocks, TRL packing)")
     sft.set_defaults(func=cmd_sft)
     pair_parser(stages, "reward", "llmft reward vs trl.RewardTrainer (LoRA + scalar head)", cmd_reward)
     dpo = pair_parser(stages, "dpo", "llmft dpo vs trl.DPOTrainer (LoRA; reference = adapter disabled)",

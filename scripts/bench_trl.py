@@ -2,8 +2,8 @@
 
 Run it as its own process (``python scripts/bench_trl.py ...``) so that its peak RSS is isolated. Rows
 ``{"prompt": str, "completion": str}`` are fed as conversational prompt-completion (user / assistant
-turns), so TRL applies the chat template and masks the prompt (completion-only loss). fp32, no packing,
-padding to the longest sequence in the batch.
+turns), so TRL applies the chat template and masks the prompt (completion-only loss). fp32; by default no packing,
+padding to the longest sequence in the batch (`--packing rows|blocks`: TRL's padding_free or packing).
 
 Only the optimizer steps after ``--warmup-steps`` are timed (``on_step_begin`` -> ``on_step_end``; the
 batches of a step are fetched before ``on_step_begin``, so data loading is not timed). Tokens = sum of
@@ -38,7 +38,14 @@ def child_parser(doc: str, out: str) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return child_parser(__doc__, "benchmarks/tmp/trl.json").parse_args(argv)
+    p = child_parser(__doc__, "benchmarks/tmp/trl.json")
+    p.add_argument("--packing", choices=PACKING, default="none",
+                   help="rows: padding_free=True (each batch's rows flattened into one sequence); blocks: "
+                        "packing=True (best-fit decreasing into max_length blocks, padding-free)")
+    return p.parse_args(argv)
+
+
+PACKING = ("none", "rows", "blocks")
 
 
 def setup(args: argparse.Namespace) -> tuple[bool, str]:
@@ -118,7 +125,7 @@ def step_meter(unit: str):
             self.records.append({
                 "step": state.global_step, "seconds": dt,
                 "tokens": int(sum(int(t) for t, _, _ in self.pending)),
-                unit: sum(n for _, n, _ in self.pending),
+                unit: int(sum(int(n) for _, n, _ in self.pending)),
                 # micro-batch losses come back scaled for grad accumulation: their sum is the step loss
                 "loss": float(sum(float(v) for _, _, v in self.pending)),
             })
@@ -133,8 +140,11 @@ def metered(trainer_cls, meter, rows_per_unit: int = 1):
     class Metered(trainer_cls):
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
-            meter.pending.append((inputs["attention_mask"].sum(), inputs["input_ids"].shape[0] // rows_per_unit,
-                                  loss))
+            if "attention_mask" in inputs:
+                tokens, rows = inputs["attention_mask"].sum(), inputs["input_ids"].shape[0] // rows_per_unit
+            else:  # padding-free (packing): the rows of the batch flattened into one, positions restarting
+                tokens, rows = inputs["input_ids"].numel(), (inputs["position_ids"] == 0).sum() // rows_per_unit
+            meter.pending.append((tokens, rows, loss))
             return loss
 
     return Metered
@@ -184,8 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
             **common_config(args, tmp, cuda),
             activation_checkpointing=args.gradient_checkpointing,  # TRL defaults gradient_checkpointing=True
             truncation_mode="keep_start",
-            packing=False,
-            padding_free=False,
+            packing=args.packing == "blocks",
+            padding_free=args.packing == "rows",
             completion_only_loss=True,
         )
         trainer = metered(SFTTrainer, meter)(

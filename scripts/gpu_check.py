@@ -143,9 +143,35 @@ def main() -> None:
         reference=str(work / "runs" / "sft"), reward_model=str(work / "runs" / "reward"), limit=16,
         sampling=SamplingConfig(max_new_tokens=64), device=args.device))["models"]))
     rows.append(measure("export", lambda: str(run_export(str(work / "runs" / "dpo"), str(work / "export")))))
-    rows.append(measure("export-nf4", lambda: str(run_export(str(work / "runs" / "sft-nf4"),
-                                                             str(work / "export-nf4")))))
+    rows.append(measure("export-nf4", lambda: str(run_export(str(work / "runs" / "sft-nf4"), str(work / "export-nf4"),
+                                                             dtype="float32"))))  # the merge alone, no rounding
+    rows.append(measure("nf4-export-logits", lambda: nf4_export_gap(work, args.device)))
     report(rows, args, work / "runs")
+
+
+def nf4_export_gap(work: Path, device: str) -> dict:
+    """The de-quantised export (fp32) of the nf4 SFT run against the run's adapter on the base quantised by
+    transformers itself on `device`, in the compute dtype (what training computed there): the largest logit
+    difference on a demo prompt (in bf16, bf16's own rounding of the computation is part of it)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from llmft.modeling import resolve_dtype
+
+    dtype = resolve_dtype("auto", torch.device(device))
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(work / "model", quantization_config=q, dtype=dtype, device_map=device)
+    trained = PeftModel.from_pretrained(base, work / "runs" / "sft-nf4").train()  # train mode: no CPU repacking
+    exported = AutoModelForCausalLM.from_pretrained(work / "export-nf4", dtype=torch.float32).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(work / "export-nf4")
+    prompt = json.loads((DEMO / "sft_eval.jsonl").read_text().splitlines()[0])["prompt"]
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"].to(device)
+    with torch.no_grad():
+        want, got = trained(ids).logits.float(), exported(ids).logits.float()
+    return {"max_logit_gap": float((want - got).abs().max()), "max_logit": float(want.abs().max()),
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def report(rows: list[dict], args, runs: Path) -> None:
@@ -161,6 +187,8 @@ def report(rows: list[dict], args, runs: Path) -> None:
             for key in ("logprob_gap", "logprob_gap_mean", "time/generation", "time/update", "episodes_per_s"):
                 if key in result:
                     row[key] = round(result[key], 6)
+        elif isinstance(result, dict) and "max_logit_gap" in result:
+            row |= result
         figures["stages"].append(row)
         print(json.dumps(row), flush=True)
     device = torch.device(args.device)

@@ -23,7 +23,7 @@ from llmft.modeling import model_body as modeling_body
 from llmft.modeling import shared_prefix_states as SHARED
 from llmft.preferences import collate_pairs
 from llmft.sources import resolve_source
-from llmft.stages import dpo, grpo, ppo, reward, sft
+from llmft.stages import dpo, grpo, kto, ppo, reward, sft
 from tests.conftest import PAIRS, ROWS
 from tests.families import BY_NAME, FAMILIES, build
 
@@ -183,7 +183,8 @@ def test_generation_encodes_a_repeated_prompt_once(family, monkeypatch):
 # ---------------------------------------------------------------------------------------------- stages
 @pytest.fixture(scope="module")
 def chain(family, tmp_path_factory):
-    """sft (long enough to learn the answers and their ending) → reward → dpo → ppo on the family's model."""
+    """sft (long enough to learn the answers and their ending) → reward → dpo, kto → ppo, grpo on the family's
+    model."""
     f, path = family
     d = tmp_path_factory.mktemp(f"{f.name}-runs")
     (d / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -207,6 +208,7 @@ def chain(family, tmp_path_factory):
                                         "scheduler": "constant", "save_every": 100}))
     runs["reward"] = reward.run(config("reward", d / "sft", "pairs.jsonl", 2))
     runs["dpo"] = dpo.run(config("dpo", d / "sft", "pairs.jsonl", 2))
+    runs["kto"] = kto.run(config("kto", d / "sft", "pairs.jsonl", 2))
     runs["ppo_cfg"] = config("ppo", d / "sft", "prompts.jsonl", 2, rollout={"max_new_tokens": 12, "temperature": 1.0},
                              reward={"model": str(d / "reward")}, ppo={"num_minibatches": 2}, samples_every=1)
     runs["ppo"] = ppo.run(runs["ppo_cfg"])
@@ -255,6 +257,12 @@ def test_dpo_starts_at_ln2(family, chain):
     first = metrics(chain["dir"] / "dpo")[0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kto_starts_at_half_the_weight_with_no_kl(family, chain):
+    first = metrics(chain["dir"] / "kto")[0]  # λ_D = λ_U = 1: every answer's loss is 1 − σ(0) at step 0
+    assert first["step"] == 1 and first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == 0.0
+    assert first.get("rewards/desirable", 0.0) == first.get("rewards/undesirable", 0.0) == 0.0
 
 
 def test_ppo_samples_the_distribution_it_trains(family, chain):

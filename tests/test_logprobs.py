@@ -55,6 +55,7 @@ def reference(model, hidden, targets, temperature):
 def test_chunks_give_the_same_log_probs_entropy_and_gradients(model, head_trains, monkeypatch):
     # 8 rows a chunk: 37 positions make 5 chunks, the last one short
     monkeypatch.setattr(logprobs, "CHUNK_BYTES", 8 * 4 * model.config.vocab_size)
+    monkeypatch.setattr(logprobs, "MIN_CHUNK_ROWS", 1)
     head = model.get_output_embeddings().weight
     head.requires_grad_(head_trains)  # peft's trainable token rows: the checkpointed path
     hidden, targets = inputs(model)
@@ -77,6 +78,7 @@ def test_chunks_give_the_same_log_probs_entropy_and_gradients(model, head_trains
 def test_the_whole_logits_never_exist(model, head_trains, monkeypatch):
     vocab, n = model.config.vocab_size, 64
     monkeypatch.setattr(logprobs, "CHUNK_BYTES", 16 * 4 * vocab)  # 16 rows a chunk
+    monkeypatch.setattr(logprobs, "MIN_CHUNK_ROWS", 1)
     model.get_output_embeddings().weight.requires_grad_(head_trains)
     hidden, targets = inputs(model, n)
     with LargestTensor() as whole:
@@ -85,3 +87,13 @@ def test_the_whole_logits_never_exist(model, head_trains, monkeypatch):
         logprobs.head_logps(model, hidden, targets, 1.0)[0].sum().backward()
     assert whole.largest >= n * vocab  # what the unchunked way makes ...
     assert chunked.largest <= max(16 * vocab, n * model.config.hidden_size, vocab * model.config.hidden_size)
+
+
+def test_a_chunk_holds_at_most_64_mib_of_logits_but_never_fewer_than_256_positions(model):
+    from types import SimpleNamespace
+
+    def head(vocab):
+        return SimpleNamespace(get_output_embeddings=lambda: SimpleNamespace(weight=torch.empty(vocab, 0)))
+
+    assert logprobs.chunk_rows(head(49152)) == 341  # SmolLM2: 64 MiB / (4 bytes × 49,152)
+    assert logprobs.chunk_rows(head(151936)) == 256  # Qwen: 110 positions would be 64 MiB; thin products are slow

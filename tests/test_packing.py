@@ -11,7 +11,7 @@ import yaml
 
 from llmft.config import load_config
 from llmft.logprobs import supervised_logps
-from llmft.modeling import check_packing, load_chat, packed_states
+from llmft.modeling import body_states, check_packing, load_chat, packed_states
 from llmft.sources import resolve_source
 from llmft.stages import dpo, reward, sft
 from tests.conftest import PAIRS, ROWS
@@ -50,6 +50,66 @@ def test_packed_rows_give_the_same_token_log_probs_and_gradients(family_model):
         results.append((logps.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}))
     (plain, plain_grads), (packed, packed_grads) = results
     assert torch.allclose(packed, plain, atol=1e-5)
+    scale = max(float(g.abs().max()) for g in plain_grads.values())
+    assert all(torch.allclose(packed_grads[n], g, atol=1e-5 * scale) for n, g in plain_grads.items())
+
+
+def test_best_fit_decreasing_by_hand():
+    from llmft.data import Example, collate_blocks, pack_blocks
+
+    # longest first: 6 opens A (room 2), 5 opens B (3), 4 fits neither and opens C (4), 3 fills B, 2 fills A
+    assert pack_blocks([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+    lengths = [(7 * i) % 23 + 1 for i in range(200)]
+    blocks = pack_blocks(lengths, 40)
+    assert sorted(i for b in blocks for i in b) == list(range(200))
+    assert all(sum(lengths[i] for i in b) <= 40 for b in blocks)
+    assert len(blocks) <= -(-sum(lengths) // 40) + 3  # within a few blocks of the bound
+    # a block's rows: positions restart at each, and no row's first token is a label of the row before it
+    b = collate_blocks([[Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5])], [Example([6], [6])]], 0)
+    assert b["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, -100, -100, -100, -100]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]  # padding: a sequence of its own
+    assert b["attention_mask"].tolist() == [[1] * 5, [1, 0, 0, 0, 0]]
+
+
+def test_sft_in_blocks_steps_over_blocks_with_the_loss_of_their_rows(tiny_model_dir, sft_data, write_config):
+    from llmft import data as D
+
+    s = sft.setup(load_config("sft", write_config(tiny_model_dir, sft_data, data__packing="blocks",
+                                                  data__max_length=128, train__batch_size=2)))
+    blocks, examples = s.train.blocks, s.train.examples
+    assert len(examples) > 2 * len(blocks) and s.plan.steps_per_epoch == -(-len(blocks) // 2)  # 2 blocks a step
+    model = sft.build_model(s)
+    first = s.plan.steps[0][0]  # the first micro-batch: two block indices
+    rows = [examples[i] for b in first for i in blocks[b]]
+    in_blocks, tokens = sft.accumulate(model, [sft.micro_batch(s.train, first, s.chat.pad_id)], s.device, s.dtype)
+    as_rows, _ = sft.accumulate(model, [D.collate(rows, s.chat.pad_id)], s.device, s.dtype)
+    assert in_blocks == pytest.approx(as_rows, rel=1e-5) and tokens == sum(len(e.input_ids) for e in rows)
+
+
+def test_blocks_of_rows_give_the_same_token_log_probs_and_gradients(family_model):
+    from llmft import data as D
+
+    chat, lm = family_model
+    b = padded_batch(chat)
+    examples = [D.Example(ids[m.bool()].tolist(), lab[m.bool()].tolist())
+                for ids, m, lab in zip(b["input_ids"], b["attention_mask"], b["labels"], strict=True)]
+    blocks = D.collate_blocks([[examples[0], examples[2]], [examples[1]]], chat.pad_id)  # rows 0+2, then 1
+    assert blocks["input_ids"].shape[0] == 2 and not bool(blocks["attention_mask"].all())  # one block is padded
+    results = []
+    for batch, positions in ((D.collate([examples[i] for i in (0, 2, 1)], chat.pad_id), None),
+                             (blocks, blocks["position_ids"])):
+        lm.zero_grad()
+        logps = supervised_logps(lm, batch["input_ids"], batch["attention_mask"], batch["labels"], 0.9,
+                                 positions=positions)
+        (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (packed, packed_grads) = results
+    assert packed.shape == plain.shape and torch.allclose(packed, plain, atol=1e-5)
+    with torch.no_grad():  # as flash-attention runs them: the blocks flattened into one padding-free sequence
+        rows = body_states(lm, blocks["input_ids"], None, blocks["position_ids"])
+        flat = packed_states(lm, blocks["input_ids"], blocks["attention_mask"], blocks["position_ids"])
+    real = blocks["attention_mask"].bool()
+    assert torch.allclose(flat[real], rows[real], atol=1e-5)
     scale = max(float(g.abs().max()) for g in plain_grads.values())
     assert all(torch.allclose(packed_grads[n], g, atol=1e-5 * scale) for n, g in plain_grads.items())
 

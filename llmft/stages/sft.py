@@ -33,7 +33,9 @@ def setup(cfg: SFTConfig) -> Setup:
     d = cfg.data
     train_set = D.tokenize_records(train_rows, chat, fmt, d.max_length, d.loss_on)
     eval_set = D.tokenize_records(eval_rows, chat, fmt, d.max_length, d.loss_on) if eval_rows else None
-    plan = plan_for(cfg, len(train_set.examples))
+    if d.packing == "blocks":
+        train_set.blocks = D.pack_blocks([len(e.input_ids) for e in train_set.examples], d.max_length)
+    plan = plan_for(cfg, len(train_set.blocks or train_set.examples))
     return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype)
 
 
@@ -44,7 +46,10 @@ def show_plan(s: Setup) -> None:
             t.add_row(f"{name} data", f"{len(ts.examples)} examples, {ts.tokens} tokens "
                       f"({ts.supervised} supervised); {ts.truncated} truncated to {s.cfg.data.max_length}, "
                       f"{ts.dropped} dropped with nothing to train on")
-    steps_row(t, s, "examples")
+    if blocks := s.train.blocks:
+        t.add_row("packing", f"{len(blocks)} blocks of up to {s.cfg.data.max_length} tokens, "
+                  f"{s.train.tokens / (len(blocks) * s.cfg.data.max_length):.0%} full")
+    steps_row(t, s, "blocks" if s.train.blocks else "examples")
     t.add_row("LoRA", f"r={s.cfg.lora.r} alpha={s.cfg.lora.alpha} dropout={s.cfg.lora.dropout} "
               f"targets={s.cfg.lora.target_modules}")
     console.print(t)
@@ -68,16 +73,24 @@ def stage(s: Setup, model) -> Stage:
     pad = s.chat.pad_id
 
     def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
-        batches = [D.collate([s.train.examples[i] for i in mb], pad) for mb in micro_batches]
-        loss, tokens = accumulate(model, batches, s.device, s.dtype, s.cfg.data.packing)
-        return {"loss": loss, "grad_norm": ctx.update(loss)}, {"tokens": tokens}
+        batches = [micro_batch(s.train, mb, pad) for mb in micro_batches]
+        loss, tokens = accumulate(model, batches, s.device, s.dtype, bool(s.cfg.data.packing))
+        examples = sum(len(s.train.blocks[b]) if s.train.blocks else 1 for mb in micro_batches for b in mb)
+        return {"loss": loss, "grad_norm": ctx.update(loss)}, {"tokens": tokens, "examples": examples}
 
     def run_eval() -> dict:
         return {"eval/loss": evaluate(model, s.eval, s.cfg.train.batch_size, pad, s.device, s.dtype,
-                                      s.cfg.data.packing)}
+                                      bool(s.cfg.data.packing))}
 
     return Stage("sft", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
                  shown=("loss", "lr", "tokens_per_s", "eval/loss"))
+
+
+def micro_batch(data: D.TokenizedSet, indices: list[int], pad: int) -> dict[str, torch.Tensor]:
+    """The plan's indices are examples, or blocks of examples (data.packing: blocks)."""
+    if data.blocks:
+        return D.collate_blocks([[data.examples[i] for i in data.blocks[b]] for b in indices], pad)
+    return D.collate([data.examples[i] for i in indices], pad)
 
 
 def accumulate(model, batches: list[dict], device, dtype, packed: bool = False) -> tuple[float, int]:
@@ -88,7 +101,8 @@ def accumulate(model, batches: list[dict], device, dtype, packed: bool = False) 
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         with autocast(device, dtype):
-            logps = supervised_logps(model, b["input_ids"], b["attention_mask"], b["labels"], packed=packed)
+            logps = supervised_logps(model, b["input_ids"], b["attention_mask"], b["labels"], packed=packed,
+                                     positions=b.get("position_ids"))
         loss = sft_loss(logps, num_tokens)
         loss.backward()
         total += loss.detach()
