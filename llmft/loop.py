@@ -162,7 +162,8 @@ def train(name: str, s: Any, recipe: Any, resume_from: Path | None, data: list[d
     if distributed.world().main:
         record = manifest(name, cfg, s.source, metrics, data)
         record["model"]["embedding_rows"] = embedding_rows(unwrap(getattr(model, "lm", model)))
-        record["model"]["quantization"] = quantization.record(cfg.model.quantization, s.dtype)
+        if quantized := quantization.record(cfg.model.quantization, s.dtype):
+            record["model"]["quantization"] = quantized
         try:
             save_final(run_dir, model, s.chat.tokenizer, record, s.chat.generation_ids(),
                        before_move=lambda names: rundir.record_final_files(run_dir, names))

@@ -15,7 +15,7 @@ from llmft.losses import kto_loss, kto_reference_point
 from llmft.stages import kto
 from tests.conftest import PAIRS, ROWS, crash_then_resume, train_in_process
 
-SEED = 3  # LoRA weights under which the 4 answers' KL estimate is positive (a negative one is clamped to 0)
+SEED = 0  # LoRA weights under which the 4 answers' KL estimate is positive (a negative one is clamped to 0)
 LABELLED = [{"prompt": r["prompt"], "completion": r["completion"], "label": i % 3 != 0} for i, r in enumerate(ROWS)]
 
 
@@ -68,6 +68,7 @@ def test_rows_labels_ratings_and_pairs(kto_config):
 
 def test_step_zero_has_no_kl_and_every_answer_loses_half_its_weight(kto_config):
     s = kto.setup(kto_config(loss__desirable_weight=1.0, loss__undesirable_weight=3.0))
+    torch.manual_seed(0)  # LoRA's A, whatever ran before
     model = kto.build_model(s)
     answers = s.train.answers[:4]
     z0 = kto.reference_point(model, answers, s, across_processes=False)
