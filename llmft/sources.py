@@ -171,7 +171,13 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 def ensure_hub_model(repo_id: str, revision: str | None) -> str:
     """Return `repo_id` if it is in the local hub cache or the hub can be reached; else a clear error."""
     from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ModelError(f"model {repo_id!r} is neither a local model path nor a hub id (name or namespace/name of "
+                         f"letters, digits, '-', '_' and '.')") from None
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     if isinstance(cached, str):
         return repo_id

@@ -68,6 +68,8 @@ CASES = {
                            ["local model path does not exist"]),
     "hub id offline": (lambda t, g, d: [g(), "--set", "model.name=some-org/some-model"],
                        ["'some-org/some-model'", "offline"]),
+    "not a hub id": (lambda t, g, d: [g(), "--set", "model.name=':'"],
+                     ["model ':' is neither a local model path nor a hub id"]),
     "unknown --set key": (lambda t, g, d: [g(), "--set", "nonsense=1"], ["--set nonsense=1: unknown key 'nonsense'"]),
     "bad --set form": (lambda t, g, d: [g(), "--set", "train.epochs"], ["expected KEY=VALUE"]),
     "duplicate key": (lambda t, g, d: [bad_yaml(t, "train: {epochs: 1}\ntrain: {epochs: 2}\n")],
