@@ -99,14 +99,14 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, cf
     check_policy_source(source)
     check_quantization(cfg)
     model = load_weights(source, dtype, cfg)
-    if getattr(cfg, "quantization", None):
+    if cfg.quantization:
         model = quantization.quantize(model, cfg.quantization, dtype)
     return model.to(torch.device("cpu") if distributed.fsdp() else device)
 
 
 def check_quantization(cfg: Any) -> None:
     """model.quantization needs bitsandbytes, and is refused under FSDP."""
-    if not getattr(cfg, "quantization", None):
+    if not cfg.quantization:
         return
     if distributed.fsdp():
         raise ModelError("model.quantization: FSDP does not shard bitsandbytes' quantised layers; launch without "
@@ -202,6 +202,17 @@ def add_lora(model, lora, gradient_checkpointing: bool = False, new_tokens: list
         return get_peft_model(model, config)
     except ValueError as e:
         raise ModelError(f"lora.target_modules: {e}") from None
+
+
+def policy_with_reference(s: Any):
+    """A stage's model with a fresh LoRA adapter and dropout off: the same weights with the adapter disabled are the
+    reference, equal to the policy at step 0 (dpo, kto). `s`: the stage's Setup (data.packing probed first)."""
+    base = load_model(s.source, s.dtype, s.device, s.cfg.model)
+    if s.cfg.data.packing:
+        check_packing(base)
+    model = add_lora(base, s.cfg.lora, s.cfg.train.gradient_checkpointing, s.chat.added_ids)
+    disable_dropout(model)
+    return model
 
 
 def grow_embeddings(model, new_tokens: list[int]) -> dict[str, list[int]]:

@@ -60,7 +60,7 @@ def stage_configs(model: Path, runs: Path, device: str, steps: int) -> dict[str,
     common = {"device": device, "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "seed": 0,
               "train": {"batch_size": 8, "max_steps": steps, "learning_rate": 1e-4, "save_every": 1000,
                         "log_every": 1}}
-    return {
+    configs = {
         "sft": {**common, "model": {"name": str(model)}, "output_dir": str(runs / "sft"),
                 "data": {"train": str(DEMO / "sft_train.jsonl"), "max_length": 384}},
         "reward": {**common, "model": {"name": str(runs / "sft")}, "output_dir": str(runs / "reward"),
@@ -82,12 +82,9 @@ def stage_configs(model: Path, runs: Path, device: str, steps: int) -> dict[str,
         "sft-nf4": {**common, "model": {"name": str(model), "quantization": "nf4"}, "output_dir": str(runs / "sft-nf4"),
                     "data": {"train": str(DEMO / "sft_train.jsonl"), "max_length": 384}},
     }
-
-
-def qlora_configs(configs: dict[str, dict], runs: Path) -> dict[str, dict]:
-    grpo = configs["grpo"]
-    return {"grpo-nf4": {**grpo, "model": {"name": str(runs / "sft-nf4"), "quantization": "nf4"},
-                         "output_dir": str(runs / "grpo-nf4")}}
+    configs["grpo-nf4"] = {**configs["grpo"], "model": {"name": str(runs / "sft-nf4"), "quantization": "nf4"},
+                           "output_dir": str(runs / "grpo-nf4")}
+    return configs
 
 
 def measure(name: str, fn) -> dict:
@@ -128,7 +125,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="llmft-gpu-check-"))
     rows = [measure("build model", lambda: str(build_model(args.size, work / "model")))]
     configs = stage_configs(work / "model", work / "runs", args.device, args.steps)
-    configs |= qlora_configs(configs, work / "runs")
     for name, module in (("sft", sft), ("reward", reward), ("dpo", dpo), ("ppo", ppo), ("grpo", grpo),
                          ("sft-nf4", sft), ("grpo-nf4", grpo)):
         (work / f"{name}.yaml").write_text(yaml.safe_dump(configs[name]))

@@ -23,7 +23,7 @@ from llmft.config import DPOConfig
 from llmft.logprobs import pair_logps, sequence_logps
 from llmft.loop import Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import REFERENCE_FREE, preference_loss, with_chosen_nll
-from llmft.modeling import add_lora, check_packing, disable_dropout, load_model, resolve_model
+from llmft.modeling import policy_with_reference, resolve_model
 from llmft.pairpack import can_pack_pairs
 from llmft.training import autocast, console, plan_for, require_dropout_off
 
@@ -64,12 +64,7 @@ def run(cfg: DPOConfig, dry_run: bool = False) -> dict | None:
 
 
 def build_model(s: Setup):
-    base = load_model(s.source, s.dtype, s.device, s.cfg.model)
-    if s.cfg.data.packing:
-        check_packing(base)
-    model = add_lora(base, s.cfg.lora, s.cfg.train.gradient_checkpointing, s.chat.added_ids)
-    disable_dropout(model)
-    return model
+    return policy_with_reference(s)
 
 
 def stage(s: Setup, model) -> Stage:
