@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -242,6 +243,8 @@ def main() -> None:
     except LlmftError as e:
         if os.environ.get("RANK", "0") == "0":  # under a launcher every process meets the same error: say it once
             say_error(str(e))
+        else:  # and the others leave after rank 0: a launcher stops every process when the first one exits
+            time.sleep(10)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: rerun with resume: auto to continue from the last checkpoint")
