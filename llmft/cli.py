@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmft import __version__
+from llmft.annotate.commands import app as annotate_app
 from llmft.errors import LlmftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -177,6 +178,9 @@ def export(
     if record.get("score_offset"):
         err.print(f"[yellow]note:[/] the reward head's bias {record['score_offset']:.4g} has no place in "
                   f"transformers' score layer: exported scores are lower by it (pairwise comparisons unchanged)")
+
+
+app.add_typer(annotate_app, name="annotate")
 
 
 @app.command()

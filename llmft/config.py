@@ -233,8 +233,8 @@ class RewardSourcesConfig:
                                   "weights it shares them; else it is loaded on its own.")
     model_weight: float = opt(1.0, "Weight of the reward model's score in the total score.")
     judges: dict[str, float] = opt({}, "Program judges and their weights, added to the score: constraints, "
-                                       "bleu, rouge_l, or module:function taking (prompts, responses, rows).")
-    reference_column: str = opt("completion", "Column with the reference text for bleu and rouge_l.")
+                                       "bleu, rouge_l, meteor, or module:function taking (prompts, responses, rows).")
+    reference_column: str = opt("completion", "Column with the reference text for bleu, rouge_l and meteor.")
     missing_eos_penalty: float = opt(1.0, "Subtracted from the score of a response that never reaches a stop token "
                                           "(EOS or the chat template's turn end).", ge=0)
     normalize: bool = opt(False, "Normalise scores by the running mean and std of every score seen so far.")
@@ -351,12 +351,12 @@ class EvalConfig:
                                     "(required with models).")
     reference: str | None = opt(None, "Model to measure the KL against (mean summed log-ratio of the "
                                       "responses); null = no KL.")
-    judges: list[str] = opt(["constraints"], "Judges: constraints, bleu, rouge_l, or module:function taking "
+    judges: list[str] = opt(["constraints"], "Judges: constraints, bleu, rouge_l, meteor, or module:function taking "
                                              "(prompts, responses, rows) and returning one score per response.")
     reward_model: str | None = opt(None, "A reward model (llmft reward output): every policy's responses get its "
                                          "score (judge 'reward': mean and win rates).")
     preferences: str | None = opt(None, "Preference pairs to report the reward model's pairwise accuracy on.")
-    reference_column: str = opt("completion", "Column with the reference text for bleu and rouge_l.")
+    reference_column: str = opt("completion", "Column with the reference text for bleu, rouge_l and meteor.")
     limit: int | None = opt(None, "Only the first N prompts.", ge=1)
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "Generation."})
     out: str | None = opt(None, "Write the JSON report (metrics, win rates, every response) here.")

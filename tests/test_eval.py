@@ -69,18 +69,19 @@ def test_eval_reports_every_figure_and_kl_zero_against_itself(capsys, monkeypatc
     out = tmp_path / "report.json"
     code, _, err = llmft(capsys, monkeypatch, "eval", "--model", tiny_model_dir, "--compare", tmp_path / "run",
                          "--prompts", prompts_file, "--reference", tiny_model_dir, "--out", out,
-                         "--set", "judges=[constraints, bleu, rouge_l]", "--set", "sampling.max_new_tokens=6")
+                         "--set", "judges=[constraints, bleu, rouge_l, meteor]", "--set", "sampling.max_new_tokens=6")
     assert code == 0, err
     report = json.loads(out.read_text())
     base, tuned = report["models"][str(tiny_model_dir)], report["models"][str(tmp_path / "run")]
     for m in (base, tuned):
-        assert {"constraints/pass_rate", "constraints/score", "bleu", "rouge_l", "kl_to_reference", "length",
-                "eos_share"} <= set(m)
+        assert {"constraints/pass_rate", "constraints/score", "bleu", "rouge_l", "meteor", "kl_to_reference",
+                "length", "eos_share"} <= set(m)
         assert 0 <= m["constraints/pass_rate"] <= m["constraints/score"] <= 1 and 0 < m["length"] <= 6
     assert base["kl_to_reference"] == 0.0  # the reference scoring its own responses
     assert tuned["kl_to_reference"] != 0.0
     rates = report["win_rates"][f"{tmp_path / 'run'} vs {tiny_model_dir}"]
-    assert set(rates) == {"constraints", "bleu", "rouge_l"} and all(0 <= r <= 1 for r in rates.values())
+    assert set(rates) == {"constraints", "bleu", "rouge_l", "meteor"} and all(0 <= r <= 1 for r in rates.values())
+    assert report["meteor_matches"].startswith("exact, stem")
     assert len(report["samples"][str(tiny_model_dir)]) == 3
     for name, m in report["models"].items():  # passed = every constraint met = constraints score 1.0
         samples = report["samples"][name]

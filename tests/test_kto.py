@@ -126,3 +126,42 @@ def test_resume_equals_uninterrupted(kto_config, monkeypatch, tmp_path):
 
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
     assert json.loads((tmp_path / "full" / "llmft.json").read_text())["stage"] == "kto"
+
+
+def test_trl_kto_trainer_computes_the_same_loss_from_the_same_log_probs():
+    # TRL's KTOTrainer computes its loss inline, after its model's forward: its _compute_loss is run here with a model
+    # that returns given per-token log-probs, and the reference's from precomputed columns, as TRL's own
+    # precompute_ref_log_probs does. llmft's losses on the same numbers must agree, the reference point included.
+    trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
+    from collections import defaultdict
+    from types import MethodType, SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    B, L, beta, w_d, w_u = 4, 6, 0.1, 1.0, 1.33
+    completion = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
+    kl_completion = completion.roll(1, 0)
+    label = torch.tensor([True, False, True, False])
+    token_logps = -torch.rand(B, L - 1, generator=g) * 3 * completion[:, 1:]  # 0 where TRL's labels are -100
+    kl_token_logps = -torch.rand(B, L - 1, generator=g) * 3 * kl_completion[:, 1:]
+    ref_logps, ref_kl_logps = token_logps.sum(-1) + torch.tensor([0.5, -1.0, 2.0, 0.3]), kl_token_logps.sum(-1) - 0.4
+    batch = {"input_ids": torch.arange(B * L).view(B, L), "attention_mask": torch.ones(B, L, dtype=torch.long),
+             "completion_mask": completion, "KL_input_ids": 100 + torch.arange(B * L).view(B, L),
+             "KL_attention_mask": torch.ones(B, L, dtype=torch.long), "KL_completion_mask": kl_completion,
+             "label": label, "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps}
+
+    def fake_model(input_ids, labels, **kwargs):
+        logps = kl_token_logps if input_ids[0, 0] >= 100 else token_logps
+        return SimpleNamespace(log_probs=logps, entropy=torch.zeros_like(logps), mean_logits=torch.zeros_like(logps))
+
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x),
+        loss_type="kto", beta=beta, desirable_weight=w_d, undesirable_weight=w_u, precompute_ref_logps=True,
+        calculate_KL=True, aux_loss_enabled=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0,
+        _tp_size=1)
+    trainer._compute_kl_logps = MethodType(trl_kto.KTOTrainer._compute_kl_logps, trainer)
+    trl_loss = trl_kto.KTOTrainer._compute_loss(trainer, fake_model, batch, False)
+
+    z0 = kto_reference_point((kl_token_logps.sum(-1) - ref_kl_logps).sum(), B)
+    losses = kto_loss(token_logps.sum(-1) - ref_logps, z0, label, beta, w_d, w_u)
+    assert float(z0) > 0 and trainer._metrics["train"]["kl"] == [pytest.approx(float(z0))]
+    torch.testing.assert_close(losses.mean(), trl_loss)

@@ -2,7 +2,7 @@
 
 A judge takes (prompts, responses, rows) — the prompt texts, the response texts and the data rows they came
 from — and returns one finite score per response. `make_judge` builds one by name for `llmft eval` and for
-PPO's reward: constraints, bleu, rouge_l, or a user's `module:function`.
+PPO's reward: constraints, bleu, rouge_l, meteor, or a user's `module:function`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from llmft.data import Record
 from llmft.errors import ConfigError, DataError
 
 Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, responses, rows) → scores
-NAMES = ("constraints", "bleu", "rouge_l")
+NAMES = ("constraints", "bleu", "rouge_l", "meteor")
 
 
 def make_judge(name: str, records: list[Record], reference_column: str = "completion") -> Judge:
@@ -31,16 +31,24 @@ def make_judge(name: str, records: list[Record], reference_column: str = "comple
             constraints.validate(r.row["constraints"], r.where)
         return lambda prompts, responses, rows: [constraints.Verdict(constraints.check(row["constraints"], resp)).score
                                                  for resp, row in zip(responses, rows, strict=True)]
-    if name in ("bleu", "rouge_l"):
+    if name in ("bleu", "rouge_l", "meteor"):
         col = reference_column
         for r in records:
             if not isinstance(r.row.get(col), str):
                 raise DataError(f"{r.where}: the {name} judge needs a text column '{col}' (reference_column)")
-        fn = text.bleu if name == "bleu" else text.rouge_l
+        fn = meteor_fn() if name == "meteor" else text.bleu if name == "bleu" else text.rouge_l
         return lambda prompts, responses, rows: [fn(resp, row[col]) for resp, row in zip(responses, rows, strict=True)]
     if ":" in name:
         return user_judge(name)
     raise ConfigError(f"unknown judge '{name}' ({', '.join(NAMES)}, reward, or module:function)")
+
+
+def meteor_fn() -> Callable[[str, str], float]:
+    """METEOR with its matching stages built once (nltk's stemmer; WordNet synonyms when installed)."""
+    from llmft.judges.meteor import default_stages, meteor
+
+    stages = default_stages()
+    return lambda candidate, reference: meteor(candidate, reference, stages)
 
 
 def import_from_here(module: str):
