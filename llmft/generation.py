@@ -160,11 +160,11 @@ class TokenDraw:
         return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
 
     def draw(self, logp: torch.Tensor) -> torch.Tensor:
-        if self.generator is None:  # one stream per call of generate, on the scores' device
-            self.generator = torch.Generator(logp.device).manual_seed(self.seed)
+        if self.generator is None:  # one stream per call of generate, on the host: the same uniforms on any device
+            self.generator = torch.Generator().manual_seed(self.seed)
         cdf = logp.exp().cumsum(-1)  # [B, V], non-decreasing
         total = cdf[:, -1:]
-        u = torch.rand(total.shape, generator=self.generator, device=logp.device) * total
+        u = torch.rand(total.shape, generator=self.generator).to(logp.device) * total  # B numbers cross
         u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: some cdf exceeds it
         return torch.searchsorted(cdf, u, right=True)  # the first token whose cdf exceeds u: its probability > 0
 

@@ -1,6 +1,6 @@
 """`scripts/bench.py kto`: llmft kto against trl.KTOTrainer, side by side, --runs times each (alternating).
 
-    python scripts/bench.py kto [--batch-size 8 --grad-accum 2 --steps 4 --max-length 384 --runs 3]
+    python scripts/bench.py kto [--batch-size 8 --grad-accum 2 --steps 4 --max-length 384 --runs 3] [--packing]
 
 Same model, answers, order of magnitude of lengths, LoRA, β and batch: the demo's on-policy pairs
 (data/demo/onpolicy_train.jsonl), those whose prompt + answers fit --max-length on both sides, each split into a
@@ -8,6 +8,7 @@ desirable and an undesirable row, interleaved, written once as {prompt, completi
 read. TRL runs as shipped for KTO (sequential order, each row's KL completion the previous row's; the parent
 cannot make the steps hold the same rows, so compare rates, not losses); llmft shuffles. Both sides: the reference
 is the adapter disabled, run every step; z0 from mismatched answers of the step; fp32; denormals flushed.
+--packing runs llmft with data.packing: true (each micro-batch padding-free), as configs/kto.yaml; TRL as shipped.
 scripts/bench_trl_kto.py has TRL's settings.
 """
 
@@ -17,7 +18,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench import PAIR_KEYS, ROOT, add_common, bench, llmft_result, run_llmft, run_trl, write_pairs
+from bench import PAIR_KEYS, ROOT, add_common, add_packing, bench, llmft_result, run_llmft, run_trl, write_pairs
 
 
 def add_parser(stages) -> None:
@@ -26,6 +27,7 @@ def add_parser(stages) -> None:
                data_help="{prompt, chosen, rejected} JSONL (string answers), split into labelled rows")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--runs", type=int, default=3, help="runs of each side, alternating")
+    add_packing(p)
     p.set_defaults(func=cmd_kto, max_length=384, batch_size=8, grad_accum=2, steps=4, warmup_steps=1, lr=5e-4)
 
 
