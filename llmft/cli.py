@@ -105,6 +105,8 @@ def generate(
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, help="Top-k sampling; 0 = off."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    draw: str = typer.Option("inverse_cdf", help="inverse_cdf (llmft's draw) or multinomial (as transformers "
+                                                 "samples)."),
     batch_size: int = typer.Option(16, help="Prompts per generation batch."),
     limit: int | None = typer.Option(None, help="Only the first N prompts."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -117,7 +119,7 @@ def generate(
     from llmft.schema import build
 
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-                "seed": seed, "batch_size": batch_size}
+                "seed": seed, "batch_size": batch_size, "draw": draw}
     raw = {"model": model, "prompts": str(prompts), "out": str(out) if out else None, "limit": limit,
            "sampling": sampling, "device": device, "dtype": dtype}
     run_generate(build(GenerateConfig, raw, "llmft generate"))

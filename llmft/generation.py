@@ -75,7 +75,9 @@ def generate(model, chat: Chat, prompts: list[list[int]], sampling: SamplingConf
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
-    draw = TokenDraw(sampling.seed, sampling.temperature > 0, logprobs)
+    draw = TokenDraw(sampling.seed, sampling.temperature > 0, logprobs, sampling.draw)
+    if sampling.draw == "multinomial":
+        torch.manual_seed(sampling.seed)  # transformers' sampling draws from the global generator
     results: dict[int, Generation] = {}
     with neutral_generation_config(unwrap(model), chat):
         for start in range(0, len(order), sampling.batch_size):
@@ -144,15 +146,22 @@ class TokenDraw:
     token of probability 0 — and returns scores in which the drawn token alone is finite, so that transformers'
     greedy step takes it. (torch.multinomial, which transformers' sampling calls, draws an exponential variate
     for every token of the vocabulary: 40 times slower for 16 rows of 49,152 tokens on a CPU.) With `record`, it
-    keeps the log-prob of each drawn token (greedy: of the argmax) under that distribution, the sampler's own."""
+    keeps the log-prob of each drawn token (greedy: of the argmax) under that distribution, the sampler's own.
+    `method="multinomial"` draws as transformers does instead (torch.multinomial on softmax(scores), the global
+    generator), to reproduce samples made that way."""
 
-    def __init__(self, seed: int, sample: bool, record: bool):
-        self.seed, self.sample, self.record = seed, sample, record
+    def __init__(self, seed: int, sample: bool, record: bool, method: str = "inverse_cdf"):
+        self.seed, self.sample, self.record, self.method = seed, sample, record, method
         self.generator, self.drawn = None, []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(scores.float(), dim=-1)  # [B, V]
-        token = self.draw(logp) if self.sample else scores.argmax(-1, keepdim=True)  # [B, 1], greedy's own pick
+        if not self.sample:
+            token = scores.argmax(-1, keepdim=True)  # [B, 1], greedy's own pick
+        elif self.method == "multinomial":
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+        else:
+            token = self.draw(logp)
         if self.record:
             self.drawn.append(logp.gather(-1, token).squeeze(-1))
         if not self.sample:

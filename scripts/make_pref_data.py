@@ -125,7 +125,8 @@ def main():
     source = resolve_source(args.model)
     chat = load_chat(source)
     model = load_model(source, torch.float32, torch.device("cpu"), ModelConfig(name=args.model))
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              draw="multinomial")  # as the shipped files were sampled
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for offset, split in enumerate(("train", "eval")):

@@ -152,3 +152,19 @@ def test_the_token_draw_is_seeded_and_greedy_keeps_the_scores():
     greedy = TokenDraw(0, False, True)
     assert greedy(None, scores) is scores
     assert torch.allclose(greedy.result()[:, 0], scores.log_softmax(-1).max(-1).values)
+
+
+def test_the_multinomial_draw_reproduces_transformers_sampling(model, chat):
+    # draw: multinomial samples exactly as transformers' own do_sample does from the same seed (so data sampled
+    # that way, like the demo's preference files, regenerates byte for byte)
+    ids = prompts(chat, ["hello", "the sea"])
+    ours = generate(model, chat, ids, SamplingConfig(max_new_tokens=10, temperature=0.8, seed=5, draw="multinomial"))
+    torch.manual_seed(5)
+    from llmft.data import Example, collate
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batch = collate([Example(ids[i], ids[i]) for i in order], chat.pad_id, side="left")
+    out = model.generate(**batch, do_sample=True, temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=10,
+                         pad_token_id=chat.pad_id, eos_token_id=chat.generation_ids()["eos_token_id"])
+    theirs = {i: chat.cut(out[row, batch["input_ids"].shape[1]:].tolist())[0] for row, i in enumerate(order)}
+    assert [g.response_ids for g in ours] == [theirs[i] for i in range(len(ids))]
