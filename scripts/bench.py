@@ -1,8 +1,9 @@
-"""Benchmark llmft against TRL, one subcommand per post-training stage (`sft`, `reward`, `dpo`).
+"""Benchmark llmft against TRL, one subcommand per post-training stage (`sft`, `reward`, `dpo`, `kto`, `grpo`).
 
     python scripts/bench.py sft [--batch-size 8 --grad-accum 1 --steps 6 ...]      # needs `pip install trl`
     python scripts/bench.py reward [--batch-size 4 --max-length 384 --steps 4 ...]
     python scripts/bench.py dpo [--batch-size 4 --max-length 384 --steps 4 --beta 0.1 ...]
+    python scripts/bench.py kto [--batch-size 8 --grad-accum 2 --max-length 384 --runs 3 --packing ...]
     python scripts/bench.py ppo [--batch-size 8 --max-new-tokens 64 --steps 3 ...]
     python scripts/bench.py grpo [--batch-size 8 --grad-accum 2 --num-generations 8 --max-new-tokens 64 ...]
 
@@ -13,7 +14,8 @@ reward: the same for trl.RewardTrainer (--no-trl-flush: as shipped only) vs `llm
 pairs both sides keep. dpo: trl.DPOTrainer vs `llmft dpo` likewise, plus TRL fed pre-rendered prompts
 (--no-trl-rendered: not), whose tokens are exactly llmft's; the first batch's logps/* are compared.
 ppo (scripts/bench_ppo.py): llmft ppo alone, its peak memory against llmft sft's. grpo (scripts/bench_grpo.py):
-llmft grpo vs trl.GRPOTrainer, --runs times each, alternating. See docs/benchmarks.md.
+llmft grpo vs trl.GRPOTrainer, --runs times each, alternating; kto (scripts/bench_kto.py): llmft kto vs
+trl.KTOTrainer likewise. See docs/benchmarks.md.
 """
 
 from __future__ import annotations

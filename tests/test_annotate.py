@@ -59,12 +59,13 @@ def test_malformed_candidates_name_the_line(tmp_path):
 
 def test_judgements_are_appended_at_once_and_a_restart_continues(items, tmp_path):
     path = tmp_path / "ann.jsonl"
-    store = Store(path, items)
+    store = Store(path, items, writable=True)
     store.append("ann", "a", "rate", {"candidate": 0, "rating": 5})
     line = json.loads(path.read_text().splitlines()[0])  # on disk before append returns
     assert line["schema"] == 1 and line["candidates"] == items.fingerprint and line["shown"] == shown_order("ann",
                                                                                                          items.items[0])
     store.append("ann", "a", "done", {})
+    store.close()
     again = Store(path, items)  # a restart: the person continues at item b
     assert again.finished("ann") == {"a"} and again.finished("bob") == set()
     assert sorted(shown_order("ann", items.items[0])) == [0, 1, 2]
@@ -73,15 +74,34 @@ def test_judgements_are_appended_at_once_and_a_restart_continues(items, tmp_path
 
 def test_a_revision_replaces_and_a_torn_last_line_is_dropped(items, tmp_path):
     path = tmp_path / "ann.jsonl"
-    store = Store(path, items)
+    store = Store(path, items, writable=True)
     store.append("ann", "a", "rate", {"candidate": 0, "rating": 2})
     store.append("ann", "a", "rate", {"candidate": 0, "rating": 4})
+    store.close()
     with open(path, "a") as f:
         f.write('{"schema": 1, "candidates": "')  # killed mid-write: never confirmed to the page
-    again = Store(path, items)
-    assert [j.line["rating"] for j in again.current()] == [4]
+    torn = path.read_text()
+    reader = Store(path, items)  # export / report: skips it, changes nothing (it may be a line being written)
+    assert [j.line["rating"] for j in reader.current()] == [4] and path.read_text() == torn
+    again = Store(path, items, writable=True)  # the server, restarted: drops it
     again.append("ann", "a", "rate", {"candidate": 1, "rating": 1})
     assert len(path.read_text().splitlines()) == 3 and all(json.loads(x) for x in path.read_text().splitlines())
+    with pytest.raises(DataError, match="being written by another"):
+        Store(path, items, writable=True)  # one writer per file
+    again.close()
+
+
+def test_a_last_line_without_its_newline_is_kept_and_closed(items, tmp_path):
+    path = tmp_path / "ann.jsonl"
+    store = Store(path, items, writable=True)
+    store.append("ann", "a", "rate", {"candidate": 0, "rating": 2})
+    store.close()
+    path.write_text(path.read_text().rstrip("\n"))  # whole, but for its newline
+    again = Store(path, items, writable=True)
+    again.append("ann", "a", "rate", {"candidate": 1, "rating": 5})
+    assert [j.where.rsplit(":", 1)[1] for j in again.judgements] == ["1", "2"]
+    assert [json.loads(x)["rating"] for x in path.read_text().splitlines()] == [2, 5]
+    again.close()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -90,10 +110,14 @@ def test_a_revision_replaces_and_a_torn_last_line_is_dropped(items, tmp_path):
     (lambda ln: ln | {"rating": 9}, "'rating' must be a whole number 1-5"),
     (lambda ln: ln | {"schema": 7}, "annotation schema 7"),
     (lambda ln: {"item": "a"}, "an annotation needs schema"),
+    (lambda ln: ln | {"shown": []}, "'shown' must list each of the 3 candidates"),
+    (lambda ln: ln | {"candidate": True}, "'candidate' must be a candidate index"),
 ])
 def test_bad_annotation_lines_name_file_and_line(items, tmp_path, change, message):
     path = tmp_path / "ann.jsonl"
-    Store(path, items).append("ann", "a", "rate", {"candidate": 0, "rating": 3})
+    writer = Store(path, items, writable=True)
+    writer.append("ann", "a", "rate", {"candidate": 0, "rating": 3})
+    writer.close()
     good = json.loads(path.read_text())
     path.write_text(json.dumps(good) + "\n" + json.dumps(change(good)) + "\n")
     with pytest.raises(DataError, match=rf"ann.jsonl:2: {message}"):
@@ -102,13 +126,17 @@ def test_bad_annotation_lines_name_file_and_line(items, tmp_path, change, messag
 
 def test_a_duplicate_judgement_and_bad_judgements_are_refused(items, tmp_path):
     path = tmp_path / "ann.jsonl"
-    Store(path, items).append("ann", "a", "pick", {"best": 1, "worst": 2})
+    writer = Store(path, items, writable=True)
+    writer.append("ann", "a", "pick", {"best": 1, "worst": 2})
+    writer.close()
     path.write_text(path.read_text() * 2)  # the same file appended twice
     with pytest.raises(DataError, match=r"ann.jsonl:2: duplicate judgement \(the same as .*ann.jsonl:1\)"):
         Store(path, items)
-    store = Store(tmp_path / "other.jsonl", items)
+    store = Store(tmp_path / "other.jsonl", items, writable=True)
     for action, fields, message in [("pick", {"best": 1, "worst": 1}, "must differ"),
                                     ("rank", {"order": [0, 0, 1]}, "each of the 3 candidates once"),
+                                    ("rank", {"order": 5}, "each of the 3 candidates once"),
+                                    ("rate", {"candidate": 0, "rating": True}, "whole number 1-5"),
                                     ("edit", {"candidate": 0, "text": " Blue. "}, "leaves the answer as it was"),
                                     ("compare", {"winner": 0}, "exactly 2 candidates"),
                                     ("frown", {}, "unknown action")]:
@@ -120,7 +148,7 @@ def test_a_duplicate_judgement_and_bad_judgements_are_refused(items, tmp_path):
 def judged(items, tmp_path):
     """Two people on item a (shown order aside): ann ranks 1 > 0 > 2 and rates 0: 2, 1: 5; bob picks best 1, worst 0
     and rates 0: 4, 1: 4, 2: 1; ann edits answer 2 of item a; on item b ann rates 0: 5, 1: 1."""
-    store = Store(tmp_path / "ann.jsonl", items)
+    store = Store(tmp_path / "ann.jsonl", items, writable=True)
     for who, item, action, fields in [
         ("ann", "a", "rank", {"order": [1, 0, 2]}), ("ann", "a", "rate", {"candidate": 0, "rating": 2}),
         ("ann", "a", "rate", {"candidate": 1, "rating": 5}), ("bob", "a", "pick", {"best": 1, "worst": 0}),
@@ -129,6 +157,7 @@ def judged(items, tmp_path):
         ("ann", "b", "rate", {"candidate": 0, "rating": 5}), ("ann", "b", "rate", {"candidate": 1, "rating": 1}),
     ]:
         store.append(who, item, action, fields)
+    store.close()
     return store
 
 
@@ -171,30 +200,34 @@ def test_blind_comparisons_give_win_rates(tmp_path):
     pairs = [{"id": str(i), "prompt": f"p{i}", "candidates": [{"text": f"a{i}", "sources": ["sft"]},
                                                                 {"text": f"b{i}", "sources": ["dpo"]}]}
              for i in range(4)]
+    pairs[3]["candidates"].reverse()  # the models on the other sides in one item: the same comparison
     items = read_items(write_jsonl(tmp_path / "c.jsonl", pairs))
-    store = Store(tmp_path / "ann.jsonl", items)
-    for i, winner in enumerate([1, 1, 0, None]):
+    store = Store(tmp_path / "ann.jsonl", items, writable=True)
+    for i, winner in enumerate([1, 1, 0, 0]):  # item 3: candidate 0 is dpo's answer
         store.append("ann", str(i), "compare", {"winner": winner})
+    store.append("bob", "0", "compare", {"winner": None})
+    assert list(X.win_rates(store)) == ["dpo vs sft"]
     rate = X.win_rates(store)["dpo vs sft"]
-    assert (rate["wins"], rate["losses"], rate["ties"], rate["win_rate"]) == (2, 1, 1, 0.625)
-    assert rate["ci95"] == pytest.approx(X.wilson(0.625, 4))
+    assert (rate["wins"], rate["losses"], rate["ties"], rate["win_rate"]) == (3, 1, 1, 0.7)
+    assert rate["ci95"] == pytest.approx(X.wilson(0.7, 5))
 
 
 # --------------------------------------------------------------------------------------------- the server
 @pytest.fixture
 def served(items, tmp_path):
     def start(mode="feedback", token=None, loopback=True, data=items):
-        store = Store(tmp_path / f"ann-{len(started)}.jsonl", data)
+        store = Store(tmp_path / f"ann-{len(started)}.jsonl", data, writable=True)
         server = make_server(App(data, store, mode, token, "ann", loopback), "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        started.append(server)
+        started.append((server, store))
         return f"http://127.0.0.1:{server.server_address[1]}", store
 
     started = []
     yield start
-    for s in started:
-        s.shutdown()
-        s.server_close()
+    for server, store in started:
+        server.shutdown()
+        server.server_close()
+        store.close()
 
 
 def call(url, body=None, headers=None, ctype="application/json"):
@@ -302,9 +335,23 @@ def test_label_studio_pairwise_export_imports_and_exports(tmp_path, capsys, monk
     minimal = tmp_path / "min.json"  # JSON-MIN: one row per annotation
     minimal.write_text(json.dumps([{"id": 17, "prompt": "Say hi.", "answer1": "Hi!", "answer2": "Yo.",
                                     "comparison": [{"selected": "left"}], "annotator": 3}]))
+    minimal.write_text(json.dumps([  # JSON-MIN: one row per annotation, grouped back into one item per task
+        {"id": 17, "prompt": "Say hi.", "answer1": "Hi!", "answer2": "Yo.", "comparison": [{"selected": "left"}],
+         "annotator": 3, "annotation_id": 1},
+        {"id": 17, "prompt": "Say hi.", "answer1": "Hi!", "answer2": "Yo.", "comparison": [{"selected": "left"}],
+         "annotation_id": 2}]))  # no annotator: a person of its own
     code, _, err = llmft(capsys, monkeypatch, "annotate", "import", minimal, "--from", "label-studio",
                          "--candidates", tmp_path / "m.jsonl")
     assert code == 0, err
+    store = Store(tmp_path / "m.annotations.jsonl", read_items(tmp_path / "m.jsonl"))
+    assert len(store.items) == 1 and store.annotators() == ["label-studio:3", "label-studio:unknown-2"]
+    bad = tmp_path / "bad.json"  # three answers cannot be a blind comparison: nothing is written
+    bad.write_text(json.dumps([{"id": 1, "data": {"prompt": "p", "a": "x", "b": "y", "c": "z"},
+                                "annotations": [{"result": [{"type": "pairwise", "value": {"selected": "left"}}]}]}]))
+    code, _, err = llmft(capsys, monkeypatch, "annotate", "import", bad, "--from", "label-studio", "--fields",
+                         "prompt,a,b,c", "--candidates", tmp_path / "b.jsonl")
+    assert_one_line_error(code, err, "bad.json row 0: a blind comparison needs items of exactly 2 candidates")
+    assert not list(tmp_path.glob("b.*")) and not list(tmp_path.glob(".importing-*"))
 
 
 def test_argilla_rows_import_in_both_layouts(tmp_path):
@@ -327,13 +374,39 @@ def test_argilla_rows_import_in_both_layouts(tmp_path):
     src = write_jsonl(tmp_path / "argilla.jsonl", [v2, v1])
     found = imports.argilla(str(src), "prompt", ["response1", "response2"], "ranking", {"rating": "response1"},
                             {"corrected": "response2"})
-    assert found[0][1] == [("argilla:u1", "rank", {"order": [1, 0]}),
+    found_without_where = [[j[:3] for j in judgements] for _, judgements in found]
+    assert found[0][1][0][3].endswith("argilla.jsonl:1")  # where each came from, for error messages
+    assert found_without_where[0] == [("argilla:u1", "rank", {"order": [1, 0]}),
                            ("argilla:u1", "rate", {"candidate": 0, "rating": 4}),
                            ("argilla:u1", "edit", {"candidate": 1, "text": "better b"})]
-    assert found[1][1] == [("argilla:u1", "tie", {}), ("argilla:u2", "rank", {"order": [1, 0]}),
+    assert found_without_where[1] == [("argilla:u1", "tie", {}), ("argilla:u2", "rank", {"order": [1, 0]}),
                            ("argilla:u1", "rate", {"candidate": 0, "rating": 5})]
     store = imports.write(found, tmp_path / "c.jsonl", tmp_path / "a.jsonl")
     assert store.finished("argilla:u1") == {"rec-0", "rec-1"}
     with pytest.raises(DataError, match=r"argilla.jsonl:1: rating: ratings are whole numbers 1-5, got 9"):
         write_jsonl(src, [v2 | {"rating.responses": [9, 2]}])
         imports.argilla(str(src), "prompt", ["response1", "response2"], None, {"rating": "response1"}, {})
+
+
+def test_cycles_identical_answers_and_taking_back(tmp_path):
+    rows = [{"id": "c", "prompt": "p", "candidates": ["A", "B", "C", "D"]},
+            {"id": "same", "prompt": "q", "candidates": ["Same.", "Same. ", "Other."]}]
+    items = read_items(write_jsonl(tmp_path / "c.jsonl", rows))
+    store = Store(tmp_path / "ann.jsonl", items, writable=True)
+    # a cycle A ≻ B ≻ C ≻ A (one person each), with D below all: no strict order, so no ranked row
+    for who, order in [("p1", [0, 1, 2, 3]), ("p2", [1, 2, 0, 3]), ("p3", [2, 0, 1, 3])]:
+        store.append(who, "c", "rank", {"order": order})
+    store.append("p1", "same", "rate", {"candidate": 0, "rating": 5})
+    store.append("p1", "same", "rate", {"candidate": 1, "rating": 1})
+    found = X.verdicts(store)
+    assert X.rows_for("ranked", found) == []
+    pairs = X.rows_for("dpo", found, pairs="all")
+    assert ("Same.", "Same. ") not in [(r["chosen"], r["rejected"]) for r in pairs]  # the same text: no pair
+    store.append("p1", "c", "tie", {})  # p1 takes the ranking back: A ≻ B and C ≻ A stand (p2, p3), B ≻ C too
+    store.append("p1", "same", "skip", {})  # ... and the ratings of the other item
+    found = {v.item.id: v for v in X.verdicts(store)}
+    assert found["c"].prefer(0, 1, 1.0) is None and found["c"].prefer(2, 0, 1.0) == (2, 0, None)
+    assert "same" not in found
+    with pytest.raises(ConfigError, match="--min-gap must be > 0"):
+        X.rows_for("dpo", list(found.values()), min_gap=0)
+    store.close()

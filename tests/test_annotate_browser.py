@@ -154,7 +154,7 @@ def test_the_feedback_loop_end_to_end_in_a_browser(browser, tiny_model_dir, tmp_
         assert browser.find_element("id", "title").text == f"Item {n} of 20"
         annotate_item(browser, ann, n)
     server.kill()  # mid-session: every judgement made so far is on disk
-    saved = lines(ann)
+    saved, before_kill = lines(ann), ann.read_text().splitlines()
     server.start()
     browser.get(server.url)  # the page reopened: it continues where alice stopped
     assert browser.find_element("id", "progress").text == "8 / 20 done"
@@ -171,7 +171,9 @@ def test_the_feedback_loop_end_to_end_in_a_browser(browser, tiny_model_dir, tmp_
         assert code == 0, err
     judgements = [json.loads(x) for x in ann.read_text().splitlines()]
     assert {j["action"] for j in judgements} == {"rate", "pick", "rank", "edit", "tie", "skip", "done"}
-    assert len(judgements) == saved + sum(1 for j in judgements[saved:])  # nothing lost or repeated
+    assert ann.read_text().splitlines()[:saved] == before_kill  # what was on disk at the kill is there, unchanged
+    finished = {j["item"] for j in judgements if j["action"] in ("done", "tie", "skip")}
+    assert len(finished) == 20 and len({(j["item"], j["time"]) for j in judgements}) == len(judgements)
     pairs = [json.loads(x) for x in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     assert len(pairs) >= 15 and any(p["chosen"] == "A short, clear answer." for p in pairs)
     runs = {}

@@ -7,10 +7,12 @@ import builtins
 
 import pytest
 
-from llmft.data import Record
-from llmft.errors import ConfigError
-from llmft.judges import make_judge
-from llmft.judges import meteor as M
+pytest.importorskip("nltk", reason="the meteor judge needs nltk (pip install 'llmft[meteor]')")
+
+from llmft.data import Record  # noqa: E402
+from llmft.errors import ConfigError  # noqa: E402
+from llmft.judges import make_judge  # noqa: E402
+from llmft.judges import meteor as M  # noqa: E402
 
 
 def test_meteor_by_hand():
@@ -24,12 +26,18 @@ def test_meteor_by_hand():
 
 
 def test_stages_match_only_what_is_left_and_runs_are_kept_together():
-    exact = [M.exact]
+    exact = [M.EXACT]
     assert M.align("a b x a b".split(), "a b a b".split(), exact) == [(0, 0), (1, 1), (3, 2), (4, 3)]
     assert M.chunks([(0, 0), (1, 1), (3, 2), (4, 3)]) == 2  # x splits the candidate: "a b" | "a b"
     assert M.chunks([(0, 0), (1, 1), (2, 2), (3, 4)]) == 2 and M.chunks([(0, 3)]) == 1
-    # 'running' matches 'running' exactly, so the stem stage cannot give it to 'runs'
-    stages = [M.exact, lambda a, b: a[:3] == b[:3]]
+    # a repeated word joins the run it continues: "the dog" of the candidate matches "the dog" whole (1 chunk:
+    # P = 2/4, R = 1, F = 0.5 / 0.55, penalty 0.5 (1/2)^3) rather than the first "the" alone (2 chunks)
+    assert M.align("the cat the dog".split(), "the dog".split(), exact) == [(2, 0), (3, 1)]
+    assert M.meteor("the cat the dog", "the dog", exact) == pytest.approx(0.5 / 0.55 * (1 - 0.5 / 8))
+    # crossing matches still count: every equal pair is matched (m = 3), in 2 runs
+    assert M.align("c a b".split(), "a b c".split(), exact) == [(0, 2), (1, 0), (2, 1)]
+    # 'running' matches 'running' exactly, so the prefix stage cannot give it to 'runs'
+    stages = [M.EXACT, M.Stage(key=lambda w: w[:3])]
     assert M.align("running runs".split(), "running".split(), stages) == [(0, 0)]
 
 
@@ -80,7 +88,7 @@ def test_equals_nltk_meteor_score_without_synonyms(candidate, reference):
 
     theirs = nltk_meteor.meteor_score([reference.split()], candidate.split(), wordnet=NoWordNet())
     stemmer, _ = M.nltk_parts()
-    ours = M.meteor(candidate, reference, [M.exact, lambda a, b: M.stem(stemmer, a) == M.stem(stemmer, b)])
+    ours = M.meteor(candidate, reference, [M.EXACT, M.Stage(key=lambda w: M.stem(stemmer, w))])
     assert ours == pytest.approx(theirs, abs=1e-12)
 
 

@@ -55,12 +55,13 @@ def serve(
     from llmft.annotate.store import Store
 
     items = read_items(candidates)
-    store = Store(annotations_path(candidates, annotations), items)
+    store = Store(annotations_path(candidates, annotations), items, writable=True)
     token = check_binding(host, allow_remote, token)
     server = make_server(App(items, store, mode, token, annotator, is_loopback(host)), host, port)
     url = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_address[1]}/"
-    query = "&".join(q for q in (f"token={token}" if token else "", f"annotator={annotator}" if annotator else "")
-                     if q)
+    from urllib.parse import urlencode
+
+    query = urlencode({k: v for k, v in (("token", token), ("annotator", annotator)) if v})
     done = ", ".join(f"{a}: {len(store.finished(a))}" for a in store.annotators()) or "none yet"
     console.print(f"{len(items)} items of {candidates} ({mode}); finished so far: {done}")
     console.print(f"judgements are appended to {store.path}")

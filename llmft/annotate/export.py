@@ -49,6 +49,14 @@ class Verdicts:
         a, b = min(winner, loser), max(winner, loser)
         self.votes.setdefault((a, b), {})[annotator] = 1 if winner == a else -1
 
+    def forget(self, annotator: str, ratings: bool) -> None:
+        """Drop a person's votes (a tie: no answer is better), and ratings too (a skip: no judgement)."""
+        for table in (self.votes, self.ratings) if ratings else (self.votes,):
+            for key in list(table):
+                table[key].pop(annotator, None)
+                if not table[key]:
+                    del table[key]
+
     def mean_rating(self, c: int) -> float | None:
         r = self.ratings.get(c)
         return sum(r.values()) / len(r) if r else None
@@ -73,10 +81,12 @@ class Verdicts:
 
 def verdicts(store: Store) -> list[Verdicts]:
     by_item = {it.id: Verdicts(it) for it in store.items.items}
-    for j in store.current():
+    for j in store.current():  # in the order of each judgement's latest version
         v, who, line = by_item[j.item], j.annotator, j.line
         k = len(v.item.candidates)
-        if j.action == "rate":
+        if j.action in ("tie", "skip"):  # takes back what this person said before on the item
+            v.forget(who, ratings=j.action == "skip")
+        elif j.action == "rate":
             v.ratings.setdefault(line["candidate"], {})[who] = line["rating"]
         elif j.action == "rank":
             for a, b in combinations(line["order"], 2):
@@ -99,6 +109,8 @@ def rows_for(target: str, found: list[Verdicts], pairs: str = "best-worst", min_
              threshold: float = 4.0) -> list[dict]:
     if target not in TARGETS:
         raise ConfigError(f"--to must be one of {', '.join(TARGETS)}, got '{target}'")
+    if min_gap <= 0:
+        raise ConfigError(f"--min-gap must be > 0 (equal ratings decide nothing), got {min_gap}")
     if pairs not in ("best-worst", "all"):
         raise ConfigError(f"--pairs must be best-worst or all, got '{pairs}'")
     out = []
@@ -110,8 +122,7 @@ def rows_for(target: str, found: list[Verdicts], pairs: str = "best-worst", min_
                 out.append(base | {"chosen": text[w], "rejected": text[lo]} | ({"margin": margin} if margin else {}))
             out += [base | {"chosen": t, "rejected": text[c]} for c, t in v.edits]
         elif target == "ranked":
-            order = v.order(min_gap)
-            if all(v.prefer(a, b, min_gap) for a, b in zip(order, order[1:], strict=False)):
+            if (order := strict_order(v, min_gap)) is not None:
                 out.append(base | {"responses": [text[c] for c in order]})
         elif target == "kto":
             out += [base | {"completion": text[c], "label": v.mean_rating(c) >= threshold} for c in v.ratings]
@@ -123,13 +134,26 @@ def rows_for(target: str, found: list[Verdicts], pairs: str = "best-worst", min_
     return out
 
 
-def decided_pairs(v: Verdicts, pairs: str, min_gap: float) -> list[tuple[int, int, float | None]]:
-    if pairs == "all":
-        found = [v.prefer(a, b, min_gap) for a, b in combinations(range(len(v.item.candidates)), 2)]
-        return [p for p in found if p]
+def strict_order(v: Verdicts, min_gap: float) -> list[int] | None:
+    """The candidates best first when the people decided every pair and the way the order says (no cycle)."""
     order = v.order(min_gap)
-    best_worst = v.prefer(order[0], order[-1], min_gap)
-    return [best_worst] if best_worst else []
+    for a, b in combinations(order, 2):
+        p = v.prefer(a, b, min_gap)
+        if not p or p[0] != a:
+            return None
+    return order
+
+
+def decided_pairs(v: Verdicts, pairs: str, min_gap: float) -> list[tuple[int, int, float | None]]:
+    """(winner, loser, margin) of every decided pair, or of the best against the worst; never two answers of the
+    same text (they teach nothing)."""
+    text = [c.text.strip() for c in v.item.candidates]
+    if pairs == "all":
+        found = [v.prefer(a, b, min_gap) for a, b in combinations(range(len(text)), 2)]
+    else:
+        order = v.order(min_gap)
+        found = [v.prefer(order[0], order[-1], min_gap)]
+    return [p for p in found if p and text[p[0]] != text[p[1]]]
 
 
 # ------------------------------------------------------------------------------------- about the people
@@ -167,21 +191,25 @@ def person_orders(v: Verdicts, min_gap: float) -> dict[str, dict[tuple[int, int]
 
 
 def win_rates(store: Store) -> dict[str, dict]:
-    """Blind comparisons by model: "B vs A" (A = the source of each item's first candidate, B = the second's) with
-    B's wins, losses and ties, its win rate (ties count half) and a 95% Wilson interval."""
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # wins, losses, ties of B
+    """Blind comparisons by model: "B vs A" with B's wins, losses and ties, its win rate (ties count half) and a 95%
+    Wilson interval. A is the model of the first candidate where the comparison was first met (the first
+    `generate` output given to `llmft annotate candidates`), whichever side each item shows it on."""
+    counts: dict[tuple[str, str], list[int]] = {}  # (B, A) → wins, losses, ties of B
     for j in store.current():
         if j.action != "compare":
             continue
-        cands = store.by_id[j.item].candidates
-        key = f"{'+'.join(cands[1].sources) or 'answer 2'} vs {'+'.join(cands[0].sources) or 'answer 1'}"
+        names = [" + ".join(c.sources) or f"answer {i + 1}" for i, c in enumerate(store.by_id[j.item].candidates)]
+        b, a = names[1], names[0]
+        flip = (a, b) in counts
+        key = (a, b) if flip else (b, a)
         winner = j.line.get("winner")
-        counts[key][2 if winner is None else 0 if winner == 1 else 1] += 1
+        tally = counts.setdefault(key, [0, 0, 0])
+        tally[2 if winner is None else 0 if (winner == 1) != flip else 1] += 1
     out = {}
-    for key, (w, lo, t) in counts.items():
+    for (b, a), (w, lo, t) in counts.items():
         n = w + lo + t
         rate = (w + t / 2) / n
-        out[key] = {"n": n, "wins": w, "losses": lo, "ties": t, "win_rate": rate, "ci95": wilson(rate, n)}
+        out[f"{b} vs {a}"] = {"n": n, "wins": w, "losses": lo, "ties": t, "win_rate": rate, "ci95": wilson(rate, n)}
     return out
 
 

@@ -114,13 +114,17 @@ def handler(app: App) -> type[BaseHTTPRequestHandler]:
                 return
             url, q = urlparse(self.path), query(self.path)
             if url.path == "/":
-                return self.send(HTTPStatus.OK, page.replace("__DEFAULT_ANNOTATOR__", json.dumps(app.annotator or "")),
+                default = json.dumps(app.annotator or "").replace("<", "\\u003c")  # no </script> from a name
+                return self.send(HTTPStatus.OK, page.replace("__DEFAULT_ANNOTATOR__", default),
                                  "text/html; charset=utf-8")
             if url.path == "/api/item":
                 annotator = q.get("annotator", "")
                 if not annotator.strip():
                     return self.fail(HTTPStatus.BAD_REQUEST, "an annotator name is needed")
-                index = int(q["index"]) if q.get("index", "").lstrip("-").isdigit() else None
+                try:
+                    index = int(q["index"]) if "index" in q else None
+                except ValueError:
+                    return self.fail(HTTPStatus.BAD_REQUEST, f"index must be a number, got {q['index']!r}")
                 return self.json(HTTPStatus.OK, app.item_view(annotator, index))
             return self.fail(HTTPStatus.NOT_FOUND, f"no page {url.path}")
 
@@ -132,14 +136,17 @@ def handler(app: App) -> type[BaseHTTPRequestHandler]:
             if not (self.headers.get("Content-Type") or "").startswith("application/json"):
                 return self.fail(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "judgements are posted as application/json")
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                size = int(self.headers.get("Content-Length") or 0)
+                if not 0 <= size <= 1 << 20:
+                    raise ValueError(f"a body of {size} bytes")
+                body = json.loads(self.rfile.read(size) or b"{}")
                 if not isinstance(body, dict):
                     raise ValueError("not an object")
             except ValueError as e:
                 return self.fail(HTTPStatus.BAD_REQUEST, f"not a JSON object: {e}")
             try:
                 return self.json(HTTPStatus.OK, app.judge(body))
-            except LlmftError as e:  # a bad judgement: nothing was written
+            except (LlmftError, TypeError, ValueError) as e:  # a bad judgement: nothing was written
                 return self.fail(HTTPStatus.BAD_REQUEST, str(e))
 
         def json(self, status: HTTPStatus, obj: dict) -> None:

@@ -66,24 +66,39 @@ def shown_order(annotator: str, item: Item) -> list[int]:
     return order
 
 
+FIELDS = {"rate": ("candidate", "rating"), "rank": ("order",), "pick": ("best", "worst"),
+          "edit": ("candidate", "text"), "compare": ("winner",), "tie": (), "skip": (), "done": ()}
+
+
+def is_index(v: object, k: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < k
+
+
+def is_order(v: object, k: int) -> bool:
+    """Every candidate index once."""
+    return isinstance(v, list) and all(is_index(x, k) for x in v) and sorted(v) == list(range(k))
+
+
 def check_fields(line: dict, item: Item, where: str) -> None:
-    """A judgement's own fields, against its item (candidate indices, a 1-5 rating, a full ranking ...)."""
+    """A judgement's own fields, against its item (candidate indices, a 1-5 rating, a full ranking ...), and the
+    order it was shown in."""
     action, k = line.get("action"), len(item.candidates)
 
     def candidate(name: str, optional: bool = False) -> None:
         v = line.get(name)
-        if v is None and optional:
-            return
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < k:
+        if not (v is None and optional) and not is_index(v, k):
             raise DataError(f"{where}: '{name}' must be a candidate index 0..{k - 1}, got {v!r}")
 
     if action not in ACTIONS:
         raise DataError(f"{where}: unknown action {action!r} (one of {', '.join(ACTIONS)})")
+    if not is_order(line.get("shown"), k):
+        raise DataError(f"{where}: 'shown' must list each of the {k} candidates once, in the order shown")
     if action in ("rate", "edit"):
         candidate("candidate")
-    if action == "rate" and (not isinstance(line.get("rating"), int) or not 1 <= line["rating"] <= 5):
-        raise DataError(f"{where}: 'rating' must be a whole number 1-5, got {line.get('rating')!r}")
-    if action == "rank" and sorted(line.get("order") or []) != list(range(k)):
+    rating = line.get("rating")
+    if action == "rate" and (not isinstance(rating, int) or isinstance(rating, bool) or not 1 <= rating <= 5):
+        raise DataError(f"{where}: 'rating' must be a whole number 1-5, got {rating!r}")
+    if action == "rank" and not is_order(line.get("order"), k):
         raise DataError(f"{where}: 'order' must list each of the {k} candidates once, best first")
     if action == "pick":
         candidate("best")
@@ -105,24 +120,28 @@ def check_fields(line: dict, item: Item, where: str) -> None:
 class Store:
     """The annotations file of one candidates file: read and checked at start, appended to while people work."""
 
-    def __init__(self, path: str | Path, items: Items):
+    def __init__(self, path: str | Path, items: Items, writable: bool = False):
+        """`writable`: this process appends (the server, an import): it holds the file's lock while it lives, and
+        repairs what a crash left (a torn last line dropped, a missing final newline added). Readers (export,
+        report) change nothing and skip a torn last line, which may be a judgement being written right now."""
         self.path, self.items, self.by_id = Path(path), items, items.by_id()
         self.judgements: list[Judgement] = []
-        self.lines = 0  # lines in the file, blank ones included: the next judgement's line is lines + 1
+        self.lines = 0  # lines in the file: the next judgement's line is lines + 1
         self.lock = threading.Lock()
+        self.writable, self.handle = writable, None
+        if writable:
+            self.take_lock()
         if self.path.exists():
             self.load()
 
     # ------------------------------------------------------------------------------------------- reading
     def load(self) -> None:
         raw = self.path.read_bytes()
-        keep = len(raw)
         lines = raw.split(b"\n")
-        if lines and lines[-1].strip() and not is_json(lines[-1]):  # cut short by a crash: never confirmed
-            keep = len(raw) - len(lines[-1])
-            lines = lines[:-1]
+        torn = bool(lines[-1].strip()) and not is_json(lines[-1])  # cut short by a crash: never confirmed
+        kept = raw[:len(raw) - len(lines[-1])] if torn else raw
         seen: dict[tuple, str] = {}
-        for n, data in enumerate(lines, 1):
+        for n, data in enumerate(lines[:-1] if torn else lines, 1):
             if not data.strip():
                 continue
             j = self.parse(data, f"{self.path}:{n}")
@@ -131,10 +150,32 @@ class Store:
                 raise DataError(f"{j.where}: duplicate judgement (the same as {seen[stamp]})")
             seen[stamp] = j.where
             self.judgements.append(j)
-        if keep < len(raw):
+        self.lines = kept.count(b"\n")
+        if self.writable and (torn or (kept and not kept.endswith(b"\n"))):
             with open(self.path, "r+b") as f:
-                f.truncate(keep)
-        self.lines = raw[:keep].count(b"\n")
+                f.truncate(len(kept))
+                f.seek(0, os.SEEK_END)
+                if kept and not kept.endswith(b"\n"):  # a last line whole but for its newline
+                    f.write(b"\n")
+                    self.lines += 1
+                os.fsync(f.fileno())
+
+    def close(self) -> None:
+        """Let another writer have the file."""
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def take_lock(self) -> None:
+        """One writer per annotations file: a second server on it is refused, not interleaved."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path.with_name(self.path.name + ".lock"), "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataError(f"{self.path} is being written by another `llmft annotate` process") from None
 
     def parse(self, data: bytes, where: str) -> Judgement:
         try:
@@ -148,7 +189,8 @@ class Store:
         if line["candidates"] != self.items.fingerprint:
             raise DataError(f"{where}: made on another candidates file (fingerprint {line['candidates']}, "
                             f"{self.items.path} has {self.items.fingerprint})")
-        item = self.by_id.get(str(line["item"]))
+        line["item"] = str(line["item"])
+        item = self.by_id.get(line["item"])
         if item is None:
             raise DataError(f"{where}: item '{line['item']}' is not in {self.items.path}")
         check_fields(line, item, where)
@@ -162,12 +204,14 @@ class Store:
         item = self.by_id.get(item_id)
         if item is None:
             raise DataError(f"item '{item_id}' is not in {self.items.path}")
+        if not self.writable:
+            raise DataError(f"{self.path} was opened for reading")
         if not annotator.strip():
             raise DataError("an annotator name is needed")
         line = {"schema": SCHEMA, "candidates": self.items.fingerprint, "item": item_id, "annotator": annotator,
                 "time": time or datetime.now(timezone.utc).isoformat(timespec="microseconds"), "action": action,
                 "shown": shown if shown is not None else shown_order(annotator, item),
-                **{k: v for k, v in fields.items() if k not in STAMPS}}
+                **{k: fields[k] for k in FIELDS.get(action, ()) if k in fields}}  # what the action uses, no more
         with self.lock:
             check_fields(line, item, f"{action} of item '{item_id}'")
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,16 +13,29 @@ lower-cased whitespace tokens, as for bleu and rouge_l.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from difflib import SequenceMatcher
 from functools import lru_cache
 
 from llmft.errors import ConfigError
 from llmft.judges.text import tokens
 
 ALPHA, BETA, GAMMA = 0.9, 3.0, 0.5
-Same = Callable[[str, str], bool]  # does a candidate word match a reference word at this stage
 
 
-def meteor(candidate: str, reference: str, stages: list[Same] | None = None, alpha: float = ALPHA,
+@dataclass(frozen=True)
+class Stage:
+    """One matching stage: words match when their `key`s are equal (exact: the word; stem: its stem), or, for a
+    relation that is not an equality (synonymy), when `same(candidate word, reference word)`."""
+
+    key: Callable[[str], str] | None = None
+    same: Callable[[str, str], bool] | None = None
+
+
+EXACT = Stage(key=lambda w: w)
+
+
+def meteor(candidate: str, reference: str, stages: list[Stage] | None = None, alpha: float = ALPHA,
            beta: float = BETA, gamma: float = GAMMA) -> float:
     """The sentence METEOR of `candidate` against `reference` (0 when nothing matches)."""
     cand, ref = tokens(candidate), tokens(reference)
@@ -35,24 +48,34 @@ def meteor(candidate: str, reference: str, stages: list[Same] | None = None, alp
     return f_mean * (1 - gamma * (chunks(matches) / m) ** beta)
 
 
-def align(cand: list[str], ref: list[str], stages: list[Same]) -> list[tuple[int, int]]:
-    """Matched (candidate position, reference position) pairs, sorted: each stage matches the words the earlier
-    stages left. Within a stage, candidate words are taken left to right, each matched with the unmatched reference
-    word that continues the previous match if one does, else the nearest after it, else the nearest before: a
-    maximal matching (for exact and stem stages) that keeps runs together."""
+def align(cand: list[str], ref: list[str], stages: list[Stage]) -> list[tuple[int, int]]:
+    """Matched (candidate position, reference position) pairs, sorted; each stage matches only the words the
+    earlier stages left. A keyed stage first takes the longest runs of words matching in the same order (difflib's
+    matching blocks), so that repeated words join the run they continue, then any remaining equal pair: a maximal
+    matching in few chunks (the paper's rule, fewest crossings among maximal alignments, is approximated as nltk
+    approximates it, and agrees with it where no word repeats). A relation stage matches greedily, left to right."""
     free_c, free_r = set(range(len(cand))), set(range(len(ref)))
     matches: list[tuple[int, int]] = []
-    for same in stages:
-        last = -1
+
+    def take(i: int, j: int) -> None:
+        matches.append((i, j))
+        free_c.discard(i)
+        free_r.discard(j)
+
+    for stage in stages:
+        if stage.key is not None:
+            a = [stage.key(w) if i in free_c else ("c", i) for i, w in enumerate(cand)]  # taken: never equal
+            b = [stage.key(w) if j in free_r else ("r", j) for j, w in enumerate(ref)]
+            for block in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks():
+                for t in range(block.size):
+                    take(block.a + t, block.b + t)
+            same = lambda x, y, key=stage.key: key(x) == key(y)  # noqa: E731
+        else:
+            same = stage.same
         for i in sorted(free_c):
-            options = [j for j in free_r if same(cand[i], ref[j])]
-            if not options:
-                continue
-            j = min(options, key=lambda j: (j <= last, abs(j - (last + 1))))
-            matches.append((i, j))
-            free_c.discard(i)
-            free_r.discard(j)
-            last = j
+            j = next((j for j in sorted(free_r) if same(cand[i], ref[j])), None)
+            if j is not None:
+                take(i, j)
     return sorted(matches)
 
 
@@ -62,16 +85,12 @@ def chunks(matches: list[tuple[int, int]]) -> int:
     return 1 + sum(1 for (i, j), (k, n) in pairs if not (k == i + 1 and n == j + 1))
 
 
-def exact(a: str, b: str) -> bool:
-    return a == b
-
-
-def default_stages() -> list[Same]:
+def default_stages() -> list[Stage]:
     """exact, Porter stem (nltk's stemmer), and WordNet synonyms when nltk has WordNet's data."""
     stemmer, wordnet = nltk_parts()
-    stages = [exact, lambda a, b: stem(stemmer, a) == stem(stemmer, b)]
+    stages = [EXACT, Stage(key=lambda w: stem(stemmer, w))]
     if wordnet is not None:
-        stages.append(lambda a, b: b in synonyms(wordnet, a))
+        stages.append(Stage(same=lambda a, b: b in synonyms(wordnet, a)))
     return stages
 
 
