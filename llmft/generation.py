@@ -24,7 +24,7 @@ from llmft.chat import Chat
 from llmft.checkpoint import atomic_write_text
 from llmft.config import GenerateConfig, ModelConfig, SamplingConfig
 from llmft.data import Example, Record, collate, read_records
-from llmft.errors import DataError
+from llmft.errors import DataError, ModelError
 from llmft.modeling import (
     cache_kwarg,
     can_share_prefix,
@@ -171,17 +171,37 @@ class TokenDraw:
     def draw(self, logp: torch.Tensor) -> torch.Tensor:
         if self.generator is None:  # one stream per call of generate, on the host: the same uniforms on any device
             self.generator = torch.Generator().manual_seed(self.seed)
-        cdf = logp.exp().cumsum(-1)  # [B, V], non-decreasing
+        # the running sum must not decrease: the CPU's scan adds in order (in double) and stays monotone in fp32; a
+        # GPU's parallel fp32 scan may wobble by an ulp, so there it runs in float64
+        p = logp.exp() if logp.device.type == "cpu" else logp.double().exp()  # [B, V]
+        cdf = p.cumsum(-1)
         total = cdf[:, -1:]
-        u = torch.rand(total.shape, generator=self.generator).to(logp.device) * total  # B numbers cross
+        u = torch.rand(total.shape, generator=self.generator).to(logp.device, p.dtype) * total  # B numbers cross
         u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: some cdf exceeds it
-        return torch.searchsorted(cdf, u, right=True)  # the first token whose cdf exceeds u: its probability > 0
+        token = torch.searchsorted(cdf, u, right=True).clamp(max=p.shape[-1] - 1)  # [B, 1]
+        return locate(p, token)
 
     def result(self) -> torch.Tensor:
         """[B, steps] the log-prob of each drawn token (after a sequence finished: of tokens it never keeps),
         and a fresh record for the next batch."""
         drawn, self.drawn = self.drawn, []
         return torch.stack(drawn, 1).cpu() if drawn else torch.zeros(0, 0)
+
+
+def locate(p: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """The drawn tokens [B, 1], each moved to the nearest token at or before it of probability > 0 should the
+    search have landed on one of probability 0 (a rounding step of the running sum); scores that are not finite are
+    one clear error."""
+    bad = ~(p.gather(-1, token) > 0)  # NaN too
+    if not bool(bad.any()):  # one host sync a step, as transformers' stopping check already costs
+        return token
+    if not torch.isfinite(p).all():
+        raise ModelError("the model's next-token scores are not finite (NaN or inf): cannot sample from them")
+    positions = torch.arange(p.shape[-1], device=p.device).expand_as(p)
+    last = torch.where(p > 0, positions, -1).cummax(-1).values  # [B, V] the last positive token at or before
+    first = (p > 0).float().argmax(-1, keepdim=True)  # when there is none before: the first positive one
+    moved = last.gather(-1, token)
+    return torch.where(bad, torch.where(moved >= 0, moved, first), token)
 
 
 def run_generate(cfg: GenerateConfig) -> list[dict]:

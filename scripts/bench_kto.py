@@ -4,9 +4,9 @@
 
 Same model, answers, order of magnitude of lengths, LoRA, β and batch: the demo's on-policy pairs
 (data/demo/onpolicy_train.jsonl), those whose prompt + answers fit --max-length on both sides, each split into a
-desirable and an undesirable row, interleaved, written once as {prompt, completion, label} rows that both sides
-read. TRL runs as shipped for KTO (sequential order, each row's KL completion the previous row's; the parent
-cannot make the steps hold the same rows, so compare rates, not losses); llmft shuffles. Both sides: the reference
+desirable and an undesirable row, written as {prompt, completion, label} rows: in file order for llmft, which
+shuffles them (randperm from the seed), and in that shuffled order for TRL, which runs as shipped for KTO
+(sequential order, each row's KL completion the previous row's): the same answers in every step. Both: the reference
 is the adapter disabled, run every step; z0 from mismatched answers of the step; fp32; denormals flushed.
 --packing runs llmft with data.packing: true (each micro-batch padding-free), as configs/kto.yaml; TRL as shipped.
 scripts/bench_trl_kto.py has TRL's settings.
@@ -14,6 +14,7 @@ scripts/bench_trl_kto.py has TRL's settings.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -31,15 +32,23 @@ def add_parser(stages) -> None:
     p.set_defaults(func=cmd_kto, max_length=384, batch_size=8, grad_accum=2, steps=4, warmup_steps=1, lr=5e-4)
 
 
-def write_labelled(args, model_dir: str, work: Path) -> tuple[Path, dict]:
-    """The pairs both sides keep (bench.write_pairs), as interleaved labelled rows."""
+def write_labelled(args, model_dir: str, work: Path) -> tuple[Path, Path, dict]:
+    """The pairs both sides keep (bench.write_pairs) as labelled rows: llmft's file, and TRL's with the same rows in
+    llmft's first-epoch order (randperm(n) from the seed, `training.plan_steps`), so that TRL's sequential steps
+    hold the same answers as llmft's, and the previous row TRL takes each KL completion from has another prompt
+    (mostly: the order is random, not interleaved pairs)."""
+    import torch
+
     pairs, extra = write_pairs(args, model_dir, work)
     rows = [json.loads(line) for line in pairs.read_text(encoding="utf-8").splitlines()]
     labelled = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in rows
                 for k in ("chosen", "rejected")]
-    path = work / "labelled.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in labelled), encoding="utf-8")
-    return path, extra | {"answers": len(labelled)}
+    order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    paths = work / "labelled.jsonl", work / "labelled-trl.jsonl"
+    for path, rows_ in zip(paths, (labelled, [labelled[i] for i in order]), strict=True):
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_), encoding="utf-8")
+    same_prompt = sum(labelled[a]["prompt"] == labelled[b]["prompt"] for a, b in zip(order[1:], order, strict=False))
+    return *paths, extra | {"answers": len(labelled), "trl_kl_pairs_with_own_prompt": same_prompt}
 
 
 def llmft_kto(args, model_dir: str, work: Path, name: str) -> dict:
@@ -49,11 +58,12 @@ def llmft_kto(args, model_dir: str, work: Path, name: str) -> dict:
 
 def cmd_kto(args) -> dict:
     def impls(model_dir: str, work: Path) -> tuple[list[dict], dict]:
-        data, extra = write_labelled(args, model_dir, work)
-        args.data = str(data)
+        ours, theirs, extra = write_labelled(args, model_dir, work)
+        trl_args = argparse.Namespace(**{**vars(args), "data": str(theirs)})
+        args.data = str(ours)
         results = []
         for i in range(args.runs):  # alternating, so that drift of the machine hits both sides alike
-            results += [run_trl("bench_trl_kto.py", args, model_dir, work, True,
+            results += [run_trl("bench_trl_kto.py", trl_args, model_dir, work, True,
                                 [k.replace("pairs", "answers") for k in PAIR_KEYS] + ["kl"], f"trl-{i + 1}",
                                 ("--beta", str(args.beta))),
                         llmft_kto(args, model_dir, work, f"llmft-{i + 1}")]
@@ -67,6 +77,11 @@ def cmd_kto(args) -> dict:
                 f"(median {statistics.median(speed):.2f}x); peak RSS: {', '.join(f'{x:.2f}x' for x in memory)}",
                 f"Data: {extra['data_pairs_kept']} of {extra['data_rows']} pairs kept (both sides fit max_length), "
                 f"{extra['answers']} labelled answers; trainable parameters TRL {results[0]['trainable_params']:,}.",
+                "TRL - llmft tokens per step: "
+                f"{[t - u for t, u in zip(results[0]['step_tokens'], results[1]['step_tokens'], strict=False)]} "
+                f"(the same answers give {args.batch_size * args.grad_accum} a step: TRL renders each answer with "
+                "the newline after <|im_end|>); TRL's KL completions taken from a row of the same prompt: "
+                f"{extra['trl_kl_pairs_with_own_prompt']} of {extra['answers']}.",
                 "First-step losses: a fresh adapter (policy = reference, z0 = 0): every answer's loss is 1/2 on "
                 "both sides.",
                 "Both sides flush denormals and load the model in fp32."]

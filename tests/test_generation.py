@@ -168,3 +168,16 @@ def test_the_multinomial_draw_reproduces_transformers_sampling(model, chat):
                          pad_token_id=chat.pad_id, eos_token_id=chat.generation_ids()["eos_token_id"])
     theirs = {i: chat.cut(out[row, batch["input_ids"].shape[1]:].tolist())[0] for row, i in enumerate(order)}
     assert [g.response_ids for g in ours] == [theirs[i] for i in range(len(ids))]
+
+
+def test_a_draw_that_lands_on_a_zero_probability_token_moves_to_a_drawable_one():
+    # on CUDA an fp32 scan can step up on a token of probability 0 (the sum's rounding), so the search may land on
+    # it: such a draw goes to the nearest drawable token before it, or the first one after when there is none
+    from llmft.errors import ModelError
+    from llmft.generation import locate
+
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.5], [0.0, 0.0, 1.0, 0.0, 0.0], [0.2, 0.8, 0.0, 0.0, 0.0]])
+    token = torch.tensor([[3], [0], [1]])
+    assert locate(p, token).tolist() == [[1], [2], [1]]
+    with pytest.raises(ModelError, match="not finite"):
+        locate(torch.tensor([[float("nan"), 1.0]]), torch.tensor([[0]]))
