@@ -34,16 +34,18 @@ def add_parser(stages) -> None:
 
 def write_labelled(args, model_dir: str, work: Path) -> tuple[Path, Path, dict]:
     """The pairs both sides keep (bench.write_pairs) as labelled rows: llmft's file, and TRL's with the same rows in
-    llmft's first-epoch order (randperm(n) from the seed, `training.plan_steps`), so that TRL's sequential steps
+    llmft's first-epoch order (`training.plan_steps`, the stage's own), so that TRL's sequential steps
     hold the same answers as llmft's, and the previous row TRL takes each KL completion from has another prompt
     (mostly: the order is random, not interleaved pairs)."""
-    import torch
+    from llmft.training import plan_steps
 
     pairs, extra = write_pairs(args, model_dir, work)
     rows = [json.loads(line) for line in pairs.read_text(encoding="utf-8").splitlines()]
     labelled = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in rows
                 for k in ("chosen", "rejected")]
-    order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    plan = plan_steps(len(labelled), args.batch_size, args.grad_accum, 1, None, args.seed)  # llmft's own plan
+    order = [i for step in plan.steps for micro in step for i in micro]
+    order += sorted(set(range(len(labelled))) - set(order))  # an epoch's short last micro-batch, if dropped
     paths = work / "labelled.jsonl", work / "labelled-trl.jsonl"
     for path, rows_ in zip(paths, (labelled, [labelled[i] for i in order]), strict=True):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_), encoding="utf-8")
