@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -111,6 +110,8 @@ def generate(
     limit: int | None = typer.Option(None, help="Only the first N prompts."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    kernels: bool = typer.Option(False, "--kernels", help="Let transformers use Hub kernels (remote code; off by "
+                                                          "default)."),
 ) -> None:
     """Generate responses for a prompts file (chat template applied); each row comes back with
     [bold]response[/], [bold]finished[/] (ended with EOS) and [bold]response_tokens[/]."""
@@ -121,7 +122,7 @@ def generate(
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                 "seed": seed, "batch_size": batch_size, "draw": draw}
     raw = {"model": model, "prompts": str(prompts), "out": str(out) if out else None, "limit": limit,
-           "sampling": sampling, "device": device, "dtype": dtype}
+           "sampling": sampling, "device": device, "dtype": dtype, "kernels": kernels}
     run_generate(build(GenerateConfig, raw, "llmft generate"))
 
 
@@ -239,7 +240,6 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it advises optional CPU kernels on import
 
 
 def main() -> None:

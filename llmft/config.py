@@ -39,6 +39,9 @@ class ModelConfig:
     quantization: Literal["nf4", "int8"] | None = opt(
         None, "QLoRA: hold the frozen base's linear layers (all but the LM head) in 4-bit NF4 or 8-bit int8 through "
               "bitsandbytes (pip install 'llmft[qlora]') and train LoRA on top in `dtype`. null = full precision.")
+    kernels: bool = opt(False, "Hub kernels: let transformers replace layers with compiled kernels fetched from the "
+                               "Hugging Face Hub (the `kernels` package; remote code, needs the network). Off: "
+                               "transformers' own PyTorch code runs in every stage.")
 
 
 @dataclass
@@ -366,6 +369,7 @@ class EvalConfig:
     out: str | None = opt(None, "Write the JSON report (metrics, win rates, every response) here.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
+    kernels: bool = opt(False, "Hub kernels for the models it loads (as model.kernels in a stage); off by default.")
 
 
 @dataclass
@@ -379,6 +383,7 @@ class GenerateConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "Generation."})
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
+    kernels: bool = opt(False, "Hub kernels for the models it loads (as model.kernels in a stage); off by default.")
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "kto": KTOConfig,

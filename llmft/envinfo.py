@@ -8,8 +8,8 @@ import platform
 
 import torch
 
-LIBRARIES = ("llmft", "torch", "transformers", "peft", "accelerate", "safetensors", "datasets", "gguf", "typer",
-             "pyyaml", "rich")
+LIBRARIES = ("llmft", "torch", "transformers", "peft", "accelerate", "safetensors", "kernels", "bitsandbytes",
+             "datasets", "gguf", "typer", "pyyaml", "rich")
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "NCCL_DEBUG")
 

@@ -64,7 +64,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.preferences:
         report["reward_model"] = preference_accuracy(scorer, cfg.preferences)
     if cfg.models:
-        runs = [run_policy(name, chats[name], records, judges, scorer, cfg.sampling, device, dtype)
+        runs = [run_policy(name, chats[name], records, judges, scorer, cfg.sampling, device, dtype, cfg.kernels)
                 for name in cfg.models]
         ref_logps = reference_logps(cfg, chats[cfg.reference], runs, device, dtype) if cfg.reference else None
         report.update(summarize(runs, ref_logps, records))
@@ -123,9 +123,9 @@ def preference_accuracy(scorer: RewardScorer, path: str) -> dict[str, Any]:
 
 
 def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge], scorer: RewardScorer | None,
-               sampling: SamplingConfig, device, dtype) -> PolicyRun:
+               sampling: SamplingConfig, device, dtype, kernels: bool = False) -> PolicyRun:
     console.print(f"[bold]{name}[/]: generating {len(records)} responses")
-    model = load_model(resolve_source(name), dtype, device, ModelConfig(name=name))
+    model = load_model(resolve_source(name), dtype, device, ModelConfig(name=name, kernels=kernels))
     check_lm_head(model)
     prompts = [chat.prompt_ids(prompt_messages(r), r.where) for r in records]
     gens = generate(model, chat, prompts, sampling)
@@ -155,7 +155,8 @@ def response_logps(model, gens: list[Generation], pad: int, sampling: SamplingCo
 
 def reference_logps(cfg: EvalConfig, chat, runs: list[PolicyRun], device, dtype) -> list[torch.Tensor]:
     console.print(f"[bold]{cfg.reference}[/]: scoring the responses for the KL to the reference")
-    model = load_model(resolve_source(cfg.reference), dtype, device, ModelConfig(name=cfg.reference))
+    model = load_model(resolve_source(cfg.reference), dtype, device, ModelConfig(name=cfg.reference,
+                                                                                kernels=cfg.kernels))
     return [response_logps(model, r.generations, chat.pad_id, cfg.sampling, device) for r in runs]
 
 
@@ -192,22 +193,49 @@ def summarize(runs: list[PolicyRun], ref_logps, records: list[Record]) -> dict[s
     return {"models": models, "win_rates": wins, "samples": samples}
 
 
-def show(report: dict[str, Any]) -> None:
+def show(report: dict[str, Any], out: Console | None = None) -> None:
+    """The report as tables: a row per metric, a column per model, as many models side by side as the console's
+    width holds (a log is 80 columns wide): metric names are never cut, models go on to a next table."""
+    out = out or Console()
     if rm := report.get("reward_model"):
-        Console().print(f"reward model {rm['path']}: pairwise accuracy [bold]{rm['pairwise_accuracy']:.3f}[/] on "
-                        f"{rm['pairs']} pairs of {rm['preferences']} (mean margin {rm['margin']:.3f})")
+        out.print(f"reward model {rm['path']}: pairwise accuracy [bold]{rm['pairwise_accuracy']:.3f}[/] on "
+                  f"{rm['pairs']} pairs of {rm['preferences']} (mean margin {rm['margin']:.3f})")
     if "models" not in report:
         return
-    names = list(report["models"])
-    t = Table(title="llmft eval")
-    t.add_column("metric")
-    for n in names:
-        t.add_column(n, justify="right", overflow="fold")
-    keys = list(dict.fromkeys(k for m in report["models"].values() for k in m))
-    for k in keys:
-        t.add_row(k, *[f"{report['models'][n].get(k, float('nan')):.4g}" for n in names])
+    names, rows = list(report["models"]), table_rows(report)
+    label = max(len(name) for name, _ in rows)
+    for group in side_by_side(names, rows, out.width - label - 4):
+        t = Table(title="llmft eval", caption=f"win rate: against {names[0]} (ties count half)")
+        t.add_column("metric", no_wrap=True)
+        for k in group:
+            t.add_column(names[k], justify="right", overflow="fold")
+        for name, cells in rows:
+            t.add_row(name, *[cells[k] for k in group])
+        out.print(t)
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(metric, a cell per model) for every metric, then a win-rate row per judge (model k against the first)."""
+    models, names = report["models"], list(report["models"])
+    keys = list(dict.fromkeys(k for m in models.values() for k in m))
+    rows = [(k, [f"{models[n].get(k, float('nan')):.4g}" for n in names]) for k in keys]
     judges = list(dict.fromkeys(j for rates in report["win_rates"].values() for j in rates))
-    for j in judges:  # column k: model k against the first model
+    for j in judges:
         cells = [report["win_rates"].get(f"{n} vs {names[0]}", {}).get(j) for n in names]
-        t.add_row(f"win rate vs {names[0]} ({j})", *["-" if c is None else f"{c:.3f}" for c in cells])
-    Console().print(t)
+        rows.append((f"win rate ({j})", ["-" if c is None else f"{c:.3f}" for c in cells]))
+    return rows
+
+
+def side_by_side(names: list[str], rows: list[tuple[str, list[str]]], width: int) -> list[list[int]]:
+    """The model columns in groups whose cells fit `width` characters (each column its widest cell, at least 7, and
+    3 for padding and border); a group holds one column at least."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for k in range(len(names)):
+        need = max(7, *(len(cells[k]) for _, cells in rows)) + 3
+        if groups[-1] and used + need > width:
+            groups.append([])
+            used = 0
+        groups[-1].append(k)
+        used += need
+    return groups

@@ -134,10 +134,10 @@ def export_dtype(name: str, source: ModelSource) -> torch.dtype:
 
 def model_config(source: ModelSource) -> ModelConfig:
     """The run's own model settings (trust_remote_code), not its attention kernel (the export may run where that one
-    is missing), its allow_pickle (that is the user's call) nor its quantisation (a QLoRA run is merged into its
-    base de-quantised: `modeling.merged_adapter`)."""
+    is missing), its Hub kernels (an export only reads and writes weights), its allow_pickle (that is the user's
+    call) nor its quantisation (a QLoRA run is merged into its base de-quantised: `modeling.merged_adapter`)."""
     return ModelConfig(**{**source.manifest["config"]["model"], "allow_pickle": False, "attn_implementation": None,
-                          "quantization": None})
+                          "quantization": None, "kernels": False})
 
 
 def lineage(source: ModelSource) -> list[dict]:

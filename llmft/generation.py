@@ -211,7 +211,8 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     chat = load_chat(source)
     prompts = [chat.prompt_ids(prompt_messages(r), r.where) for r in records]
     device = resolve_device(cfg.device)
-    model = load_model(source, resolve_dtype(cfg.dtype, device), device, ModelConfig(name=cfg.model))
+    model = load_model(source, resolve_dtype(cfg.dtype, device), device,
+                       ModelConfig(name=cfg.model, kernels=cfg.kernels))
     gens = generate(model, chat, prompts, cfg.sampling)
     rows = [{**r.row, "response": g.text, "finished": g.finished, "response_tokens": len(g.response_ids)}
             for r, g in zip(records, gens, strict=True)]

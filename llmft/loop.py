@@ -307,7 +307,7 @@ def manifest(stage: str, cfg: Any, source, metrics: dict, data: list[dict]) -> d
         "stage": stage,
         "created": now(),
         "model": {"source": cfg.model.name, "kind": source.kind, "resolved": resolved_name(source),
-                  "root": root_source(source).name},
+                  "root": root_source(source).name, "kernels": cfg.model.kernels},
         "parent": parent,
         "data": data,
         "config": to_dict(cfg),

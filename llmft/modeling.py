@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 
-from llmft import distributed, quantization
+from llmft import distributed, hub_kernels, quantization
 from llmft.chat import Chat
 from llmft.errors import ModelError
 from llmft.sources import ModelSource, resolve_source, root_source
+
+hub_kernels.import_bitsandbytes()  # before peft imports it: without its Hub kernel fetch
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -121,17 +123,18 @@ def load_weights(source: ModelSource, dtype: torch.dtype, cfg: Any):
         return merged_adapter(load_weights(source.base, torch.float32, cfg), source).to(dtype=dtype)
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, **hub_kernels.load_kwargs(cfg.kernels)}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if source.kind == "hub" and cfg.revision:
         kwargs["revision"] = cfg.revision
     refuse_pickle(source, cfg.allow_pickle)
     try:
-        return AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=None if cfg.allow_pickle else True,
-                                                    **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=None if cfg.allow_pickle else True,
+                                                     **kwargs)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot load model {source.name}: {e}") from None
+    return hub_kernels.check_loaded(model, cfg.kernels, source.name)
 
 
 def check_policy_source(source: ModelSource) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llmft.errors import ModelError
+from llmft.hub_kernels import import_bitsandbytes
 
 KINDS = ("nf4", "int8")
 
@@ -21,10 +22,13 @@ KINDS = ("nf4", "int8")
 def bitsandbytes(kind: str):
     """The bitsandbytes module, or one line on what to install."""
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()
     except Exception as e:  # noqa: BLE001 — a broken install raises more than ImportError
         raise ModelError(f"model.quantization: {kind} needs bitsandbytes, which cannot be imported here "
                          f"({type(e).__name__}: {e}); install it with pip install 'llmft[qlora]'") from None
+    if bnb is None:
+        raise ModelError(f"model.quantization: {kind} needs bitsandbytes, which is not installed here; install it "
+                         f"with pip install 'llmft[qlora]'")
     return bnb
 
 

@@ -12,6 +12,7 @@ A model source is one of:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -144,7 +145,9 @@ def convert_gguf(gguf: Path, key: str) -> Path:
           file=sys.stderr)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with conversion_progress():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                         use_kernels=False)  # only converted: no Hub kernels
     except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
         raise ModelError(f"cannot read GGUF file {gguf}: {e}") from None
     model.hf_quantizer = None  # the weights are dequantised: drop the marker that forbids saving
@@ -158,6 +161,34 @@ def convert_gguf(gguf: Path, key: str) -> Path:
     except OSError:  # another process converted it first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def conversion_progress():
+    """transformers' bar over the GGUF tensors, kept for a terminal; in a log (stderr not a terminal) one line per
+    10% instead of a redraw every tenth of a second."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    if sys.stderr.isatty() or not hasattr(gguf_utils, "tqdm"):
+        yield
+        return
+    real = gguf_utils.tqdm
+    gguf_utils.tqdm = progress_lines
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = real
+
+
+def progress_lines(items, desc: str = "", **_):
+    """Yield `items`, printing a line to stderr at each tenth of the way (and at the end)."""
+    items = list(items)
+    shown = 0
+    for i, item in enumerate(items, 1):
+        yield item
+        if 10 * i // len(items) > shown:
+            shown = 10 * i // len(items)
+            print(f"{desc.rstrip('.')}: {10 * shown}% ({i}/{len(items)})", file=sys.stderr, flush=True)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

