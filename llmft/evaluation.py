@@ -206,9 +206,9 @@ def show(report: dict[str, Any], out: Console | None = None) -> None:
     label = max(len(name) for name, _ in rows)
     for group in side_by_side(names, rows, out.width - label - 4):
         t = Table(title="llmft eval", caption=f"win rate: against {names[0]} (ties count half)")
-        t.add_column("metric", no_wrap=True)
-        for k in group:
-            t.add_column(names[k], justify="right", overflow="fold")
+        t.add_column("metric", no_wrap=True, width=label)
+        for k in group:  # as wide as its widest cell: the header folds instead
+            t.add_column(names[k], justify="right", overflow="fold", width=cell_width(names, rows, k))
         for name, cells in rows:
             t.add_row(name, *[cells[k] for k in group])
         out.print(t)
@@ -227,15 +227,20 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
 
 
 def side_by_side(names: list[str], rows: list[tuple[str, list[str]]], width: int) -> list[list[int]]:
-    """The model columns in groups whose cells fit `width` characters (each column its widest cell, at least 7, and
-    3 for padding and border); a group holds one column at least."""
+    """The model columns in groups that fit `width` characters (each column `cell_width` and 3 for padding and
+    border); a group holds one column at least."""
     groups: list[list[int]] = [[]]
     used = 0
     for k in range(len(names)):
-        need = max(7, *(len(cells[k]) for _, cells in rows)) + 3
+        need = cell_width(names, rows, k) + 3
         if groups[-1] and used + need > width:
             groups.append([])
             used = 0
         groups[-1].append(k)
         used += need
     return groups
+
+
+def cell_width(names: list[str], rows: list[tuple[str, list[str]]], k: int) -> int:
+    """Column k's width: its widest cell (7 at least), or its model's name where that is short (8 at most)."""
+    return max(7, *(len(cells[k]) for _, cells in rows), len(names[k]) if len(names[k]) <= 8 else 0)

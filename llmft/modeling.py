@@ -352,8 +352,25 @@ def prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
     if cache.get_seq_length() != start:
         raise ModelError(f"{type(body).__name__} did not fill the KV cache it was given ({cache.get_seq_length()} of "
                          f"{start} positions): the prompt cannot be shared. Please report it with `llmft env`")
-    cache.batch_select_indices(torch.searchsorted(heads, owners))  # row i ← its owner's keys and values
+    select_rows(cache, torch.searchsorted(heads, owners))  # row i ← its owner's keys and values
     return cache
+
+
+def select_rows(cache, rows: torch.Tensor) -> None:
+    """Row i of every layer's keys and values ← row rows[i], by `index_select`: its gradient sums the rows of each
+    owner in a fixed order. (The cache's own `batch_select_indices` indexes, and the gradient of indexing with
+    repeated rows accumulates in parallel on a CPU, in an order that changes from run to run: GRPO was not bitwise
+    reproducible.) Layers of another kind select their own way."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # an older transformers: no layer objects
+        cache.batch_select_indices(rows)
+        return
+    for layer in cache.layers:
+        if type(layer).batch_select_indices is DynamicLayer.batch_select_indices:
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+        else:
+            layer.batch_select_indices(rows)
 
 
 def prompt_owners(prompts: torch.Tensor, attention: torch.Tensor) -> torch.Tensor | None:

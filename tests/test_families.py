@@ -142,6 +142,32 @@ def test_a_shared_prompt_gives_the_same_log_probs_and_gradients(family, monkeypa
     assert scale > 0 and all(torch.allclose(shared_grads[n], g, atol=1e-5 * scale) for n, g in full_grads.items())
 
 
+def test_a_shared_prompt_sums_its_gradient_in_a_fixed_order(family, monkeypatch):
+    # the gradient of indexing with repeated rows (index_put with accumulate) is summed in parallel on a CPU, in an
+    # order that changes from run to run: a GRPO run was not bitwise reproducible. The prompt's keys and values reach
+    # their rows by index_select, whose gradient (index_add) sums in a fixed order
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RepeatedAccumulation(TorchDispatchMode):
+        found = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            puts = (torch.ops.aten.index_put, torch.ops.aten.index_put_, torch.ops.aten._index_put_impl_)
+            if func._overloadpacket in puts and (args[3:4] or [kwargs.get("accumulate")])[0]:
+                rows = [i for i in args[1] if i is not None and i.dtype in (torch.int64, torch.int32)]
+                self.found += any(len(torch.unique(i)) < i.numel() for i in rows)
+            return func(*args, **kwargs)
+
+    f, path = family
+    chat, lm = load_chat(resolve_source(str(path))), lora_model(path)
+    lm.train()
+    mode = RepeatedAccumulation()
+    with mode:
+        logps_and_grads(lm, experience(chat), True, monkeypatch)
+    assert mode.found == 0
+
+
 def test_a_shared_prompt_is_not_shared_under_gradient_checkpointing(family, monkeypatch):
     # transformers drops the KV cache of a checkpointed layer: sharing would silently drop the prompt
     from llmft import modeling
