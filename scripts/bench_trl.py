@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     meter = step_meter("samples")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_kernels=False)  # as llmft
     with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
         config = SFTConfig(
             **common_config(args, tmp, cuda),

@@ -157,9 +157,11 @@ def nf4_export_gap(work: Path, device: str) -> dict:
     dtype = resolve_dtype("auto", torch.device(device))
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=dtype)
-    base = AutoModelForCausalLM.from_pretrained(work / "model", quantization_config=q, dtype=dtype, device_map=device)
+    base = AutoModelForCausalLM.from_pretrained(work / "model", quantization_config=q, dtype=dtype, device_map=device,
+                                                use_kernels=False)  # as llmft loads: no Hub kernels
     trained = PeftModel.from_pretrained(base, work / "runs" / "sft-nf4").train()  # train mode: no CPU repacking
-    exported = AutoModelForCausalLM.from_pretrained(work / "export-nf4", dtype=torch.float32).to(device).eval()
+    exported = AutoModelForCausalLM.from_pretrained(work / "export-nf4", dtype=torch.float32,
+                                                    use_kernels=False).to(device).eval()
     tok = AutoTokenizer.from_pretrained(work / "export-nf4")
     prompt = json.loads((DEMO / "sft_eval.jsonl").read_text().splitlines()[0])["prompt"]
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,

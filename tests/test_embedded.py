@@ -49,7 +49,7 @@ def test_shipped_sft_config_trains_and_the_output_generates(embedded, tmp_path):
     manifest = json.loads((out / "llmft.json").read_text())
     assert manifest["model"] == {"source": "smollm2-135m-instruct", "kind": "embedded",
                                  "resolved": "smollm2-135m-instruct", "root": "smollm2-135m-instruct",
-                                 "embedding_rows": 49152}
+                                 "kernels": False, "embedding_rows": 49152}
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded.path), out)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.pad_token == tok.eos_token == "<|im_end|>"
