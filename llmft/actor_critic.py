@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmft.adapters import unwrap
 from llmft.checkpoint import HEAD_FILE, load_adapter, save_adapter
 from llmft.errors import ModelError
-from llmft.modeling import hidden_states, unwrap
+from llmft.forward import hidden_states
 from llmft.reward_model import last_token_scores, load_head, save_head, scalar_head
 
 POLICY, VALUE, REWARD, REFERENCE = "default", "value", "reward", "reference"

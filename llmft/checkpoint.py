@@ -1,9 +1,9 @@
 """Checkpoints: atomic writes, resumable training state, the final stage output and its manifest.
 
 A stage's output directory is a standard PEFT adapter (loadable with `PeftModel.from_pretrained` and
-nothing from llmft), its tokenizer, the resolved `config.yaml`, `metrics.jsonl`, the manifest `llmft.json`,
-and periodic `checkpoint-N/` folders. Every folder and file is written under a temporary name and renamed
-into place, so a kill at any moment leaves either the old state or the new one, never half of one.
+nothing from llmft), its tokenizer, the resolved `config.yaml`, `metrics.jsonl`, the manifest `llmft.json`
+(`llmft.manifest`), and periodic `checkpoint-N/` folders. Every folder and file is written under a temporary name
+and renamed into place, so a kill at any moment leaves either the old state or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"
-MANIFEST = "llmft.json"  # the record of a finished stage: written last, so a folder that has it is complete
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HEAD_FILE = "reward_head.safetensors"  # a reward model's scalar head, next to its adapter
 
@@ -153,19 +152,19 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- final output
-def save_final(run_dir: Path, model, tokenizer, manifest: dict, generation_config: dict,
-               before_move: Callable[[list[str]], None] | None = None) -> None:
-    """Write the adapter, tokenizer and generation_config.json into `run_dir` (each file renamed into place), the
-    manifest last: a run directory with `llmft.json` is complete. `before_move(names)` learns the names first."""
+def save_final(run_dir: Path, model, tokenizer, generation_config: dict,
+               before_move: Callable[[list[str]], None] | None = None) -> list[str]:
+    """Write the adapter, tokenizer and generation_config.json into `run_dir` (each file renamed into place) and
+    return their names; `before_move(names)` learns them first. The manifest (`llmft.manifest.write`) comes after."""
     tmp = run_dir / f"{TMP_PREFIX}final"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_adapter(model, tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=1))
-    manifest["files"] = sorted(f.name for f in tmp.iterdir())  # what overwrite may delete again
+    names = sorted(f.name for f in tmp.iterdir())  # what overwrite may delete again
     if before_move:
-        before_move(manifest["files"])
+        before_move(names)
     for f in tmp.iterdir():  # files, and folders such as PPO's value/
         for g in [f] if f.is_file() else [g for g in f.rglob("*") if g.is_file()]:
             fsync_file(g)
@@ -173,8 +172,7 @@ def save_final(run_dir: Path, model, tokenizer, manifest: dict, generation_confi
             shutil.rmtree(run_dir / f.name)
         os.replace(f, run_dir / f.name)
     tmp.rmdir()
-    manifest["adapter_sha256"] = content_hash(run_dir)
-    atomic_write_text(run_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    return names
 
 
 def content_hash(folder: Path) -> str:

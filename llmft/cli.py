@@ -116,7 +116,7 @@ def generate(
     """Generate responses for a prompts file (chat template applied); each row comes back with
     [bold]response[/], [bold]finished[/] (ended with EOS) and [bold]response_tokens[/]."""
     from llmft.config import GenerateConfig
-    from llmft.generation import run_generate
+    from llmft.generate_command import run_generate
     from llmft.schema import build
 
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,

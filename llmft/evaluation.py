@@ -17,25 +17,21 @@ from rich.table import Table
 from llmft.chat import tokenizer_difference
 from llmft.checkpoint import atomic_write_text
 from llmft.config import EvalConfig, ModelConfig, SamplingConfig
-from llmft.data import Example, Record, collate, read_records
+from llmft.console import console
 from llmft.errors import ConfigError, ModelError
-from llmft.generation import Generation, generate, prompt_messages
+from llmft.examples import Example, collate
+from llmft.forward import check_lm_head
+from llmft.generation import Generation, generate
 from llmft.judges import Judge, make_judge
+from llmft.loading import load_chat, load_model, resolve_device, resolve_dtype
 from llmft.logprobs import sequence_logps
 from llmft.losses import pairwise_accuracy
-from llmft.modeling import (
-    check_lm_head,
-    load_chat,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-    resolve_source,
-)
 from llmft.preferences import detect_format as detect_pair_format
 from llmft.preferences import tokenize_pairs
+from llmft.records import Record, prompt_messages, read_records
 from llmft.reward_model import RewardScorer
 from llmft.schema import to_dict
-from llmft.training import console
+from llmft.sources import resolve_source
 
 
 @dataclass

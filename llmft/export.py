@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 from llmft.chat import Chat
-from llmft.checkpoint import MANIFEST, fsync_dir
+from llmft.checkpoint import fsync_dir
 from llmft.config import ModelConfig
 from llmft.errors import ConfigError, ModelError, RunError
-from llmft.modeling import load_chat, load_model
-from llmft.sources import ModelSource, resolve_source, root_source
+from llmft.loading import load_chat, load_model
+from llmft.manifest import MANIFEST
+from llmft.sources import ModelSource, resolve_source
 
 RECORD = "llmft-export.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,7 +91,7 @@ def check_format(fmt: str, reward: bool, run_dir: str, source: ModelSource, quan
 
     from llmft.gguf_export import check_exportable
 
-    check_exportable(AutoConfig.from_pretrained(root_source(source).path), quant)
+    check_exportable(AutoConfig.from_pretrained(source.root.path), quant)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -124,7 +125,7 @@ def export_dtype(name: str, source: ModelSource) -> torch.dtype:
     if name == "auto":
         from transformers import AutoConfig
 
-        stored = getattr(AutoConfig.from_pretrained(root_source(source).path), "dtype", None)
+        stored = getattr(AutoConfig.from_pretrained(source.root.path), "dtype", None)
         name = str(stored).removeprefix("torch.") if stored else "float32"
         name = name if name in DTYPES else "float32"
     if name not in DTYPES:

@@ -13,31 +13,17 @@ recomputation against it.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from llmft.adapters import unwrap
 from llmft.chat import Chat
-from llmft.checkpoint import atomic_write_text
-from llmft.config import GenerateConfig, ModelConfig, SamplingConfig
-from llmft.data import Example, Record, collate, read_records
-from llmft.errors import DataError, ModelError
-from llmft.modeling import (
-    cache_kwarg,
-    can_share_prefix,
-    load_chat,
-    load_model,
-    model_body,
-    prefix_cache,
-    prompt_owners,
-    resolve_device,
-    resolve_dtype,
-    unwrap,
-)
-from llmft.sources import resolve_source
+from llmft.config import SamplingConfig
+from llmft.errors import ModelError
+from llmft.examples import Example, collate
+from llmft.forward import cache_kwarg, can_share_prefix, model_body, prefix_cache, prompt_owners
 
 
 @dataclass
@@ -49,22 +35,6 @@ class Generation:
     logprobs: list[float] | None = None  # the sampler's log-prob of each response token (when asked)
 
 
-def prompt_messages(rec: Record) -> list[dict]:
-    """A prompt row: {prompt: str | [messages]} or {messages: [...]} (a trailing assistant turn is dropped)."""
-    row, where = rec.row, rec.where
-    if "prompt" in row:
-        value = row["prompt"]
-    elif "messages" in row:
-        value = row["messages"]
-        if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
-            value = value[:-1]
-    else:
-        raise DataError(f"{where}: a prompt row needs a 'prompt' (or 'messages') field; it has {sorted(row)}")
-    if isinstance(value, str) and value.strip():
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
-        return value
-    raise DataError(f"{where}: the prompt must be a non-empty string or a list of chat messages")
 
 
 @torch.no_grad()
@@ -202,24 +172,3 @@ def locate(p: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     first = (p > 0).float().argmax(-1, keepdim=True)  # when there is none before: the first positive one
     moved = last.gather(-1, token)
     return torch.where(bad, torch.where(moved >= 0, moved, first), token)
-
-
-def run_generate(cfg: GenerateConfig) -> list[dict]:
-    """The `llmft generate` command: every prompt row comes back with its response fields added."""
-    records = read_records(cfg.prompts)[: cfg.limit]
-    source = resolve_source(cfg.model)
-    chat = load_chat(source)
-    prompts = [chat.prompt_ids(prompt_messages(r), r.where) for r in records]
-    device = resolve_device(cfg.device)
-    model = load_model(source, resolve_dtype(cfg.dtype, device), device,
-                       ModelConfig(name=cfg.model, kernels=cfg.kernels))
-    gens = generate(model, chat, prompts, cfg.sampling)
-    rows = [{**r.row, "response": g.text, "finished": g.finished, "response_tokens": len(g.response_ids)}
-            for r, g in zip(records, gens, strict=True)]
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(cfg.out), text)
-    else:
-        print(text, end="")
-    return rows

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from llmft import data
 from llmft.chat import Chat
-from llmft.data import Example, Record, as_turns, collate, read_splits
 from llmft.errors import DataError
+from llmft.examples import Example, collate
 from llmft.preferences import response_text
+from llmft.records import Record, as_turns, detect_format, read_splits
 
 FORMATS = {"labelled": ("prompt", "completion"), "pairs": ("chosen", "rejected")}
 
@@ -114,7 +114,7 @@ def tokenize_answers(records: list[Record], chat: Chat, fmt: str, max_length: in
 def load_labelled_sets(cfg, chat: Chat) -> tuple[LabelledSet, LabelledSet | None]:
     """Train and eval answers of a KTO config (`cfg.data`)."""
     train_rows, eval_rows = read_splits(cfg.data, cfg.seed)
-    fmt = data.detect_format(train_rows, cfg.data.format, FORMATS)
+    fmt = detect_format(train_rows, cfg.data.format, FORMATS)
     d = cfg.data
     return tuple(tokenize_answers(rows, chat, fmt, d.max_length, d.rating_threshold) if rows else None
                  for rows in (train_rows, eval_rows))

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from llmft.adapters import unwrap
+from llmft.forward import hidden_states, lm_logits
 from llmft.losses import token_logps
-from llmft.modeling import hidden_states, lm_logits, unwrap
 from llmft.rl import entropy_from_logits
 
 CHUNK_BYTES = 64 << 20  # fp32 logits per chunk: 64 MiB (341 positions of a 49,152-token vocabulary); a chunk's

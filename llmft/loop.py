@@ -16,14 +16,14 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from rich.table import Table
 
-from llmft import distributed, quantization, rundir
+from llmft import distributed, manifest, quantization, rundir
+from llmft.adapters import parameter_counts, unwrap
 from llmft.checkpoint import (
-    content_hash,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -31,27 +31,23 @@ from llmft.checkpoint import (
     save_final,
     write_failure,
 )
-from llmft.data import as_list
+from llmft.console import console, describe_step, progress_bar
 from llmft.errors import RunError
-from llmft.modeling import check_lm_head, dry_build, parameter_counts, unwrap
-from llmft.schema import to_dict, to_yaml
-from llmft.sources import file_sha256, root_source
-from llmft.training import (
-    MetricsLog,
-    StepPlan,
-    Throughput,
+from llmft.forward import check_lm_head
+from llmft.loading import dry_build
+from llmft.metrics import MetricsLog, Throughput
+from llmft.optim import (
     configure_backend,
-    console,
-    describe_step,
     ensure_finite,
     make_optimizer,
     make_scheduler,
-    now,
     optimizer_step,
-    progress_bar,
     seed_everything,
-    versions,
 )
+from llmft.plan import StepPlan
+from llmft.records import as_list
+from llmft.schema import to_yaml
+from llmft.sources import file_sha256
 
 
 @dataclass
@@ -108,12 +104,30 @@ class Stage:
     resume: Callable[[dict | None], None] | None = None
 
 
-def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict | None:
-    """A training stage from start to end; `recipe` (the stage's module) provides
-    setup(cfg) → Setup, show_plan(setup), build_model(setup) → model, stage(setup, model) → Stage.
+S = TypeVar("S", bound=Setup)
 
-    Returns the final metrics (None for a dry run, or when output_dir already holds this run, finished).
+
+@dataclass(frozen=True)
+class Recipe(Generic[S]):
+    """What a training stage gives `run_stage`, in the order it runs (each stage module ends with its RECIPE):
+
+        setup(cfg) → S              checks, model source and chat rules, data, the step plan (no weights read)
+        show_plan(S)                the plan table
+        build_model(S) → model      the model with its fresh adapter(s), on the device
+        stage(S, model) → Stage     the step function (and eval, extra state) that `fit` runs
     """
+
+    name: str  # the stage's command: sft, reward, dpo, kto, ppo, grpo
+    setup: Callable[[Any], S]
+    show_plan: Callable[[S], None]
+    build_model: Callable[[S], torch.nn.Module]
+    stage: Callable[[S, torch.nn.Module], Stage]
+
+
+def run_stage(cfg: Any, recipe: Recipe, dry_run: bool = False) -> dict | None:
+    """A training stage from start to end. Returns the final metrics (None for a dry run, or when output_dir already
+    holds this run, finished)."""
+    name = recipe.name
     run_dir = rundir.run_dir_of(cfg)
     distributed.init()  # a no-op unless torchrun / accelerate launch started several processes
     console.quiet = not distributed.world().main
@@ -132,7 +146,7 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     data = data_files(cfg)
     resume_from = distributed.on_main(lambda: rundir.prepare_output_dir(cfg, name, data))
     try:
-        metrics = train(name, s, recipe, resume_from, data)
+        metrics = train(s, recipe, resume_from, data)
     finally:
         rundir.unlock(run_dir)
     console.print(f"[green]done: {name} output (adapter, tokenizer, manifest) in {run_dir}")
@@ -140,7 +154,7 @@ def run_stage(name: str, cfg: Any, recipe: Any, dry_run: bool = False) -> dict |
     return metrics
 
 
-def train(name: str, s: Any, recipe: Any, resume_from: Path | None, data: list[dict]) -> dict:
+def train(s: Setup, recipe: Recipe, resume_from: Path | None, data: list[dict]) -> dict:
     """Build the model, run the plan (from `resume_from` when given) and write the final output; return the
     final metrics."""
     cfg, run_dir = s.cfg, rundir.run_dir_of(s.cfg)
@@ -160,13 +174,14 @@ def train(name: str, s: Any, recipe: Any, resume_from: Path | None, data: list[d
     state, resume_from = restore(resume_from, model, optimizer, scheduler, s.plan.total, explicit)
     metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, state, resume_from)
     if distributed.world().main:
-        record = manifest(name, cfg, s.source, metrics, data)
+        record = manifest.describe(recipe.name, cfg, s.source, metrics, data)
         record["model"]["embedding_rows"] = embedding_rows(unwrap(getattr(model, "lm", model)))
         if quantized := quantization.record(cfg.model.quantization, s.dtype):
             record["model"]["quantization"] = quantized
         try:
-            save_final(run_dir, model, s.chat.tokenizer, record, s.chat.generation_ids(),
-                       before_move=lambda names: rundir.record_final_files(run_dir, names))
+            record["files"] = save_final(run_dir, model, s.chat.tokenizer, s.chat.generation_ids(),
+                                         before_move=lambda names: rundir.record_final_files(run_dir, names))
+            manifest.write(run_dir, record)
         except OSError as e:
             raise RunError(write_failure(e, run_dir, latest_checkpoint(run_dir))) from None
     return metrics
@@ -297,23 +312,6 @@ def run_step(stage: Stage, step: int, model, optimizer, scheduler, last_ckpt: Pa
 
 
 # -------------------------------------------------------------------------------------------- manifest
-def manifest(stage: str, cfg: Any, source, metrics: dict, data: list[dict]) -> dict[str, Any]:
-    """The record of a finished run (llmft.json): where the model and data came from, config, metrics."""
-    parent = None
-    if source.kind == "stage":
-        parent = {"path": source.path, "stage": source.manifest.get("stage"),
-                  "sha256": content_hash(Path(source.path))}
-    return {
-        "stage": stage,
-        "created": now(),
-        "model": {"source": cfg.model.name, "kind": source.kind, "resolved": resolved_name(source),
-                  "root": root_source(source).name, "kernels": cfg.model.kernels},
-        "parent": parent,
-        "data": data,
-        "config": to_dict(cfg),
-        "metrics": metrics,
-        "versions": versions(),
-    }
 
 
 def weight_bytes(model) -> int:
@@ -334,12 +332,3 @@ def data_files(cfg: Any) -> list[dict]:
     return [{"role": role, "path": str(Path(p).expanduser().resolve()) if Path(p).expanduser().is_file() else p,
              "sha256": file_sha256(Path(p).expanduser()) if Path(p).expanduser().is_file() else None}
             for role, p in named]
-
-
-def resolved_name(src) -> str:
-    """What `resolve_source` needs to find this model again from anywhere."""
-    if src.kind in ("embedded", "hub"):
-        return src.name
-    if src.kind == "gguf":
-        return str(Path(src.name).expanduser().resolve())
-    return src.path

@@ -14,39 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from llmft.modeling import body_states, hidden_states, unwrap
-
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
-
-
-def pack_pairs(pairs) -> dict[str, torch.Tensor]:
-    """The packed sequence of B tokenized pairs, as tensors to add to a collated batch (host tensors):
-    tree_ids, tree_positions, tree_pair, tree_segment [N]; tree_predictors, tree_targets, tree_rows [M] (every answer
-    token: the position whose state predicts it, the token, its sequence 0 … 2B − 1, chosen rows first); tree_last
-    [2B] (each answer's last position)."""
-    ids, positions, pair_of, segment = [], [], [], []
-    predictors, targets, rows, last = [], [], [], [[], []]
-    for k, p in enumerate(pairs):
-        start, width = len(ids), len(p.prompt_ids)
-        ids += p.prompt_ids
-        positions += range(width)
-        pair_of += [k] * width
-        segment += [PROMPT] * width
-        for side, answer in ((CHOSEN, p.chosen_ids), (REJECTED, p.rejected_ids)):
-            first = len(ids)
-            predictors += [start + width - 1] + list(range(first, first + len(answer) - 1))
-            targets += answer
-            rows += [k + (side - 1) * len(pairs)] * len(answer)
-            ids += answer
-            positions += range(width, width + len(answer))
-            pair_of += [k] * len(answer)
-            segment += [side] * len(answer)
-            last[side - 1].append(len(ids) - 1)
-    long = torch.long
-    return {"tree_ids": torch.tensor([ids]), "tree_positions": torch.tensor([positions]),
-            "tree_pair": torch.tensor(pair_of), "tree_segment": torch.tensor(segment),
-            "tree_predictors": torch.tensor(predictors, dtype=long), "tree_targets": torch.tensor(targets, dtype=long),
-            "tree_rows": torch.tensor(rows, dtype=long), "tree_last": torch.tensor(last[0] + last[1], dtype=long)}
+from llmft.adapters import unwrap
+from llmft.errors import ModelError
+from llmft.forward import body_states, hidden_states, packed_states, probe_tolerance
+from llmft.preferences import PROMPT, pack_pairs
 
 
 def can_pack_pairs(model, batch: dict) -> bool:
@@ -95,3 +66,24 @@ def pair_probe(model, ids: torch.Tensor) -> float:
     rows = [torch.tensor([prompt + chosen], device=ids.device), torch.tensor([prompt + rejected], device=ids.device)]
     own = [hidden_states(model, r, torch.ones_like(r))[0, 3:] for r in rows]
     return max(float((tree[3:5] - own[0]).abs().max()), float((tree[5:8] - own[1]).abs().max()))
+
+
+@torch.no_grad()
+def check_packing(model) -> None:
+    """Refuse data.packing for a model whose attention does not keep packed rows apart (a model with its own masks,
+    remote code): on a probe of two rows, packed and padded states must agree."""
+    base = unwrap(model)
+    device, training = next(base.parameters()).device, base.training
+    vocab = base.config.get_text_config().vocab_size
+    ids = (torch.arange(10, device=device).view(2, 5) * 7 + 3) % vocab
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], device=device)
+    base.eval()
+    try:
+        padded, packed = hidden_states(model, ids, mask), packed_states(model, ids, mask)
+        pairs = pair_probe(model, ids)
+    finally:
+        base.train(training)
+    gap, scale = float((padded - packed)[mask.bool()].abs().max()), float(padded.abs().max())
+    if max(gap, pairs) > probe_tolerance(base) * (1 + scale):
+        raise ModelError(f"data.packing: this model's attention crosses packed rows (largest difference "
+                         f"{max(gap, pairs):.3g} on a probe); set data.packing: false")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmft.data import read_jsonl
 from llmft.errors import DataError, LlmftError
+from llmft.records import read_jsonl
 
 # the figures worth a panel, in display order (each stage logs the ones that apply to it)
 PANELS = ["loss", "eval/loss", "accuracy", "eval/accuracy", "margin", "eval/margin", "reward_mean", "reward_std",

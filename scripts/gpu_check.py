@@ -118,7 +118,7 @@ def main() -> None:
     from llmft.config import EvalConfig, GenerateConfig, SamplingConfig, load_config
     from llmft.evaluation import run as run_eval
     from llmft.export import run_export
-    from llmft.generation import run_generate
+    from llmft.generate_command import run_generate
     from llmft.stages import dpo, grpo, ppo, reward, sft
 
     quiet_libraries()
@@ -152,7 +152,7 @@ def nf4_export_gap(work: Path, device: str) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from llmft.modeling import resolve_dtype
+    from llmft.loading import resolve_dtype
 
     dtype = resolve_dtype("auto", torch.device(device))
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -173,8 +173,8 @@ def nf4_export_gap(work: Path, device: str) -> dict:
 
 
 def report(rows: list[dict], args, runs: Path) -> None:
-    from llmft.modeling import resolve_dtype
-    from llmft.rlcommon import default_gap_tolerance
+    from llmft.loading import resolve_dtype
+    from llmft.rlstage import default_gap_tolerance
 
     figures = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "size": args.size, "stages": []}

@@ -44,7 +44,7 @@ from llmft.cli import quiet_libraries
 from llmft.config import ModelConfig, SamplingConfig
 from llmft.generation import generate
 from llmft.judges.constraints import judge
-from llmft.modeling import load_chat, load_model
+from llmft.loading import load_chat, load_model
 from llmft.sources import resolve_source
 
 HERE = Path(__file__).resolve().parent

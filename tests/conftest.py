@@ -155,13 +155,13 @@ def crash_then_resume(run, cfg, monkeypatch, at_step: int = 5) -> None:
 
 def train_in_process(stage, cfg):
     """Set up and train a stage module in this process: (model, its parameters before training, final metrics)."""
-    from llmft import loop, rundir, training
+    from llmft import loop, optim, rundir
 
     s = stage.setup(cfg)
     model = stage.build_model(s)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rundir.prepare_output_dir(cfg, stage.__name__.rsplit(".", 1)[-1], loop.data_files(cfg))
-    opt = training.make_optimizer(model, cfg.train)
-    scheduler = training.make_scheduler(opt, cfg.train, s.plan.total)
+    opt = optim.make_optimizer(model, cfg.train)
+    scheduler = optim.make_scheduler(opt, cfg.train, s.plan.total)
     final = loop.fit(stage.stage(s, model), model, opt, scheduler, None, None)
     return model, before, final

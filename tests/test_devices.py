@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from llmft import evaluation, generation, modeling, reward_model
+from llmft import evaluation, generate_command, loading, reward_model
 from llmft.config import load_config
 from llmft.stages import dpo, grpo, ppo, reward, sft
 from tests.fake_cuda import CUDA, FakeCuda, MixedDevice
@@ -19,7 +19,7 @@ def fake_cuda(monkeypatch):
     """Stages resolve their device to cuda:0, whose tensors are fake; CUDA-only calls become no-ops."""
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
-    for module in (modeling, generation, evaluation, reward_model):
+    for module in (loading, generate_command, evaluation, reward_model):
         monkeypatch.setattr(module, "resolve_device", lambda device: CUDA)
     mode = FakeCuda()
     with mode:
@@ -87,7 +87,7 @@ def test_generate_and_eval_keep_their_tensors_on_one_device(stage_config, tiny_m
     reward.run(stage_config("reward"))
     prompts = str(tmp_path / "prompts.jsonl")
     sampling = SamplingConfig(max_new_tokens=4, temperature=0.7, top_k=5, top_p=0.9)
-    rows = generation.run_generate(GenerateConfig(model=str(tiny_model_dir), prompts=prompts, sampling=sampling,
+    rows = generate_command.run_generate(GenerateConfig(model=str(tiny_model_dir), prompts=prompts, sampling=sampling,
                                                   limit=3, device="cuda"))
     assert len(rows) == 3
     model = str(tiny_model_dir)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmft.data import Example, collate
 from llmft.evaluation import win_rate
+from llmft.examples import Example, collate
 from llmft.judges.text import bleu, rouge_l
 from llmft.logprobs import sequence_logps
 from tests.test_cli import assert_one_line_error, llmft

@@ -15,13 +15,15 @@ import pytest
 import torch
 import yaml
 
-from llmft import data as D
 from llmft.config import load_config
 from llmft.errors import DataError
-from llmft.modeling import last_token_index, load_chat
-from llmft.modeling import model_body as modeling_body
-from llmft.modeling import shared_prefix_states as SHARED
+from llmft.examples import tokenize_example
+from llmft.forward import last_token_index
+from llmft.forward import model_body as modeling_body
+from llmft.forward import shared_prefix_states as SHARED
+from llmft.loading import load_chat
 from llmft.preferences import collate_pairs
+from llmft.rlstage import sample
 from llmft.sources import resolve_source
 from llmft.stages import dpo, grpo, kto, ppo, reward, sft
 from tests.conftest import PAIRS, ROWS
@@ -73,9 +75,9 @@ def test_system_messages_and_multi_turn_conversations(family):
              {"role": "assistant", "content": "blue"}]
     if f.name == "qwen3":  # the final answer gets a think block that earlier turns lose: not one sequence
         with pytest.raises(DataError, match="renders earlier turns differently once later ones exist"):
-            D.tokenize_example(chat, turns, 256, "completion", "f:1")
+            tokenize_example(chat, turns, 256, "completion", "f:1")
         return
-    ex, _ = D.tokenize_example(chat, turns, 256, "completion", "f:1")
+    ex, _ = tokenize_example(chat, turns, 256, "completion", "f:1")
     rendered = tok.apply_chat_template(turns, tokenize=False)
     assert ex.input_ids == ids(tok, rendered[:rendered.rindex(f.turn_end) + len(f.turn_end)])
     answers = [t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != -100]
@@ -84,8 +86,9 @@ def test_system_messages_and_multi_turn_conversations(family):
 
 # ------------------------------------------------------------------------------------- shared prompts
 def lora_model(path: Path, gradient_checkpointing: bool = False):
+    from llmft.adapters import add_lora, disable_dropout
     from llmft.config import LoraConfig, ModelConfig
-    from llmft.modeling import add_lora, disable_dropout, load_model
+    from llmft.loading import load_model
 
     model = load_model(resolve_source(str(path)), torch.float32, torch.device("cpu"), ModelConfig(name=str(path)))
     torch.manual_seed(1)
@@ -111,7 +114,7 @@ def experience(chat, answers_per_prompt: int = 3):
 
 def logps_and_grads(lm, exp, share: bool, monkeypatch):
     from llmft import rollout
-    from llmft.modeling import hidden_states
+    from llmft.forward import hidden_states
 
     if not share:
         monkeypatch.setattr(rollout, "prompt_owners", lambda *a: None)
@@ -126,14 +129,14 @@ def logps_and_grads(lm, exp, share: bool, monkeypatch):
 def test_a_shared_prompt_gives_the_same_log_probs_and_gradients(family, monkeypatch):
     # G answers to one prompt: its keys and values are computed once and shared (sliding windows and soft-capping
     # included); the log-probs and the LoRA gradients (through the prompt's keys and values too) are the same
-    from llmft import modeling
+    from llmft import forward
 
     f, path = family
     chat, lm = load_chat(resolve_source(str(path))), lora_model(path)
     lm.train()  # as in the update (dropout is off): some models make no KV cache of their own in train mode
     exp = experience(chat)
     calls = []
-    monkeypatch.setattr(modeling, "shared_prefix_states", lambda *a: calls.append(1) or SHARED(*a))
+    monkeypatch.setattr(forward, "shared_prefix_states", lambda *a: calls.append(1) or SHARED(*a))
     shared, shared_grads = logps_and_grads(lm, exp, True, monkeypatch)
     assert calls == [1]
     full, full_grads = logps_and_grads(lm, exp, False, monkeypatch)
@@ -170,7 +173,7 @@ def test_a_shared_prompt_sums_its_gradient_in_a_fixed_order(family, monkeypatch)
 
 def test_a_shared_prompt_is_not_shared_under_gradient_checkpointing(family, monkeypatch):
     # transformers drops the KV cache of a checkpointed layer: sharing would silently drop the prompt
-    from llmft import modeling
+    from llmft import forward
 
     f, path = family
     chat = load_chat(resolve_source(str(path)))
@@ -179,7 +182,7 @@ def test_a_shared_prompt_is_not_shared_under_gradient_checkpointing(family, monk
     lm = lora_model(path, gradient_checkpointing=True)
     lm.train()
     calls = []
-    monkeypatch.setattr(modeling, "shared_prefix_states", lambda *a: calls.append(1) or SHARED(*a))
+    monkeypatch.setattr(forward, "shared_prefix_states", lambda *a: calls.append(1) or SHARED(*a))
     checkpointed, _ = logps_and_grads(lm, exp, True, monkeypatch)
     assert calls == [] and torch.allclose(checkpointed, reference, atol=1e-5)
 
@@ -253,7 +256,7 @@ def metrics(run_dir: Path) -> list[dict]:
 def test_a_trained_answer_ends_where_generation_stops(family, chain):
     from llmft.config import SamplingConfig
     from llmft.generation import generate
-    from llmft.modeling import load_model
+    from llmft.loading import load_model
 
     f, _ = family
     src = resolve_source(str(chain["dir"] / "sft"))
@@ -298,7 +301,7 @@ def test_ppo_samples_the_distribution_it_trains(family, chain):
     assert rows[0]["logprob_gap"] < 1e-4 and len(rows) == 2
     s = ppo.setup(chain["ppo_cfg"])
     model = ppo.build_model(s)
-    exp = ppo.rollout(model, s, list(range(8)), seed=0)
+    exp = sample(model, s, s.train.ids[:8], 0)
     ppo.evaluate_roles(model, s, exp)
     assert exp.logprob_gap()[0] < 1e-4
     assert torch.equal(exp.old_logps, exp.ref_logps)  # policy == reference before the first update

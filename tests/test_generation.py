@@ -97,7 +97,8 @@ def test_checkpoint_sampling_defaults_never_reach_the_sampler(tiny_model_dir, tm
     # must draw from exactly softmax(z / T), and report its own log-probs, or RL optimises another distribution
     import shutil
 
-    from llmft.modeling import hidden_states, load_chat
+    from llmft.forward import hidden_states
+    from llmft.loading import load_chat
     from llmft.rollout import pack, response_logps
     from llmft.sources import resolve_source
 
@@ -160,7 +161,7 @@ def test_the_multinomial_draw_reproduces_transformers_sampling(model, chat):
     ids = prompts(chat, ["hello", "the sea"])
     ours = generate(model, chat, ids, SamplingConfig(max_new_tokens=10, temperature=0.8, seed=5, draw="multinomial"))
     torch.manual_seed(5)
-    from llmft.data import Example, collate
+    from llmft.examples import Example, collate
 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batch = collate([Example(ids[i], ids[i]) for i in order], chat.pad_id, side="left")

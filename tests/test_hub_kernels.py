@@ -15,8 +15,8 @@ from llmft import hub_kernels
 from llmft.config import ModelConfig, load_config
 from llmft.evaluation import run as run_eval
 from llmft.export import run_export
-from llmft.generation import run_generate
-from llmft.modeling import load_model
+from llmft.generate_command import run_generate
+from llmft.loading import load_model
 from llmft.reward_model import RewardScorer
 from llmft.schema import build
 from llmft.sources import resolve_source
@@ -117,7 +117,7 @@ def test_importing_llmft_fetches_no_kernel_and_prints_nothing(tmp_path):
     probe = ("import kernels, sys\n"
              "asked = []\n"
              "kernels.get_kernel = lambda repo, *a, **k: asked.append(repo)\n"
-             "import llmft.modeling, peft, bitsandbytes\n"
+             "import llmft.loading, peft, bitsandbytes\n"
              "print(asked, kernels.get_kernel.__name__)\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmft import logprobs
+from llmft.forward import lm_logits
 from llmft.losses import token_logps
-from llmft.modeling import lm_logits
 from llmft.rl import entropy_from_logits
 from tests.families import BY_NAME, build
 

@@ -10,8 +10,10 @@ import torch
 import yaml
 
 from llmft.config import load_config
+from llmft.forward import body_states, packed_states
+from llmft.loading import load_chat
 from llmft.logprobs import supervised_logps
-from llmft.modeling import body_states, check_packing, load_chat, packed_states
+from llmft.pairpack import check_packing
 from llmft.sources import resolve_source
 from llmft.stages import dpo, reward, sft
 from tests.conftest import PAIRS, ROWS
@@ -29,12 +31,12 @@ def family_model(request, tmp_path_factory):
 
 def padded_batch(chat):
     """Three chat rows of different lengths, right-padded, labels on the answers."""
-    from llmft import data as D
+    from llmft.examples import collate, tokenize_example
 
-    examples = [D.tokenize_example(chat, [{"role": "user", "content": r["prompt"]},
+    examples = [tokenize_example(chat, [{"role": "user", "content": r["prompt"]},
                                           {"role": "assistant", "content": r["completion"]}], 256, "completion",
                                    f"row {i}")[0] for i, r in enumerate(ROWS[:3])]
-    return D.collate(examples, chat.pad_id)
+    return collate(examples, chat.pad_id)
 
 
 def test_packed_rows_give_the_same_token_log_probs_and_gradients(family_model):
@@ -55,7 +57,7 @@ def test_packed_rows_give_the_same_token_log_probs_and_gradients(family_model):
 
 
 def test_best_fit_decreasing_by_hand():
-    from llmft.data import Example, collate_blocks, pack_blocks
+    from llmft.examples import Example, collate_blocks, pack_blocks
 
     # longest first: 6 opens A (room 2), 5 opens B (3), 4 fits neither and opens C (4), 3 fills B, 2 fills A
     assert pack_blocks([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
@@ -72,7 +74,7 @@ def test_best_fit_decreasing_by_hand():
 
 
 def test_sft_in_blocks_steps_over_blocks_with_the_loss_of_their_rows(tiny_model_dir, sft_data, write_config):
-    from llmft import data as D
+    from llmft.examples import collate
 
     s = sft.setup(load_config("sft", write_config(tiny_model_dir, sft_data, data__packing="blocks",
                                                   data__max_length=128, train__batch_size=2)))
@@ -82,21 +84,21 @@ def test_sft_in_blocks_steps_over_blocks_with_the_loss_of_their_rows(tiny_model_
     first = s.plan.steps[0][0]  # the first micro-batch: two block indices
     rows = [examples[i] for b in first for i in blocks[b]]
     in_blocks, tokens = sft.accumulate(model, [sft.micro_batch(s.train, first, s.chat.pad_id)], s.device, s.dtype)
-    as_rows, _ = sft.accumulate(model, [D.collate(rows, s.chat.pad_id)], s.device, s.dtype)
+    as_rows, _ = sft.accumulate(model, [collate(rows, s.chat.pad_id)], s.device, s.dtype)
     assert in_blocks == pytest.approx(as_rows, rel=1e-5) and tokens == sum(len(e.input_ids) for e in rows)
 
 
 def test_blocks_of_rows_give_the_same_token_log_probs_and_gradients(family_model):
-    from llmft import data as D
+    from llmft.examples import Example, collate, collate_blocks
 
     chat, lm = family_model
     b = padded_batch(chat)
-    examples = [D.Example(ids[m.bool()].tolist(), lab[m.bool()].tolist())
+    examples = [Example(ids[m.bool()].tolist(), lab[m.bool()].tolist())
                 for ids, m, lab in zip(b["input_ids"], b["attention_mask"], b["labels"], strict=True)]
-    blocks = D.collate_blocks([[examples[0], examples[2]], [examples[1]]], chat.pad_id)  # rows 0+2, then 1
+    blocks = collate_blocks([[examples[0], examples[2]], [examples[1]]], chat.pad_id)  # rows 0+2, then 1
     assert blocks["input_ids"].shape[0] == 2 and not bool(blocks["attention_mask"].all())  # one block is padded
     results = []
-    for batch, positions in ((D.collate([examples[i] for i in (0, 2, 1)], chat.pad_id), None),
+    for batch, positions in ((collate([examples[i] for i in (0, 2, 1)], chat.pad_id), None),
                              (blocks, blocks["position_ids"])):
         lm.zero_grad()
         logps = supervised_logps(lm, batch["input_ids"], batch["attention_mask"], batch["labels"], 0.9,
@@ -148,17 +150,18 @@ def test_the_stages_train_the_same_with_packing(tiny_model_dir, tmp_path):
 
 
 def test_packing_is_refused_where_attention_would_cross_rows(family_model, monkeypatch):
-    from llmft import modeling
+    from llmft import pairpack
     from llmft.errors import ModelError
+    from llmft.forward import position_ids
 
     def crossing(model, ids, mask):  # packed with an explicit all-ones mask: transformers then lets rows see each other
         keep = mask.bool()
-        flat = modeling.body_states(model, ids[keep][None], torch.ones_like(ids[keep][None]),
-                                    modeling.position_ids(mask)[keep][None])[0]
+        flat = body_states(model, ids[keep][None], torch.ones_like(ids[keep][None]),
+                           position_ids(mask)[keep][None])[0]
         return flat.new_zeros(*ids.shape, flat.shape[-1]).masked_scatter(keep[..., None], flat)
 
     chat, lm = family_model
-    monkeypatch.setattr(modeling, "packed_states", crossing)
+    monkeypatch.setattr(pairpack, "packed_states", crossing)
     with pytest.raises(ModelError, match="crosses packed rows"):
         check_packing(lm)
 

@@ -14,6 +14,7 @@ from llmft.config import load_config
 from llmft.errors import ConfigError, ModelError, TrainingAborted
 from llmft.losses import ppo_policy_loss, ppo_value_loss
 from llmft.rl import KLController, RunningMoments, gae, kl_per_token, shaped_rewards, whiten
+from llmft.rlstage import sample, score_rollout
 from llmft.stages import ppo, reward
 from tests.conftest import ROWS, build_tokenizer, crash_then_resume, save_config, set_keys
 
@@ -163,7 +164,7 @@ def test_first_minibatch_has_ratio_one_and_kl_is_zero_at_step_zero(ppo_config):
     s = ppo.setup(ppo_config())
     model = ppo.build_model(s)
     assert s.share_reward  # trained on the same base: one copy, four roles
-    exp = ppo.rollout(model, s, [0, 1, 2, 3], seed=0)
+    exp = sample(model, s, s.train.ids[:4], 0)
     ppo.evaluate_roles(model, s, exp)
     assert torch.equal(exp.old_logps, exp.ref_logps)  # a new adapter starts as the identity: policy == reference
     assert exp.logprob_gap()[0] < 1e-4  # the trainer recomputes what the sampler drew from
@@ -202,7 +203,7 @@ def test_resume_equals_uninterrupted_and_output_loads_as_a_policy(ppo_config, mo
     assert [r["step"] for r in rows] == [1, 2]
     samples = [json.loads(x) for x in (tmp_path / "crashed" / "samples.jsonl").read_text().splitlines()]
     assert {r["step"] for r in samples} == {1, 2} and "reward_model" in samples[0]
-    from llmft.modeling import load_model
+    from llmft.loading import load_model
     from llmft.sources import resolve_source
 
     src = resolve_source(str(tmp_path / "full"))
@@ -279,8 +280,8 @@ def test_a_reward_model_on_other_base_weights_is_loaded_separately(ppo_config, t
     assert not s.share_reward
     model = ppo.build_model(s)
     assert s.external_reward is not None and "reward" not in model.lm.peft_config
-    exp = ppo.rollout(model, s, [0, 1], seed=0)
-    _, score = ppo.score_rollout(model, s, exp, [s.train.records[i].row for i in (0, 1)])
+    exp = sample(model, s, s.train.ids[:2], 0)
+    _, score = score_rollout(model, s, exp, [s.train.records[i].row for i in (0, 1)])
     assert torch.isfinite(score).all()
 
 
@@ -295,7 +296,7 @@ def ppo_grads(ppo_config, checkpointing: bool) -> dict[str, torch.Tensor]:
     s = ppo.setup(ppo_config(train__gradient_checkpointing=checkpointing))
     torch.manual_seed(0)
     model = ppo.build_model(s)
-    exp = ppo.rollout(model, s, [0, 1, 2, 3], seed=0)
+    exp = sample(model, s, s.train.ids[:4], 0)
     ppo.evaluate_roles(model, s, exp)
     g = torch.Generator().manual_seed(1)
     exp.put(advantages=torch.randn(exp.mask.shape, generator=g) * exp.mask.cpu(),

@@ -13,6 +13,7 @@ import yaml
 
 from llmft.config import load_config
 from llmft.errors import ModelError
+from llmft.rlstage import sample
 from llmft.stages import dpo, ppo, reward, sft
 from tests.conftest import PAIRS, ROWS, train_in_process
 from tests.test_cli import assert_one_line_error, llmft
@@ -122,7 +123,7 @@ def test_ppo_on_an_nf4_base_samples_what_it_trains(ppo_config):  # noqa: F811
     s = ppo.setup(ppo_config(model__quantization="nf4"))
     assert not s.share_reward  # the reward model was trained on the full-precision base: it keeps its own
     model = ppo.build_model(s)
-    exp = ppo.rollout(model, s, [0, 1, 2, 3], seed=0)
+    exp = sample(model, s, s.train.ids[:4], 0)
     ppo.evaluate_roles(model, s, exp)
     assert torch.equal(exp.old_logps, exp.ref_logps)
     assert exp.logprob_gap()[0] < 1e-4  # the trainer recomputes what the sampler drew from, on the same nf4 base
@@ -172,8 +173,9 @@ def test_generation_and_training_see_the_same_quantised_weights():
 def test_every_family_merges_its_qlora_adapter_into_the_dequantised_base(kind, tmp_path):
     from peft import PeftModel
 
+    from llmft.adapters import add_lora
     from llmft.config import LoraConfig, ModelConfig
-    from llmft.modeling import add_lora, load_model
+    from llmft.loading import load_model
     from llmft.quantization import round_trip
     from llmft.sources import resolve_source
     from tests.families import FAMILIES, build

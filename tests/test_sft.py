@@ -14,6 +14,7 @@ from llmft import loop
 from llmft.checkpoint import content_hash
 from llmft.config import load_config
 from llmft.errors import RunError, TrainingAborted
+from llmft.examples import collate
 from llmft.stages import sft
 from tests.conftest import train_in_process
 
@@ -46,7 +47,7 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, sft_data, write_conf
 
     def gradients(micro_batches):
         model.zero_grad()
-        loss, _ = sft.accumulate(model, [sft.D.collate(mb, pad) for mb in micro_batches], s.device, s.dtype)
+        loss, _ = sft.accumulate(model, [collate(mb, pad) for mb in micro_batches], s.device, s.dtype)
         return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     loss_big, big = gradients([examples])
@@ -55,7 +56,7 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, sft_data, write_conf
     for name in big:
         torch.testing.assert_close(small[name], big[name], rtol=1e-4, atol=1e-7)
     # the mean of per-micro-batch means is a different number: the test can tell the two apart
-    means = [sft.accumulate(model, [sft.D.collate([e], pad)], s.device, s.dtype)[0] for e in examples]
+    means = [sft.accumulate(model, [collate([e], pad)], s.device, s.dtype)[0] for e in examples]
     counts = [sum(t != -100 for t in e.labels[1:]) for e in examples]
     assert loss_big == pytest.approx(sum(m * n for m, n in zip(means, counts, strict=True)) / sum(counts), rel=1e-6)
     assert abs(sum(means) / 4 - loss_big) > 10 * 1e-6 * loss_big  # 10× the tolerance used above
@@ -223,7 +224,7 @@ def test_every_row_format_trains_end_to_end(fmt, tiny_model_dir, write_config, t
 
 def test_a_non_finite_gradient_stops_the_run_before_the_weights_move(tiny_model_dir, sft_data, write_config,
                                                                      monkeypatch):
-    from llmft import training
+    from llmft import optim
 
     cfg = write_config(tiny_model_dir, sft_data, train__batch_size=2, train__save_every=2)
     real_clip, clips = torch.nn.utils.clip_grad_norm_, []
@@ -234,7 +235,7 @@ def test_a_non_finite_gradient_stops_the_run_before_the_weights_move(tiny_model_
         norm = real_clip(params, max_norm)
         return norm * float("nan") if len(clips) == 3 else norm
 
-    monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(optim.torch.nn.utils, "clip_grad_norm_", clip)
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
     with pytest.raises(TrainingAborted, match=r"non-finite grad_norm \(nan\) at step 3.*checkpoint-2"):
         run(cfg)

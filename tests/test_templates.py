@@ -14,7 +14,7 @@ import yaml
 from llmft.config import SamplingConfig, load_config
 from llmft.errors import ConfigError, ModelError
 from llmft.generation import generate
-from llmft.modeling import load_chat, load_model
+from llmft.loading import load_chat, load_model
 from llmft.sources import resolve_source
 from llmft.stages import dpo, ppo, sft
 from tests.conftest import PAIRS, ROWS, build_model, build_tokenizer, set_keys, train_in_process

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -19,13 +18,16 @@ import torch
 
 from llmft import distributed, loop
 from llmft import preferences as P
+from llmft.adapters import require_dropout_off
 from llmft.config import DPOConfig
+from llmft.console import console
+from llmft.forward import autocast
+from llmft.loading import policy_with_reference, resolve_model
 from llmft.logprobs import pair_logps, sequence_logps
-from llmft.loop import Stage, StepContext, plan_table, run_stage, steps_row
+from llmft.loop import Recipe, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import REFERENCE_FREE, preference_loss, with_chosen_nll
-from llmft.modeling import policy_with_reference, resolve_model
 from llmft.pairpack import can_pack_pairs
-from llmft.training import autocast, console, plan_for, require_dropout_off
+from llmft.plan import plan_for
 
 
 @dataclass
@@ -60,7 +62,7 @@ def show_plan(s: Setup) -> None:
 # --------------------------------------------------------------------------------------------- train
 def run(cfg: DPOConfig, dry_run: bool = False) -> dict | None:
     """The `llmft dpo` command: returns the final metrics (None for a dry run or a finished run)."""
-    return run_stage("dpo", cfg, sys.modules[__name__], dry_run)
+    return run_stage(cfg, RECIPE, dry_run)
 
 
 def build_model(s: Setup):
@@ -166,3 +168,6 @@ def evaluate(model, s: Setup) -> dict[str, float]:
     metrics = {"loss": float(torch.cat(losses).mean()),
                **pair_metrics(torch.cat(rewards, dim=1), torch.cat(logps, dim=1))}
     return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+RECIPE = Recipe("dpo", setup, show_plan, build_model, stage)

@@ -22,40 +22,36 @@
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from llmft import distributed, rlcommon
+from llmft import distributed, rlsetup, rlstage
 from llmft.actor_critic import POLICY, REFERENCE, ActorCritic
 from llmft.config import GRPOConfig
+from llmft.console import console
 from llmft.errors import ConfigError
 from llmft.generation import Generation
-from llmft.loop import Stage, plan_table, run_stage
+from llmft.loading import resolve_model
+from llmft.loop import Recipe, Stage, plan_table, run_stage
 from llmft.losses import grpo_policy_loss
-from llmft.modeling import resolve_model
-from llmft.rewards import Scorer
+from llmft.plan import chunks, plan_steps
+from llmft.prompts import load_prompts
 from llmft.rl import group_advantages, masked_var, rloo_advantages, zero_std_groups
-from llmft.rlcommon import (
-    RLSetup,
+from llmft.rlsetup import RLSetup, check_reward_model, check_sampling_config, reward_rollout_rows
+from llmft.rlstage import (
     check_finite,
     check_logprob_gap,
-    check_reward_model,
-    check_sampling_config,
-    load_prompts,
     mean_of,
     phase,
-    policy_logps,
-    reward_rollout_rows,
     rollout_seed,
     sample,
     sample_rows,
     score_rollout,
     token_weighted,
 )
-from llmft.rollout import Experience, chunks, pack
-from llmft.training import console, plan_steps
+from llmft.rollout import Experience, pack, response_logps
+from llmft.scoring import Scorer
 
 
 @dataclass
@@ -130,15 +126,15 @@ def show_plan(s: RLSetup) -> None:
 # --------------------------------------------------------------------------------------------- train
 def run(cfg: GRPOConfig, dry_run: bool = False) -> dict | None:
     """The `llmft grpo` command: returns the final metrics (None for a dry run or a finished run)."""
-    return run_stage("grpo", cfg, sys.modules[__name__], dry_run)
+    return run_stage(cfg, RECIPE, dry_run)
 
 
 def build_model(s: RLSetup) -> ActorCritic:
-    return rlcommon.build_model(s, critic=False)
+    return rlsetup.build_model(s, critic=False)
 
 
 def stage(s: RLSetup, model: ActorCritic) -> Stage:
-    return rlcommon.rl_stage("grpo", s, model, functools.partial(grpo_step, model, s),
+    return rlstage.rl_stage("grpo", s, model, functools.partial(grpo_step, model, s),
                              shown=("reward", "frac_reward_zero_std", "completions/mean_length", "loss", "lr"))
 
 
@@ -223,8 +219,9 @@ def evaluate_roles(model: ActorCritic, s: RLSetup, exp: Experience) -> None:
     for role, key, needed in ((POLICY, "old_logps", need_old), (REFERENCE, "ref_logps", need_ref)):
         if needed:
             with model.role(role):
-                exp.put(**{key: torch.cat([policy_logps(model, s, exp, rows)[0]
-                                           for rows in chunks(range(exp.size), s.cfg.train.batch_size)])})
+                exp.put(**{key: torch.cat([
+                    response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype)[0]
+                    for rows in chunks(range(exp.size), s.cfg.train.batch_size)])})
 
 
 # -------------------------------------------------------------------------------------------- update
@@ -281,7 +278,8 @@ def micro_update(model: ActorCritic, s: RLSetup, exp: Experience, loss_mask: tor
     pass only."""
     g, mask = s.cfg.grpo, loss_mask[rows]
     with model.role(POLICY):
-        logps, entropy = policy_logps(model, s, exp, rows, with_entropy=first_pass)
+        logps, entropy = response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype,
+                                        with_entropy=first_pass)
         if own_old:  # π_old = π_θ before this update: the ratio is exactly 1
             exp.old_logps[rows] = logps.detach()
         loss, st = grpo_policy_loss(logps, exp.old_logps[rows], exp.advantages[rows], mask, max(normaliser, 1.0),
@@ -326,3 +324,6 @@ def step_metrics(s: RLSetup, exp: Experience, groups: list[Group], score: torch.
 def global_std(x: torch.Tensor) -> float:
     """The standard deviation of every process's values together (unbiased), as TRL logs reward_std."""
     return float(masked_var(x.double(), torch.ones_like(x, dtype=torch.float64), distributed.sum_tensor).sqrt())
+
+
+RECIPE = Recipe("grpo", setup, show_plan, build_model, stage)

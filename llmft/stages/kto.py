@@ -12,20 +12,22 @@ undesirable one by one — people's thumbs up and down, ratings over a threshold
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 
 import torch
 
 from llmft import distributed
 from llmft import labelled as L
+from llmft.adapters import require_dropout_off
 from llmft.config import KTOConfig
+from llmft.console import console
 from llmft.errors import ConfigError
+from llmft.forward import autocast
+from llmft.loading import policy_with_reference, resolve_model
 from llmft.logprobs import sequence_logps
-from llmft.loop import Setup, Stage, StepContext, plan_table, run_stage, steps_row
+from llmft.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import kto_loss, kto_reference_point
-from llmft.modeling import policy_with_reference, resolve_model
-from llmft.training import autocast, console, plan_for, require_dropout_off
+from llmft.plan import plan_for
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -59,7 +61,7 @@ def show_plan(s: Setup) -> None:
 # --------------------------------------------------------------------------------------------- train
 def run(cfg: KTOConfig, dry_run: bool = False) -> dict | None:
     """The `llmft kto` command: returns the final metrics (None for a dry run or a finished run)."""
-    return run_stage("kto", cfg, sys.modules[__name__], dry_run)
+    return run_stage(cfg, RECIPE, dry_run)
 
 
 def build_model(s: Setup):
@@ -160,3 +162,6 @@ def evaluate(model, s: Setup) -> dict[str, float]:
     model.train()
     metrics = {"loss": float(torch.cat(losses).mean()), **answer_metrics(parts, z0, across_processes=False)}
     return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+RECIPE = Recipe("kto", setup, show_plan, build_model, stage)

@@ -18,40 +18,36 @@
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from llmft import distributed, rlcommon
+from llmft import distributed, rlsetup, rlstage
 from llmft.actor_critic import POLICY, REFERENCE, VALUE, ActorCritic
 from llmft.config import PPOConfig
+from llmft.console import console
 from llmft.errors import ConfigError
-from llmft.loop import Stage, plan_table, run_stage
+from llmft.loading import resolve_model
+from llmft.loop import Recipe, Stage, plan_table, run_stage
 from llmft.losses import ppo_policy_loss, ppo_value_loss
-from llmft.modeling import resolve_model
-from llmft.rewards import Scorer
+from llmft.plan import chunks, plan_steps
+from llmft.prompts import load_prompts
 from llmft.rl import KLController, explained_variance, gae, kl_per_token, shaped_rewards, whiten
-from llmft.rlcommon import (
-    RLSetup,
+from llmft.rlsetup import RLSetup, check_reward_model, check_sampling_config, reward_rollout_rows
+from llmft.rlstage import (
     check_finite,
     check_logprob_gap,
-    check_reward_model,
-    check_sampling_config,
-    load_prompts,
     mean_of,
     no_eos_share,
     phase,
-    policy_logps,
-    reward_rollout_rows,
     rollout_seed,
     sample,
     sample_rows,
     score_rollout,
     token_weighted,
 )
-from llmft.rollout import Experience, chunks, value_estimates
-from llmft.training import console, plan_steps
+from llmft.rollout import Experience, response_logps, value_estimates
+from llmft.scoring import Scorer
 
 
 @dataclass
@@ -116,18 +112,18 @@ def show_plan(s: Setup) -> None:
 # --------------------------------------------------------------------------------------------- train
 def run(cfg: PPOConfig, dry_run: bool = False) -> dict | None:
     """The `llmft ppo` command: returns the final metrics (None for a dry run or a finished run)."""
-    return run_stage("ppo", cfg, sys.modules[__name__], dry_run)
+    return run_stage(cfg, RECIPE, dry_run)
 
 
 def build_model(s: Setup) -> ActorCritic:
-    return rlcommon.build_model(s, critic=True)
+    return rlsetup.build_model(s, critic=True)
 
 
 def stage(s: Setup, model: ActorCritic) -> Stage:
     def load_kl(state: dict) -> None:
         s.kl.value = state["kl_coef"]
 
-    return rlcommon.rl_stage("ppo", s, model, functools.partial(ppo_step, model, s),
+    return rlstage.rl_stage("ppo", s, model, functools.partial(ppo_step, model, s),
                              shown=("score", "kl", "length", "loss", "lr"),
                              extra_state=lambda: {"kl_coef": s.kl.value}, load_extra=load_kl)
 
@@ -135,7 +131,7 @@ def stage(s: Setup, model: ActorCritic) -> Stage:
 def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: int) -> tuple[dict, list[dict]]:
     cfg, times = s.cfg, {}
     with phase(times, "generation", s.device):
-        exp = rollout(model, s, prompt_idx, seed=rollout_seed(s, step))
+        exp = sample(model, s, [s.train.ids[i] for i in prompt_idx], rollout_seed(s, step))
     with phase(times, "scoring", s.device):
         rows = [s.train.records[i].row for i in prompt_idx]
         parts, score = score_rollout(model, s, exp, rows)
@@ -171,12 +167,6 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
     return metrics, sample_rows(exp, rows, parts, score)
 
 
-# ------------------------------------------------------------------------------------------- rollout
-def rollout(model: ActorCritic, s: Setup, prompt_idx: list[int], seed: int) -> Experience:
-    """Sample one response per prompt with the policy, with the sampler's own log-probs."""
-    return sample(model, s, [s.train.ids[i] for i in prompt_idx], seed)
-
-
 # ------------------------------------------------------------------------------------------ forwards
 @torch.no_grad()
 def evaluate_roles(model: ActorCritic, s: Setup, exp: Experience) -> None:
@@ -184,9 +174,10 @@ def evaluate_roles(model: ActorCritic, s: Setup, exp: Experience) -> None:
     out = {"old_logps": [], "entropy": [], "ref_logps": [], "values": []}
     for rows in chunks(range(exp.size), s.cfg.train.batch_size):
         with model.role(POLICY):
-            logps, entropy = policy_logps(model, s, exp, rows, with_entropy=True)
+            logps, entropy = response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype,
+                                            with_entropy=True)
         with model.role(REFERENCE):
-            ref, _ = policy_logps(model, s, exp, rows)
+            ref, _ = response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype)
         with model.role(VALUE):
             values = value_estimates(model.values, model.hidden, exp, rows, s.dtype)
         for key, t in zip(out, (logps, entropy, ref, values), strict=True):
@@ -219,7 +210,7 @@ def micro_update(model: ActorCritic, s: Setup, exp: Experience, rows: list[int],
     loss under the value adapter (each backward inside its role), each its share of the minibatch's token mean."""
     mask, pp = exp.mask[rows], s.cfg.ppo
     with model.role(POLICY):
-        logps, _ = policy_logps(model, s, exp, rows)
+        logps, _ = response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype)
         policy_loss, st = ppo_policy_loss(logps, exp.old_logps[rows], exp.advantages[rows], mask, num_tokens,
                                           pp.clip_range)
         policy_loss.backward()
@@ -236,3 +227,4 @@ def micro_update(model: ActorCritic, s: Setup, exp: Experience, rows: list[int],
             "ratio": st["ratio"]}
 
 
+RECIPE = Recipe("ppo", setup, show_plan, build_model, stage)

@@ -9,31 +9,21 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from llmft import distributed
 from llmft import preferences as P
+from llmft.adapters import add_lora, disable_dropout, require_dropout_off
 from llmft.config import RewardConfig
+from llmft.console import console
 from llmft.errors import ConfigError
-from llmft.loop import Setup, Stage, StepContext, plan_table, run_stage, steps_row
+from llmft.forward import autocast
+from llmft.loading import load_model, resolve_model
+from llmft.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import pairwise_accuracy, reward_loss
-from llmft.modeling import (
-    add_lora,
-    check_packing,
-    disable_dropout,
-    load_model,
-    resolve_model,
-)
-from llmft.pairpack import can_pack_pairs
+from llmft.pairpack import can_pack_pairs, check_packing
+from llmft.plan import plan_for
 from llmft.reward_model import RewardModel
-from llmft.training import (
-    autocast,
-    console,
-    plan_for,
-    require_dropout_off,
-)
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -65,7 +55,7 @@ def show_plan(s: Setup) -> None:
 # --------------------------------------------------------------------------------------------- train
 def run(cfg: RewardConfig, dry_run: bool = False) -> dict | None:
     """The `llmft reward` command: returns the final metrics (None for a dry run or a finished run)."""
-    return run_stage("reward", cfg, sys.modules[__name__], dry_run)
+    return run_stage(cfg, RECIPE, dry_run)
 
 
 def build_model(s: Setup) -> RewardModel:
@@ -150,3 +140,6 @@ def evaluate(model: RewardModel, data: P.PairSet, cfg: RewardConfig, pad: int, d
     model.train()
     return {"eval/loss": loss, **{f"eval/{k}": v for k, v in pair_metrics(torch.cat(chosen),
                                                                              torch.cat(rejected)).items()}}
+
+
+RECIPE = Recipe("reward", setup, show_plan, build_model, stage)

@@ -7,34 +7,33 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from llmft import data as D
 from llmft import distributed
+from llmft.adapters import add_lora
 from llmft.config import SFTConfig
+from llmft.console import console
+from llmft.examples import TokenizedSet, collate, collate_blocks, pack_blocks, tokenize_records
+from llmft.forward import autocast
+from llmft.loading import load_model, resolve_model
 from llmft.logprobs import supervised_logps
-from llmft.loop import Setup, Stage, StepContext, plan_table, run_stage, steps_row
+from llmft.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.losses import sft_loss
-from llmft.modeling import add_lora, check_packing, load_model, resolve_model
-from llmft.training import (
-    autocast,
-    console,
-    plan_for,
-)
+from llmft.pairpack import check_packing
+from llmft.plan import plan_for
+from llmft.records import detect_format, read_splits
 
 
 # --------------------------------------------------------------------------------------------- setup
 def setup(cfg: SFTConfig) -> Setup:
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
-    train_rows, eval_rows = D.read_splits(cfg.data, cfg.seed)
-    fmt = D.detect_format(train_rows, cfg.data.format)
+    train_rows, eval_rows = read_splits(cfg.data, cfg.seed)
+    fmt = detect_format(train_rows, cfg.data.format)
     d = cfg.data
-    train_set = D.tokenize_records(train_rows, chat, fmt, d.max_length, d.loss_on)
-    eval_set = D.tokenize_records(eval_rows, chat, fmt, d.max_length, d.loss_on) if eval_rows else None
+    train_set = tokenize_records(train_rows, chat, fmt, d.max_length, d.loss_on)
+    eval_set = tokenize_records(eval_rows, chat, fmt, d.max_length, d.loss_on) if eval_rows else None
     if d.packing == "blocks":
-        train_set.blocks = D.pack_blocks([len(e.input_ids) for e in train_set.examples], d.max_length)
+        train_set.blocks = pack_blocks([len(e.input_ids) for e in train_set.examples], d.max_length)
     plan = plan_for(cfg, len(train_set.blocks or train_set.examples))
     return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype)
 
@@ -58,7 +57,7 @@ def show_plan(s: Setup) -> None:
 # --------------------------------------------------------------------------------------------- train
 def run(cfg: SFTConfig, dry_run: bool = False) -> dict | None:
     """The `llmft sft` command: returns the final metrics (None for a dry run or a finished run)."""
-    return run_stage("sft", cfg, sys.modules[__name__], dry_run)
+    return run_stage(cfg, RECIPE, dry_run)
 
 
 def build_model(s: Setup):
@@ -86,11 +85,11 @@ def stage(s: Setup, model) -> Stage:
                  shown=("loss", "lr", "tokens_per_s", "eval/loss"))
 
 
-def micro_batch(data: D.TokenizedSet, indices: list[int], pad: int) -> dict[str, torch.Tensor]:
+def micro_batch(data: TokenizedSet, indices: list[int], pad: int) -> dict[str, torch.Tensor]:
     """The plan's indices are examples, or blocks of examples (data.packing: blocks)."""
     if data.blocks:
-        return D.collate_blocks([[data.examples[i] for i in data.blocks[b]] for b in indices], pad)
-    return D.collate([data.examples[i] for i in indices], pad)
+        return collate_blocks([[data.examples[i] for i in data.blocks[b]] for b in indices], pad)
+    return collate([data.examples[i] for i in indices], pad)
 
 
 def accumulate(model, batches: list[dict], device, dtype, packed: bool = False) -> tuple[float, int]:
@@ -111,15 +110,18 @@ def accumulate(model, batches: list[dict], device, dtype, packed: bool = False) 
 
 
 @torch.no_grad()
-def evaluate(model, data: D.TokenizedSet, batch_size: int, pad: int, device, dtype, packed: bool = False) -> float:
+def evaluate(model, data: TokenizedSet, batch_size: int, pad: int, device, dtype, packed: bool = False) -> float:
     """Token-mean cross entropy over the whole eval set (dropout off)."""
     model.eval()
     nll, count = 0.0, 0
     for i in range(0, len(data.examples), batch_size):
-        b = {k: v.to(device) for k, v in D.collate(data.examples[i:i + batch_size], pad).items()}
+        b = {k: v.to(device) for k, v in collate(data.examples[i:i + batch_size], pad).items()}
         with autocast(device, dtype):
             logps = supervised_logps(model, b["input_ids"], b["attention_mask"], b["labels"], packed=packed)
         nll += float(sft_loss(logps, 1))
         count += logps.numel()
     model.train()
     return nll / count
+
+
+RECIPE = Recipe("sft", setup, show_plan, build_model, stage)

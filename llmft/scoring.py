@@ -1,13 +1,5 @@
-"""The RL stages' score of a response: a weighted sum of reward sources, a penalty for missing EOS, optional
-normalisation and clipping.
-
-    score   = w_rm · r_rm(x, y) + Σ_j w_j · judge_j(x, y, row) − penalty · [y has no EOS]
-    score' = clip((score − μ) / σ, −c, c)      μ, σ: running moments of every score so far (reward.normalize)
-
-The reward model's scores are computed by the stage (on the shared base, or by a separate scorer) and handed
-in as one more source, "reward_model"; the judges are `llmft.judges` (constraints, bleu, rouge_l, meteor,
-module:function).
-"""
+"""The reward of a sampled answer: program judges and/or a reward model, combined with weights, a penalty
+for an answer that reached no stop id, and optional running normalisation and clipping."""
 
 from __future__ import annotations
 
@@ -15,9 +7,9 @@ import torch
 
 from llmft import distributed
 from llmft.config import RewardSourcesConfig
-from llmft.data import Record
 from llmft.errors import ConfigError
 from llmft.judges import make_judge
+from llmft.records import Record
 from llmft.rl import RunningMoments
 
 REWARD_MODEL = "reward_model"
