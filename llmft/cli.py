@@ -115,8 +115,8 @@ def generate(
 ) -> None:
     """Generate responses for a prompts file (chat template applied); each row comes back with
     [bold]response[/], [bold]finished[/] (ended with EOS) and [bold]response_tokens[/]."""
+    from llmft.commands.generate import run_generate
     from llmft.config import GenerateConfig
-    from llmft.generate_command import run_generate
     from llmft.schema import build
 
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
@@ -144,7 +144,7 @@ def evaluate(
     """Generate on held-out prompts and report judge pass rate and score, reward-model score, KL to a reference,
     length, share ended with EOS, and win rates against the first model, side by side; and a reward model's
     pairwise accuracy on preference pairs."""
-    from llmft import evaluation
+    from llmft.commands import evaluation
     from llmft.config import load_config
     from llmft.schema import read_yaml
 
@@ -171,7 +171,7 @@ def export(
     reward model."""
     import json
 
-    from llmft.export import RECORD, run_export
+    from llmft.export.hf import RECORD, run_export
 
     target = run_export(run, out, format_, dtype, quant, overwrite)
     record = json.loads((target / RECORD).read_text())
@@ -192,7 +192,7 @@ def plot(
     out: Path | None = typer.Option(None, "--out", help="PNG to write (default: FIRST_RUN/curves.png)."),
 ) -> None:
     """Draw the training curves of one or more runs (loss, eval loss and each stage's key figures) into a PNG."""
-    from llmft.plotting import plot as draw
+    from llmft.commands.plot import plot as draw
 
     target = out or runs[0] / "curves.png"
     panels = draw(runs, target)
@@ -202,7 +202,7 @@ def plot(
 @app.command()
 def env() -> None:
     """Print the versions, devices and distributed settings a bug report needs (paste it into the issue)."""
-    from llmft.envinfo import report
+    from llmft.commands.env import report
 
     for key, value in report():
         print(f"- {key}: {value}")

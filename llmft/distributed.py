@@ -179,7 +179,6 @@ def on_main(fn):
     if _world.size == 1:
         return fn()
     from llmft import errors
-
     outcome = None
     if _world.main:
         try:

@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench import ROOT, add_common, bench, llmft_result, run_llmft, run_trl
+from bench_common import ROOT, add_common, bench, llmft_result, run_llmft, run_trl
 
 
 def add_parser(stages) -> None:

@@ -19,7 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench import PAIR_KEYS, ROOT, add_common, add_packing, bench, llmft_result, run_llmft, run_trl, write_pairs
+from bench_common import PAIR_KEYS, ROOT, add_common, add_packing, bench, llmft_result, run_llmft, run_trl, write_pairs
 
 
 def add_parser(stages) -> None:
@@ -34,10 +34,10 @@ def add_parser(stages) -> None:
 
 def write_labelled(args, model_dir: str, work: Path) -> tuple[Path, Path, dict]:
     """The pairs both sides keep (bench.write_pairs) as labelled rows: llmft's file, and TRL's with the same rows in
-    llmft's first-epoch order (`training.plan_steps`, the stage's own), so that TRL's sequential steps
+    llmft's first-epoch order (`plan.plan_steps`, the stage's own), so that TRL's sequential steps
     hold the same answers as llmft's, and the previous row TRL takes each KL completion from has another prompt
     (mostly: the order is random, not interleaved pairs)."""
-    from llmft.plan import plan_steps
+    from llmft.run.plan import plan_steps
 
     pairs, extra = write_pairs(args, model_dir, work)
     rows = [json.loads(line) for line in pairs.read_text(encoding="utf-8").splitlines()]

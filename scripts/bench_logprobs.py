@@ -1,4 +1,4 @@
-"""Peak memory and time of token log-probs over a large vocabulary: all [N × V] logits at once vs `llmft.logprobs`.
+"""Peak memory and time of token log-probs over a large vocabulary: all [N × V] logits at once vs `models.logprobs`.
 
     python scripts/bench_logprobs.py                    # Qwen2.5-0.5B's LM head (896 → 151,936), N = 2048 positions
     python scripts/bench_logprobs.py --positions 4096 --hidden 576 --vocab 49152
@@ -21,9 +21,9 @@ def measure(way: str, positions: int, hidden: int, vocab: int) -> dict:
     import torch
     from torch import nn
 
-    from llmft import logprobs
-    from llmft.forward import lm_logits
-    from llmft.losses import token_logps
+    from llmft.maths.losses import token_logps
+    from llmft.models import logprobs
+    from llmft.models.forward import lm_logits
 
     class Head(nn.Module):  # the one part of a causal LM that log-probs touch: the output embedding
         def __init__(self):

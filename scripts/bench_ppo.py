@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from bench import ROOT, SCRATCH, machine_info, run_child  # scripts/ is on sys.path
+from bench_common import ROOT, SCRATCH, machine_info, run_child  # scripts/ is on sys.path
 
 
 def add_parser(stages) -> None:
@@ -65,7 +65,7 @@ def ppo_rates(rows: list[dict], warmup: int) -> dict:
 
 
 def cmd_ppo(args: argparse.Namespace) -> dict:
-    from llmft.sources import resolve_source
+    from llmft.models.sources import resolve_source
 
     args.model_dir = resolve_source(args.model).path
     SCRATCH.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import time
 
 def child_parser(doc: str, out: str) -> argparse.ArgumentParser:
     """The options of a TRL child: the parent's common ones (`doc`'s first line as description)."""
-    from bench import add_common  # the same options as the parent script (scripts/ is on sys.path)
+    from bench_common import add_common  # the same options as the parent script (scripts/ is on sys.path)
 
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_common(p, out=out)
@@ -55,7 +55,7 @@ def setup(args: argparse.Namespace) -> tuple[bool, str]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from llmft.sources import resolve_source
+    from llmft.models.sources import resolve_source
 
     if args.flush_denormal:
         torch.set_flush_denormal(True)

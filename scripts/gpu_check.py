@@ -115,10 +115,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
     args = ap.parse_args()
     from llmft.cli import quiet_libraries
+    from llmft.commands.evaluation import run as run_eval
+    from llmft.commands.generate import run_generate
     from llmft.config import EvalConfig, GenerateConfig, SamplingConfig, load_config
-    from llmft.evaluation import run as run_eval
-    from llmft.export import run_export
-    from llmft.generate_command import run_generate
+    from llmft.export.hf import run_export
     from llmft.stages import dpo, grpo, ppo, reward, sft
 
     quiet_libraries()
@@ -152,7 +152,7 @@ def nf4_export_gap(work: Path, device: str) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from llmft.loading import resolve_dtype
+    from llmft.models.loading import resolve_dtype
 
     dtype = resolve_dtype("auto", torch.device(device))
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -173,8 +173,8 @@ def nf4_export_gap(work: Path, device: str) -> dict:
 
 
 def report(rows: list[dict], args, runs: Path) -> None:
-    from llmft.loading import resolve_dtype
-    from llmft.rlstage import default_gap_tolerance
+    from llmft.models.loading import resolve_dtype
+    from llmft.rl.stage import default_gap_tolerance
 
     figures = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "size": args.size, "stages": []}

@@ -42,10 +42,10 @@ import torch
 
 from llmft.cli import quiet_libraries
 from llmft.config import ModelConfig, SamplingConfig
-from llmft.generation import generate
 from llmft.judges.constraints import judge
-from llmft.loading import load_chat, load_model
-from llmft.sources import resolve_source
+from llmft.models.loading import load_chat, load_model
+from llmft.models.sources import resolve_source
+from llmft.rollout.generation import generate
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("make_demo_data", HERE / "make_demo_data.py")

@@ -62,7 +62,7 @@ def tiny_tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_chat(tiny_tokenizer):
-    from llmft.chat import Chat
+    from llmft.data.chat import Chat
 
     return Chat(tiny_tokenizer)
 
@@ -135,8 +135,7 @@ def save_config(folder: Path, prefix: str, cfg: dict) -> Path:
 
 def crash_then_resume(run, cfg, monkeypatch, at_step: int = 5) -> None:
     """Run a stage, kill it (KeyboardInterrupt) inside optimizer step `at_step`, then resume it to the end."""
-    from llmft import loop
-
+    from llmft.run import loop
     real_step, calls = loop.optimizer_step, []
 
     def crash(*args):
@@ -155,8 +154,7 @@ def crash_then_resume(run, cfg, monkeypatch, at_step: int = 5) -> None:
 
 def train_in_process(stage, cfg):
     """Set up and train a stage module in this process: (model, its parameters before training, final metrics)."""
-    from llmft import loop, optim, rundir
-
+    from llmft.run import loop, optim, rundir
     s = stage.setup(cfg)
     model = stage.build_model(s)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

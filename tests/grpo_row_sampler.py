@@ -13,9 +13,9 @@ import zlib
 
 import torch
 
-from llmft.actor_critic import POLICY
-from llmft.generation import Generation
-from llmft.rollout import pack
+from llmft.rl.actor_critic import POLICY
+from llmft.rollout.experience import pack
+from llmft.rollout.generation import Generation
 
 
 def sample(model, s, prompts: list[list[int]], seed: int):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from llmft.chat import TEXT_SEPARATOR, Chat
+from llmft.data.chat import TEXT_SEPARATOR, Chat
+from llmft.data.examples import Example, collate, tokenize_example, tokenize_records
+from llmft.data.records import Record, detect_format, read_records, split_eval, to_messages
 from llmft.errors import DataError
-from llmft.examples import Example, collate, tokenize_example, tokenize_records
-from llmft.records import Record, detect_format, read_records, split_eval, to_messages
 from tests.conftest import build_tokenizer
 
 

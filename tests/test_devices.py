@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-from llmft import evaluation, generate_command, loading, reward_model
+from llmft.commands import evaluation
+from llmft.commands import generate as generate_command
 from llmft.config import load_config
+from llmft.models import loading, reward_model
 from llmft.stages import dpo, grpo, ppo, reward, sft
 from tests.fake_cuda import CUDA, FakeCuda, MixedDevice
 
@@ -100,7 +102,6 @@ def test_generate_and_eval_keep_their_tensors_on_one_device(stage_config, tiny_m
 def test_dpo_precomputes_its_reference_once_the_model_is_on_its_device(stage_config, monkeypatch, fake_cuda):
     # under FSDP the model is loaded on the CPU and reaches its GPU only when sharded, after build_model
     from llmft import distributed
-
     monkeypatch.setattr(distributed, "fsdp", lambda: True)
     monkeypatch.setattr(distributed, "shard_model", lambda model, lm, device: bool(model.to(device)))
     seen, real = [], dpo.reference_logps

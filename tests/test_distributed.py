@@ -78,8 +78,8 @@ def test_sft_two_processes_match_one_process_with_twice_the_batch(tiny_model_dir
     assert len(losses(tmp_path / "two")) == 4
     torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
     same_adapter(tmp_path / "one", tmp_path / "two")
-    from llmft.loading import load_model
-    from llmft.sources import resolve_source
+    from llmft.models.loading import load_model
+    from llmft.models.sources import resolve_source
 
     load_model(resolve_source(str(tmp_path / "two")), torch.float32, torch.device("cpu"),
                load_config("sft", two).model)  # rank 0's output loads (the adapter merges into its base)
@@ -123,7 +123,7 @@ def test_dpo_two_processes_match_one_process_with_twice_the_batch(tiny_model_dir
 def test_reward_then_ppo_on_two_processes_train_and_their_outputs_load(tiny_model_dir, pref_data, tmp_path):
     import yaml
 
-    from llmft.reward_model import RewardScorer
+    from llmft.models.reward_model import RewardScorer
     from tests.conftest import ROWS
 
     rm = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(pref_data)}, "lora": {"r": 4, "alpha": 8},
@@ -150,8 +150,8 @@ def test_reward_then_ppo_on_two_processes_train_and_their_outputs_load(tiny_mode
     assert [r["episodes"] for r in rows] == [4, 4]  # 2 prompts on each process per rollout
     for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value_head.safetensors"):
         assert (tmp_path / "ppo" / name).is_file()
-    from llmft.loading import load_model
-    from llmft.sources import resolve_source
+    from llmft.models.loading import load_model
+    from llmft.models.sources import resolve_source
 
     load_model(resolve_source(str(tmp_path / "ppo")), torch.float32, torch.device("cpu"),
                load_config("sft", tmp_path / "rm.yaml").model)
@@ -166,7 +166,7 @@ def test_reward_then_ppo_on_two_processes_train_and_their_outputs_load(tiny_mode
 
 
 def test_env_reports_versions_devices_and_launcher_settings(monkeypatch):
-    from llmft.envinfo import report
+    from llmft.commands.env import report
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -190,8 +190,8 @@ def test_sft_under_fsdp_shards_the_base_and_matches_ddp(tiny_model_dir, sft_data
              if "eval/loss" in r]
     assert len(evals) == 2 and all(e > 0 for e in evals)  # at step 0 and at the end, logged once
     assert (tmp_path / "fsdp" / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    from llmft.loading import load_model
-    from llmft.sources import resolve_source
+    from llmft.models.loading import load_model
+    from llmft.models.sources import resolve_source
 
     load_model(resolve_source(str(tmp_path / "fsdp")), torch.float32, torch.device("cpu"),
                load_config("sft", fsdp).model)

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from llmft.config import load_config
+from llmft.data.preferences import collate_pairs, tokenize_pairs
+from llmft.data.records import Record
 from llmft.errors import ConfigError
-from llmft.logprobs import sequence_logps
-from llmft.losses import dpo_hinge, dpo_robust, dpo_sigmoid, ipo_loss, orpo_loss, preference_loss, simpo_loss
-from llmft.preferences import collate_pairs, tokenize_pairs
-from llmft.records import Record
+from llmft.maths.losses import dpo_hinge, dpo_robust, dpo_sigmoid, ipo_loss, orpo_loss, preference_loss, simpo_loss
+from llmft.models.logprobs import sequence_logps
 from llmft.stages import dpo
 from tests.conftest import crash_then_resume, train_in_process
 
@@ -39,7 +39,7 @@ def test_each_loss_matches_hand_derived_values(fn, expected):
 
 
 def test_rpo_adds_the_chosen_per_token_nll():
-    from llmft.losses import with_chosen_nll
+    from llmft.maths.losses import with_chosen_nll
 
     # chosen log-prob −6 over 3 tokens → NLL 2 per token; α = 0.5 adds 1
     assert with_chosen_nll(torch.tensor([0.3]), torch.tensor([-6.0]), torch.tensor([3.0]), 0.5).item() == \
@@ -61,8 +61,8 @@ def test_dispatch_uses_summed_ratios_or_per_token_averages():
 def test_logps_are_unchanged_by_padding_side_and_batch_composition(tiny_model_dir, tiny_tokenizer, tiny_chat):
     from transformers import AutoModelForCausalLM
 
-    from llmft.adapters import add_lora
     from llmft.config import LoraConfig
+    from llmft.models.adapters import add_lora
 
     rows = [Record({"prompt": "write two words about the sea", "chosen": "the sea is blue", "rejected": "hello"},
                    "x:1"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmft.config import load_config
-from llmft.sources import embedded_gguf, resolve_source
+from llmft.models.sources import embedded_gguf, resolve_source
 from llmft.stages import sft
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmft.evaluation import win_rate
-from llmft.examples import Example, collate
+from llmft.commands.evaluation import win_rate
+from llmft.data.examples import Example, collate
 from llmft.judges.text import bleu, rouge_l
-from llmft.logprobs import sequence_logps
+from llmft.models.logprobs import sequence_logps
 from tests.test_cli import assert_one_line_error, llmft
 
 
@@ -143,7 +143,7 @@ def test_the_eval_table_keeps_metric_names_whole_in_an_80_column_log():
 
     from rich.console import Console
 
-    from llmft.evaluation import show
+    from llmft.commands.evaluation import show
 
     names = ["smollm2-135m-instruct", "runs/sft", "runs/dpo", "runs/ppo", "runs/grpo", "runs/grpo-full-seed43", "x"]
     metrics = ["constraints/pass_rate", "constraints/score", "kl_to_reference", "eos_share"]

@@ -93,7 +93,7 @@ def test_the_dtype_is_the_one_asked_for(runs, capsys, monkeypatch):
 def test_a_reward_model_exports_as_a_classifier_scoring_like_the_scorer(runs, capsys, monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from llmft.reward_model import RewardScorer
+    from llmft.models.reward_model import RewardScorer
 
     out = runs["dir"] / "exported-reward"
     code, _, err = llmft(capsys, monkeypatch, "export", runs["reward"], "--out", out)
@@ -123,8 +123,7 @@ def tiny_vocab_is_smollm(runs, monkeypatch) -> None:
     tokenizer (byte-level BPE, as SmolLM2's) is registered as SmolLM2's for these tests."""
     from transformers import AutoConfig
 
-    from llmft import gguf_export
-
+    from llmft.export import gguf as gguf_export
     vocab = AutoConfig.from_pretrained(runs["base"]).vocab_size
     monkeypatch.setitem(gguf_export.PRE_TOKENIZERS, ("llama", vocab), "smollm")
 
@@ -220,7 +219,7 @@ def test_gguf_refuses_other_architectures():
     from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
     from llmft.errors import LlmftError
-    from llmft.gguf_export import check_exportable
+    from llmft.export.gguf import check_exportable
 
     with pytest.raises(LlmftError, match="supports llama and qwen2 models; this one is gemma2"):
         check_exportable(Gemma2Config(), "f16")

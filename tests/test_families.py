@@ -16,15 +16,15 @@ import torch
 import yaml
 
 from llmft.config import load_config
+from llmft.data.examples import tokenize_example
+from llmft.data.preferences import collate_pairs
 from llmft.errors import DataError
-from llmft.examples import tokenize_example
-from llmft.forward import last_token_index
-from llmft.forward import model_body as modeling_body
-from llmft.forward import shared_prefix_states as SHARED
-from llmft.loading import load_chat
-from llmft.preferences import collate_pairs
-from llmft.rlstage import sample
-from llmft.sources import resolve_source
+from llmft.models.forward import last_token_index
+from llmft.models.forward import model_body as modeling_body
+from llmft.models.forward import shared_prefix_states as SHARED
+from llmft.models.loading import load_chat
+from llmft.models.sources import resolve_source
+from llmft.rl.stage import sample
 from llmft.stages import dpo, grpo, kto, ppo, reward, sft
 from tests.conftest import PAIRS, ROWS
 from tests.families import BY_NAME, FAMILIES, build
@@ -86,9 +86,9 @@ def test_system_messages_and_multi_turn_conversations(family):
 
 # ------------------------------------------------------------------------------------- shared prompts
 def lora_model(path: Path, gradient_checkpointing: bool = False):
-    from llmft.adapters import add_lora, disable_dropout
     from llmft.config import LoraConfig, ModelConfig
-    from llmft.loading import load_model
+    from llmft.models.adapters import add_lora, disable_dropout
+    from llmft.models.loading import load_model
 
     model = load_model(resolve_source(str(path)), torch.float32, torch.device("cpu"), ModelConfig(name=str(path)))
     torch.manual_seed(1)
@@ -102,8 +102,8 @@ def lora_model(path: Path, gradient_checkpointing: bool = False):
 
 def experience(chat, answers_per_prompt: int = 3):
     """Two prompts of different lengths (left padding), each with answers of different lengths (right padding)."""
-    from llmft.generation import Generation
-    from llmft.rollout import pack
+    from llmft.rollout.experience import pack
+    from llmft.rollout.generation import Generation
 
     torch.manual_seed(2)
     prompts = [chat.prompt_ids([{"role": "user", "content": t}]) for t in ("the sea", "a lighthouse guides ships")]
@@ -113,8 +113,8 @@ def experience(chat, answers_per_prompt: int = 3):
 
 
 def logps_and_grads(lm, exp, share: bool, monkeypatch):
-    from llmft import rollout
-    from llmft.forward import hidden_states
+    from llmft.models.forward import hidden_states
+    from llmft.rollout import experience as rollout
 
     if not share:
         monkeypatch.setattr(rollout, "prompt_owners", lambda *a: None)
@@ -129,8 +129,7 @@ def logps_and_grads(lm, exp, share: bool, monkeypatch):
 def test_a_shared_prompt_gives_the_same_log_probs_and_gradients(family, monkeypatch):
     # G answers to one prompt: its keys and values are computed once and shared (sliding windows and soft-capping
     # included); the log-probs and the LoRA gradients (through the prompt's keys and values too) are the same
-    from llmft import forward
-
+    from llmft.models import forward
     f, path = family
     chat, lm = load_chat(resolve_source(str(path))), lora_model(path)
     lm.train()  # as in the update (dropout is off): some models make no KV cache of their own in train mode
@@ -173,8 +172,7 @@ def test_a_shared_prompt_sums_its_gradient_in_a_fixed_order(family, monkeypatch)
 
 def test_a_shared_prompt_is_not_shared_under_gradient_checkpointing(family, monkeypatch):
     # transformers drops the KV cache of a checkpointed layer: sharing would silently drop the prompt
-    from llmft import forward
-
+    from llmft.models import forward
     f, path = family
     chat = load_chat(resolve_source(str(path)))
     exp = experience(chat)
@@ -189,8 +187,8 @@ def test_a_shared_prompt_is_not_shared_under_gradient_checkpointing(family, monk
 
 def test_generation_encodes_a_repeated_prompt_once(family, monkeypatch):
     # the same answers and sampler log-probs as encoding every copy of the prompt, with the prompt run once
-    from llmft import generation
     from llmft.config import SamplingConfig
+    from llmft.rollout import generation
 
     f, path = family
     chat, lm = load_chat(resolve_source(str(path))), lora_model(path)
@@ -255,8 +253,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def test_a_trained_answer_ends_where_generation_stops(family, chain):
     from llmft.config import SamplingConfig
-    from llmft.generation import generate
-    from llmft.loading import load_model
+    from llmft.models.loading import load_model
+    from llmft.rollout.generation import generate
 
     f, _ = family
     src = resolve_source(str(chain["dir"] / "sft"))

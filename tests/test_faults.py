@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmft import checkpoint, loop
+from llmft import checkpoint
 from llmft.config import load_config
 from llmft.errors import DataError, ModelError, RunError
+from llmft.run import loop
 from llmft.stages import dpo, sft
 from tests.test_cli import assert_one_line_error, llmft
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmft.chat import Chat
 from llmft.config import SamplingConfig
-from llmft.generation import generate
+from llmft.data.chat import Chat
+from llmft.rollout.generation import generate
 from tests.test_cli import assert_one_line_error, llmft
 
 
@@ -97,10 +97,10 @@ def test_checkpoint_sampling_defaults_never_reach_the_sampler(tiny_model_dir, tm
     # must draw from exactly softmax(z / T), and report its own log-probs, or RL optimises another distribution
     import shutil
 
-    from llmft.forward import hidden_states
-    from llmft.loading import load_chat
-    from llmft.rollout import pack, response_logps
-    from llmft.sources import resolve_source
+    from llmft.models.forward import hidden_states
+    from llmft.models.loading import load_chat
+    from llmft.models.sources import resolve_source
+    from llmft.rollout.experience import pack, response_logps
 
     leaky = tmp_path / "leaky"
     shutil.copytree(tiny_model_dir, leaky)
@@ -127,7 +127,7 @@ def test_checkpoint_sampling_defaults_never_reach_the_sampler(tiny_model_dir, tm
 def test_the_token_draw_follows_the_distribution_and_never_draws_a_zero():
     # inverse-CDF draw: frequencies of 40,000 draws within 4 standard errors of softmax(scores); a token of
     # probability 0 (cut by top-k / top-p: -inf) never drawn, not even at the ends of the vocabulary
-    from llmft.generation import TokenDraw
+    from llmft.rollout.generation import TokenDraw
 
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
     scores = probs.log().expand(40_000, -1)
@@ -145,7 +145,7 @@ def test_the_token_draw_follows_the_distribution_and_never_draws_a_zero():
 
 
 def test_the_token_draw_is_seeded_and_greedy_keeps_the_scores():
-    from llmft.generation import TokenDraw
+    from llmft.rollout.generation import TokenDraw
 
     scores = torch.randn(8, 50)
     a, b, c = (TokenDraw(seed, True, False)(None, scores).argmax(-1) for seed in (3, 3, 4))
@@ -161,7 +161,7 @@ def test_the_multinomial_draw_reproduces_transformers_sampling(model, chat):
     ids = prompts(chat, ["hello", "the sea"])
     ours = generate(model, chat, ids, SamplingConfig(max_new_tokens=10, temperature=0.8, seed=5, draw="multinomial"))
     torch.manual_seed(5)
-    from llmft.examples import Example, collate
+    from llmft.data.examples import Example, collate
 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batch = collate([Example(ids[i], ids[i]) for i in order], chat.pad_id, side="left")
@@ -175,7 +175,7 @@ def test_a_draw_that_lands_on_a_zero_probability_token_moves_to_a_drawable_one()
     # on CUDA an fp32 scan can step up on a token of probability 0 (the sum's rounding), so the search may land on
     # it: such a draw goes to the nearest drawable token before it, or the first one after when there is none
     from llmft.errors import ModelError
-    from llmft.generation import locate
+    from llmft.rollout.generation import locate
 
     p = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.5], [0.0, 0.0, 1.0, 0.0, 0.0], [0.2, 0.8, 0.0, 0.0, 0.0]])
     token = torch.tensor([[3], [0], [1]])

@@ -164,8 +164,8 @@ def test_resume_equals_uninterrupted_and_the_output_loads_as_a_policy(grpo_confi
     rows = [json.loads(x) for x in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
     full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["loss"] for r in rows] == [r["loss"] for r in full]
-    from llmft.loading import load_model
-    from llmft.sources import resolve_source
+    from llmft.models.loading import load_model
+    from llmft.models.sources import resolve_source
 
     src = resolve_source(str(tmp_path / "full"))
     assert src.manifest["stage"] == "grpo" and not (tmp_path / "full" / "value").exists()

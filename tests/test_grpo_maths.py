@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from llmft.losses import clipped_surrogate, grpo_policy_loss
-from llmft.rl import group_advantages, rloo_advantages, zero_std_groups
+from llmft.maths.losses import clipped_surrogate, grpo_policy_loss
+from llmft.maths.rl import group_advantages, rloo_advantages, zero_std_groups
 
 SCORES = torch.tensor([1.0, 2.0, 3.0, 4.0])  # two groups of two answers
 

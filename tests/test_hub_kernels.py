@@ -11,15 +11,15 @@ import sys
 import pytest
 import torch
 
-from llmft import hub_kernels
+from llmft.commands.evaluation import run as run_eval
+from llmft.commands.generate import run_generate
 from llmft.config import ModelConfig, load_config
-from llmft.evaluation import run as run_eval
-from llmft.export import run_export
-from llmft.generate_command import run_generate
-from llmft.loading import load_model
-from llmft.reward_model import RewardScorer
+from llmft.export.hf import run_export
+from llmft.models import hub_kernels
+from llmft.models.loading import load_model
+from llmft.models.reward_model import RewardScorer
+from llmft.models.sources import resolve_source
 from llmft.schema import build
-from llmft.sources import resolve_source
 from llmft.stages import reward, sft
 
 
@@ -117,7 +117,7 @@ def test_importing_llmft_fetches_no_kernel_and_prints_nothing(tmp_path):
     probe = ("import kernels, sys\n"
              "asked = []\n"
              "kernels.get_kernel = lambda repo, *a, **k: asked.append(repo)\n"
-             "import llmft.loading, peft, bitsandbytes\n"
+             "import llmft.models.loading, peft, bitsandbytes\n"
              "print(asked, kernels.get_kernel.__name__)\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

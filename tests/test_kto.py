@@ -11,7 +11,7 @@ import torch
 
 from llmft.config import load_config
 from llmft.errors import ConfigError, DataError
-from llmft.losses import kto_loss, kto_reference_point
+from llmft.maths.losses import kto_loss, kto_reference_point
 from llmft.stages import kto
 from tests.conftest import PAIRS, ROWS, crash_then_resume, train_in_process
 
@@ -86,15 +86,14 @@ def test_step_zero_has_no_kl_and_every_answer_loses_half_its_weight(kto_config):
     torch.testing.assert_close(losses, kto_loss(r, z0, part["desirable"], 0.1, 1.0, 3.0))
     assert not torch.allclose(losses, torch.tensor(expected))
     # z0 by hand: each prompt with the answer of the row before it that has another prompt
-    from llmft import labelled as L
-
+    from llmft.data import labelled as L
     kl = L.collate_answers(L.mismatched(answers, 64), s.chat.pad_id)
     ratio = (kto.answer_logps(model, kl, s) - kto.answer_logps(model, kl, s, reference=True)).detach()
     assert float(ratio.mean()) > 0 and float(z0) == pytest.approx(float(ratio.mean()), rel=1e-5)
 
 
 def test_the_kl_pairs_never_give_a_prompt_its_own_answer():
-    from llmft.labelled import LabelledAnswer, mismatched
+    from llmft.data.labelled import LabelledAnswer, mismatched
 
     a = [LabelledAnswer([1], [10], True), LabelledAnswer([1], [11], False), LabelledAnswer([2], [20], True),
          LabelledAnswer([2], [21], False), LabelledAnswer([3], [30], True)]

@@ -1,4 +1,4 @@
-"""Chunked log-probs (`llmft.logprobs`): the same values and gradients as the whole [N × V] logits at once, without
+"""Chunked log-probs (`models.logprobs`): the same values and gradients as the whole [N × V] logits at once, without
 ever making a tensor of that size."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llmft import logprobs
-from llmft.forward import lm_logits
-from llmft.losses import token_logps
-from llmft.rl import entropy_from_logits
+from llmft.maths.losses import token_logps
+from llmft.maths.rl import entropy_from_logits
+from llmft.models import logprobs
+from llmft.models.forward import lm_logits
 from tests.families import BY_NAME, build
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llmft.losses import sft_loss, token_logps
+from llmft.maths.losses import sft_loss, token_logps
 
 
 def test_token_logps_by_hand():
@@ -39,7 +39,7 @@ def test_loss_is_fp32_even_for_bf16_logits():
 
 
 def test_log1mexp_is_accurate_where_one_minus_exp_cancels():
-    from llmft.losses import log1mexp, orpo_loss
+    from llmft.maths.losses import log1mexp, orpo_loss
 
     x = torch.tensor([-1e-9, -1e-6, -0.5, -0.7, -5.0, -50.0], dtype=torch.float64)
     expected = [math.log(-math.expm1(v)) for v in x.tolist()]

@@ -9,10 +9,10 @@ import pytest
 
 pytest.importorskip("nltk", reason="the meteor judge needs nltk (pip install 'llmft[meteor]')")
 
+from llmft.data.records import Record  # noqa: E402
 from llmft.errors import ConfigError  # noqa: E402
 from llmft.judges import make_judge  # noqa: E402
 from llmft.judges import meteor as M  # noqa: E402
-from llmft.records import Record  # noqa: E402
 
 
 def test_meteor_by_hand():

@@ -10,11 +10,11 @@ import torch
 import yaml
 
 from llmft.config import load_config
-from llmft.forward import body_states, packed_states
-from llmft.loading import load_chat
-from llmft.logprobs import supervised_logps
-from llmft.pairpack import check_packing
-from llmft.sources import resolve_source
+from llmft.models.forward import body_states, packed_states
+from llmft.models.loading import load_chat
+from llmft.models.logprobs import supervised_logps
+from llmft.models.pairpack import check_packing
+from llmft.models.sources import resolve_source
 from llmft.stages import dpo, reward, sft
 from tests.conftest import PAIRS, ROWS
 from tests.families import FAMILIES, build
@@ -31,7 +31,7 @@ def family_model(request, tmp_path_factory):
 
 def padded_batch(chat):
     """Three chat rows of different lengths, right-padded, labels on the answers."""
-    from llmft.examples import collate, tokenize_example
+    from llmft.data.examples import collate, tokenize_example
 
     examples = [tokenize_example(chat, [{"role": "user", "content": r["prompt"]},
                                           {"role": "assistant", "content": r["completion"]}], 256, "completion",
@@ -57,7 +57,7 @@ def test_packed_rows_give_the_same_token_log_probs_and_gradients(family_model):
 
 
 def test_best_fit_decreasing_by_hand():
-    from llmft.examples import Example, collate_blocks, pack_blocks
+    from llmft.data.examples import Example, collate_blocks, pack_blocks
 
     # longest first: 6 opens A (room 2), 5 opens B (3), 4 fits neither and opens C (4), 3 fills B, 2 fills A
     assert pack_blocks([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
@@ -74,7 +74,7 @@ def test_best_fit_decreasing_by_hand():
 
 
 def test_sft_in_blocks_steps_over_blocks_with_the_loss_of_their_rows(tiny_model_dir, sft_data, write_config):
-    from llmft.examples import collate
+    from llmft.data.examples import collate
 
     s = sft.setup(load_config("sft", write_config(tiny_model_dir, sft_data, data__packing="blocks",
                                                   data__max_length=128, train__batch_size=2)))
@@ -89,7 +89,7 @@ def test_sft_in_blocks_steps_over_blocks_with_the_loss_of_their_rows(tiny_model_
 
 
 def test_blocks_of_rows_give_the_same_token_log_probs_and_gradients(family_model):
-    from llmft.examples import Example, collate, collate_blocks
+    from llmft.data.examples import Example, collate, collate_blocks
 
     chat, lm = family_model
     b = padded_batch(chat)
@@ -150,9 +150,9 @@ def test_the_stages_train_the_same_with_packing(tiny_model_dir, tmp_path):
 
 
 def test_packing_is_refused_where_attention_would_cross_rows(family_model, monkeypatch):
-    from llmft import pairpack
     from llmft.errors import ModelError
-    from llmft.forward import position_ids
+    from llmft.models import pairpack
+    from llmft.models.forward import position_ids
 
     def crossing(model, ids, mask):  # packed with an explicit all-ones mask: transformers then lets rows see each other
         keep = mask.bool()
@@ -168,10 +168,10 @@ def test_packing_is_refused_where_attention_would_cross_rows(family_model, monke
 
 def test_pairs_packed_with_their_prompt_once_score_like_padded_rows(family_model, monkeypatch):
     # dpo and reward: [prompt | chosen | rejected] per pair, the rejected answer never seeing the chosen one
-    from llmft.logprobs import pair_logps, sequence_logps
-    from llmft.pairpack import can_pack_pairs
-    from llmft.preferences import TokenizedPair, collate_pairs
-    from llmft.reward_model import RewardModel
+    from llmft.data.preferences import TokenizedPair, collate_pairs
+    from llmft.models.logprobs import pair_logps, sequence_logps
+    from llmft.models.pairpack import can_pack_pairs
+    from llmft.models.reward_model import RewardModel
 
     chat, lm = family_model
     pairs = []
@@ -204,8 +204,8 @@ def test_pairs_packed_with_their_prompt_once_score_like_padded_rows(family_model
 
 
 def test_packed_pairs_are_refused_where_the_rejected_answer_would_see_the_chosen(tiny_model_dir, monkeypatch):
-    from llmft import pairpack
     from llmft.errors import ModelError
+    from llmft.models import pairpack
     from tests.test_families import lora_model
 
     real = pairpack.pair_mask

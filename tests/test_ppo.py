@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from llmft.config import load_config
 from llmft.errors import ConfigError, ModelError, TrainingAborted
-from llmft.losses import ppo_policy_loss, ppo_value_loss
-from llmft.rl import KLController, RunningMoments, gae, kl_per_token, shaped_rewards, whiten
-from llmft.rlstage import sample, score_rollout
+from llmft.maths.losses import ppo_policy_loss, ppo_value_loss
+from llmft.maths.rl import KLController, RunningMoments, gae, kl_per_token, shaped_rewards, whiten
+from llmft.rl.stage import sample, score_rollout
 from llmft.stages import ppo, reward
 from tests.conftest import ROWS, build_tokenizer, crash_then_resume, save_config, set_keys
 
@@ -203,8 +203,8 @@ def test_resume_equals_uninterrupted_and_output_loads_as_a_policy(ppo_config, mo
     assert [r["step"] for r in rows] == [1, 2]
     samples = [json.loads(x) for x in (tmp_path / "crashed" / "samples.jsonl").read_text().splitlines()]
     assert {r["step"] for r in samples} == {1, 2} and "reward_model" in samples[0]
-    from llmft.loading import load_model
-    from llmft.sources import resolve_source
+    from llmft.models.loading import load_model
+    from llmft.models.sources import resolve_source
 
     src = resolve_source(str(tmp_path / "full"))
     assert src.manifest["stage"] == "ppo"

@@ -13,7 +13,7 @@ import yaml
 
 from llmft.config import load_config
 from llmft.errors import ModelError
-from llmft.rlstage import sample
+from llmft.rl.stage import sample
 from llmft.stages import dpo, ppo, reward, sft
 from tests.conftest import PAIRS, ROWS, train_in_process
 from tests.test_cli import assert_one_line_error, llmft
@@ -155,7 +155,7 @@ def test_quantization_errors(tiny_model_dir, sft_data, write_config, capsys, mon
 def test_generation_and_training_see_the_same_quantised_weights():
     # bitsandbytes' CPU fast path would repack a layer's weight with bf16 block constants on its first no-grad call
     # in eval mode (as in generation): sampler and trainer would then use two different bases
-    from llmft.quantization import quantize
+    from llmft.models.quantization import quantize
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 64))
@@ -173,11 +173,11 @@ def test_generation_and_training_see_the_same_quantised_weights():
 def test_every_family_merges_its_qlora_adapter_into_the_dequantised_base(kind, tmp_path):
     from peft import PeftModel
 
-    from llmft.adapters import add_lora
     from llmft.config import LoraConfig, ModelConfig
-    from llmft.loading import load_model
-    from llmft.quantization import round_trip
-    from llmft.sources import resolve_source
+    from llmft.models.adapters import add_lora
+    from llmft.models.loading import load_model
+    from llmft.models.quantization import round_trip
+    from llmft.models.sources import resolve_source
     from tests.families import FAMILIES, build
 
     x = torch.tensor([[5, 9, 14, 3, 27, 8, 11]])

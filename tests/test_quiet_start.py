@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from llmft.sources import conversion_progress, progress_lines
+from llmft.models.sources import conversion_progress, progress_lines
 
 
 def test_progress_lines_print_each_tenth_once(capsys):

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmft.config import load_config
+from llmft.data.preferences import collate_pairs, to_pairs, tokenize_pairs
+from llmft.data.records import Record
 from llmft.errors import ConfigError, DataError, ModelError
-from llmft.losses import pairwise_accuracy, reward_loss
-from llmft.preferences import collate_pairs, to_pairs, tokenize_pairs
-from llmft.records import Record
-from llmft.reward_model import RewardModel, RewardScorer
+from llmft.maths.losses import pairwise_accuracy, reward_loss
+from llmft.models.reward_model import RewardModel, RewardScorer
 from llmft.stages import reward
 from tests.conftest import crash_then_resume, train_in_process
 
@@ -85,8 +85,8 @@ def test_identical_and_too_long_pairs_are_dropped_and_counted(tiny_tokenizer, ti
 
 
 def test_several_data_files_are_read_in_order(tiny_chat, tiny_model_dir, pref_data, write_config, tmp_path):
-    from llmft.loop import data_files
-    from llmft.preferences import load_pair_sets
+    from llmft.data.preferences import load_pair_sets
+    from llmft.run.loop import data_files
 
     other = tmp_path / "more.jsonl"
     other.write_text(json.dumps({"prompt": "hi", "chosen": "the sea", "rejected": "a dog"}) + "\n")
@@ -103,8 +103,8 @@ def test_several_data_files_are_read_in_order(tiny_chat, tiny_model_dir, pref_da
 def tiny_reward_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from llmft.adapters import add_lora
     from llmft.config import LoraConfig
+    from llmft.models.adapters import add_lora
 
     torch.manual_seed(0)
     lm = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, alpha=8, dropout=0.0))
@@ -189,8 +189,8 @@ def test_missing_or_mismatched_head_is_an_error(tiny_model_dir, pref_data, write
         RewardScorer.load(str(broken))
     with pytest.raises(ModelError, match="is not a reward model"):
         RewardScorer.load(str(tiny_model_dir))
-    from llmft.loading import load_model
-    from llmft.sources import resolve_source
+    from llmft.models.loading import load_model
+    from llmft.models.sources import resolve_source
 
     with pytest.raises(ModelError, match="is a reward model"):  # never merged into a policy by mistake
         load_model(resolve_source(cfg.output_dir), torch.float32, torch.device("cpu"), cfg.model)

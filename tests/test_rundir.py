@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from llmft import rundir
 from llmft.config import load_config
 from llmft.errors import RunError
+from llmft.run import rundir
 from llmft.stages import sft
 
 
@@ -99,8 +99,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(cfg, tmp_path):
 
 def test_resume_refuses_a_changed_data_file_unless_allowed(tiny_model_dir, sft_data, write_config, tmp_path,
                                                           monkeypatch):
-    from llmft import loop
-
+    from llmft.run import loop
     cfg = write_config(tiny_model_dir, sft_data, train__batch_size=2, train__save_every=2, resume="auto")
     real, calls = loop.optimizer_step, []
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmft import loop
 from llmft.checkpoint import content_hash
 from llmft.config import load_config
+from llmft.data.examples import collate
 from llmft.errors import RunError, TrainingAborted
-from llmft.examples import collate
+from llmft.run import loop
 from llmft.stages import sft
 from tests.conftest import train_in_process
 
@@ -224,8 +224,7 @@ def test_every_row_format_trains_end_to_end(fmt, tiny_model_dir, write_config, t
 
 def test_a_non_finite_gradient_stops_the_run_before_the_weights_move(tiny_model_dir, sft_data, write_config,
                                                                      monkeypatch):
-    from llmft import optim
-
+    from llmft.run import optim
     cfg = write_config(tiny_model_dir, sft_data, train__batch_size=2, train__save_every=2)
     real_clip, clips = torch.nn.utils.clip_grad_norm_, []
     real_step, steps = torch.optim.AdamW.step, []

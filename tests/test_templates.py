@@ -13,9 +13,9 @@ import yaml
 
 from llmft.config import SamplingConfig, load_config
 from llmft.errors import ConfigError, ModelError
-from llmft.generation import generate
-from llmft.loading import load_chat, load_model
-from llmft.sources import resolve_source
+from llmft.models.loading import load_chat, load_model
+from llmft.models.sources import resolve_source
+from llmft.rollout.generation import generate
 from llmft.stages import dpo, ppo, sft
 from tests.conftest import PAIRS, ROWS, build_model, build_tokenizer, set_keys, train_in_process
 
@@ -121,8 +121,8 @@ def test_a_jinja_file_template_with_its_special_tokens(base, config, tmp_path):
 
 @pytest.mark.parametrize("name", ["chatml", "llama3", "gemma"])
 def test_named_templates_keep_the_system_message_and_end_answers_with_their_token(name):
-    from llmft.chat import Chat
-    from llmft.templates import NAMED, apply
+    from llmft.data.chat import Chat
+    from llmft.data.templates import NAMED, apply
 
     tok = build_tokenizer(chat_template=None)
     apply(tok, name)

@@ -23,8 +23,8 @@ from pathlib import Path
 from llmft.annotate.items import read_items
 from llmft.annotate.store import Store
 from llmft.checkpoint import atomic_write_text
+from llmft.data.records import Record, read_records
 from llmft.errors import DataError
-from llmft.records import Record, read_records
 
 Judgements = list[tuple[str, str, dict, str]]  # (annotator, action, fields, where in the source) of one item
 

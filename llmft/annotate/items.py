@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmft.checkpoint import atomic_write_text
+from llmft.data.records import Record, as_turns, read_records
 from llmft.errors import DataError
-from llmft.records import Record, as_turns, read_records
 
 
 @dataclass

@@ -13,8 +13,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from llmft.data.records import Record
 from llmft.errors import ConfigError, DataError
-from llmft.records import Record
 
 Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, responses, rows) → scores
 NAMES = ("constraints", "bleu", "rouge_l", "meteor")

@@ -16,18 +16,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmft import distributed, loop
-from llmft import preferences as P
-from llmft.adapters import require_dropout_off
+from llmft import distributed
 from llmft.config import DPOConfig
 from llmft.console import console
-from llmft.forward import autocast
-from llmft.loading import policy_with_reference, resolve_model
-from llmft.logprobs import pair_logps, sequence_logps
-from llmft.loop import Recipe, Stage, StepContext, plan_table, run_stage, steps_row
-from llmft.losses import REFERENCE_FREE, preference_loss, with_chosen_nll
-from llmft.pairpack import can_pack_pairs
-from llmft.plan import plan_for
+from llmft.data import preferences as P
+from llmft.maths.losses import REFERENCE_FREE, preference_loss, with_chosen_nll
+from llmft.models.adapters import require_dropout_off
+from llmft.models.forward import autocast
+from llmft.models.loading import policy_with_reference, resolve_model
+from llmft.models.logprobs import pair_logps, sequence_logps
+from llmft.models.pairpack import can_pack_pairs
+from llmft.run import loop
+from llmft.run.loop import Recipe, Stage, StepContext, plan_table, run_stage, steps_row
+from llmft.run.plan import plan_for
 
 
 @dataclass

@@ -26,20 +26,20 @@ from dataclasses import dataclass
 
 import torch
 
-from llmft import distributed, rlsetup, rlstage
-from llmft.actor_critic import POLICY, REFERENCE, ActorCritic
+from llmft import distributed
 from llmft.config import GRPOConfig
 from llmft.console import console
+from llmft.data.prompts import load_prompts
 from llmft.errors import ConfigError
-from llmft.generation import Generation
-from llmft.loading import resolve_model
-from llmft.loop import Recipe, Stage, plan_table, run_stage
-from llmft.losses import grpo_policy_loss
-from llmft.plan import chunks, plan_steps
-from llmft.prompts import load_prompts
-from llmft.rl import group_advantages, masked_var, rloo_advantages, zero_std_groups
-from llmft.rlsetup import RLSetup, check_reward_model, check_sampling_config, reward_rollout_rows
-from llmft.rlstage import (
+from llmft.maths.losses import grpo_policy_loss
+from llmft.maths.rl import group_advantages, masked_var, rloo_advantages, zero_std_groups
+from llmft.models.loading import resolve_model
+from llmft.rl import setup as rl_setup
+from llmft.rl import stage as rl_stage
+from llmft.rl.actor_critic import POLICY, REFERENCE, ActorCritic
+from llmft.rl.scoring import Scorer
+from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, reward_rollout_rows
+from llmft.rl.stage import (
     check_finite,
     check_logprob_gap,
     mean_of,
@@ -50,8 +50,10 @@ from llmft.rlstage import (
     score_rollout,
     token_weighted,
 )
-from llmft.rollout import Experience, pack, response_logps
-from llmft.scoring import Scorer
+from llmft.rollout.experience import Experience, pack, response_logps
+from llmft.rollout.generation import Generation
+from llmft.run.loop import Recipe, Stage, plan_table, run_stage
+from llmft.run.plan import chunks, plan_steps
 
 
 @dataclass
@@ -130,11 +132,11 @@ def run(cfg: GRPOConfig, dry_run: bool = False) -> dict | None:
 
 
 def build_model(s: RLSetup) -> ActorCritic:
-    return rlsetup.build_model(s, critic=False)
+    return rl_setup.build_model(s, critic=False)
 
 
 def stage(s: RLSetup, model: ActorCritic) -> Stage:
-    return rlstage.rl_stage("grpo", s, model, functools.partial(grpo_step, model, s),
+    return rl_stage.rl_stage("grpo", s, model, functools.partial(grpo_step, model, s),
                              shown=("reward", "frac_reward_zero_std", "completions/mean_length", "loss", "lr"))
 
 

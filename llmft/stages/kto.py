@@ -17,17 +17,17 @@ from contextlib import nullcontext
 import torch
 
 from llmft import distributed
-from llmft import labelled as L
-from llmft.adapters import require_dropout_off
 from llmft.config import KTOConfig
 from llmft.console import console
+from llmft.data import labelled as L
 from llmft.errors import ConfigError
-from llmft.forward import autocast
-from llmft.loading import policy_with_reference, resolve_model
-from llmft.logprobs import sequence_logps
-from llmft.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
-from llmft.losses import kto_loss, kto_reference_point
-from llmft.plan import plan_for
+from llmft.maths.losses import kto_loss, kto_reference_point
+from llmft.models.adapters import require_dropout_off
+from llmft.models.forward import autocast
+from llmft.models.loading import policy_with_reference, resolve_model
+from llmft.models.logprobs import sequence_logps
+from llmft.run.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
+from llmft.run.plan import plan_for
 
 
 # --------------------------------------------------------------------------------------------- setup

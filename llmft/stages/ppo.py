@@ -22,19 +22,20 @@ from dataclasses import dataclass
 
 import torch
 
-from llmft import distributed, rlsetup, rlstage
-from llmft.actor_critic import POLICY, REFERENCE, VALUE, ActorCritic
+from llmft import distributed
 from llmft.config import PPOConfig
 from llmft.console import console
+from llmft.data.prompts import load_prompts
 from llmft.errors import ConfigError
-from llmft.loading import resolve_model
-from llmft.loop import Recipe, Stage, plan_table, run_stage
-from llmft.losses import ppo_policy_loss, ppo_value_loss
-from llmft.plan import chunks, plan_steps
-from llmft.prompts import load_prompts
-from llmft.rl import KLController, explained_variance, gae, kl_per_token, shaped_rewards, whiten
-from llmft.rlsetup import RLSetup, check_reward_model, check_sampling_config, reward_rollout_rows
-from llmft.rlstage import (
+from llmft.maths.losses import ppo_policy_loss, ppo_value_loss
+from llmft.maths.rl import KLController, explained_variance, gae, kl_per_token, shaped_rewards, whiten
+from llmft.models.loading import resolve_model
+from llmft.rl import setup as rl_setup
+from llmft.rl import stage as rl_stage
+from llmft.rl.actor_critic import POLICY, REFERENCE, VALUE, ActorCritic
+from llmft.rl.scoring import Scorer
+from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, reward_rollout_rows
+from llmft.rl.stage import (
     check_finite,
     check_logprob_gap,
     mean_of,
@@ -46,8 +47,9 @@ from llmft.rlstage import (
     score_rollout,
     token_weighted,
 )
-from llmft.rollout import Experience, response_logps, value_estimates
-from llmft.scoring import Scorer
+from llmft.rollout.experience import Experience, response_logps, value_estimates
+from llmft.run.loop import Recipe, Stage, plan_table, run_stage
+from llmft.run.plan import chunks, plan_steps
 
 
 @dataclass
@@ -116,14 +118,14 @@ def run(cfg: PPOConfig, dry_run: bool = False) -> dict | None:
 
 
 def build_model(s: Setup) -> ActorCritic:
-    return rlsetup.build_model(s, critic=True)
+    return rl_setup.build_model(s, critic=True)
 
 
 def stage(s: Setup, model: ActorCritic) -> Stage:
     def load_kl(state: dict) -> None:
         s.kl.value = state["kl_coef"]
 
-    return rlstage.rl_stage("ppo", s, model, functools.partial(ppo_step, model, s),
+    return rl_stage.rl_stage("ppo", s, model, functools.partial(ppo_step, model, s),
                              shown=("score", "kl", "length", "loss", "lr"),
                              extra_state=lambda: {"kl_coef": s.kl.value}, load_extra=load_kl)
 

@@ -12,18 +12,18 @@ from __future__ import annotations
 import torch
 
 from llmft import distributed
-from llmft import preferences as P
-from llmft.adapters import add_lora, disable_dropout, require_dropout_off
 from llmft.config import RewardConfig
 from llmft.console import console
+from llmft.data import preferences as P
 from llmft.errors import ConfigError
-from llmft.forward import autocast
-from llmft.loading import load_model, resolve_model
-from llmft.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
-from llmft.losses import pairwise_accuracy, reward_loss
-from llmft.pairpack import can_pack_pairs, check_packing
-from llmft.plan import plan_for
-from llmft.reward_model import RewardModel
+from llmft.maths.losses import pairwise_accuracy, reward_loss
+from llmft.models.adapters import add_lora, disable_dropout, require_dropout_off
+from llmft.models.forward import autocast
+from llmft.models.loading import load_model, resolve_model
+from llmft.models.pairpack import can_pack_pairs, check_packing
+from llmft.models.reward_model import RewardModel
+from llmft.run.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
+from llmft.run.plan import plan_for
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -98,7 +98,7 @@ def stage(s: Setup, model: RewardModel) -> Stage:
 
 def rewards(model: RewardModel, batch: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """r_c [B], r_r [B]: chosen and rejected of every pair scored in one forward pass (packed with each prompt once
-    where the model allows: `llmft.pairpack`)."""
+    where the model allows: `llmft.models.pairpack`)."""
     with autocast(device, dtype):
         if model.packed and can_pack_pairs(model.lm, batch):
             r = model.pair_scores({k: v.to(device) for k, v in batch.items()})  # [2B]

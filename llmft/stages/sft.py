@@ -10,18 +10,18 @@ from __future__ import annotations
 import torch
 
 from llmft import distributed
-from llmft.adapters import add_lora
 from llmft.config import SFTConfig
 from llmft.console import console
-from llmft.examples import TokenizedSet, collate, collate_blocks, pack_blocks, tokenize_records
-from llmft.forward import autocast
-from llmft.loading import load_model, resolve_model
-from llmft.logprobs import supervised_logps
-from llmft.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
-from llmft.losses import sft_loss
-from llmft.pairpack import check_packing
-from llmft.plan import plan_for
-from llmft.records import detect_format, read_splits
+from llmft.data.examples import TokenizedSet, collate, collate_blocks, pack_blocks, tokenize_records
+from llmft.data.records import detect_format, read_splits
+from llmft.maths.losses import sft_loss
+from llmft.models.adapters import add_lora
+from llmft.models.forward import autocast
+from llmft.models.loading import load_model, resolve_model
+from llmft.models.logprobs import supervised_logps
+from llmft.models.pairpack import check_packing
+from llmft.run.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
+from llmft.run.plan import plan_for
 
 
 # --------------------------------------------------------------------------------------------- setup

@@ -1,0 +1,1 @@
+"""The commands that are not training stages: eval, generate, plot, env."""

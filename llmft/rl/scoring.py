@@ -1,0 +1,49 @@
+"""The reward of a sampled answer: program judges and/or a reward model, combined with weights, a penalty
+for an answer that reached no stop id, and optional running normalisation and clipping."""
+
+from __future__ import annotations
+
+import torch
+
+from llmft import distributed
+from llmft.config import RewardSourcesConfig
+from llmft.data.records import Record
+from llmft.errors import ConfigError
+from llmft.judges import make_judge
+from llmft.maths.rl import RunningMoments
+
+REWARD_MODEL = "reward_model"
+
+
+class Scorer:
+    def __init__(self, cfg: RewardSourcesConfig, records: list[Record]):
+        if not cfg.model and not cfg.judges:
+            raise ConfigError("reward: name a reward model (reward.model) or at least one judge (reward.judges)")
+        self.cfg = cfg
+        self.judges = {name: make_judge(name, records, cfg.reference_column) for name in cfg.judges}
+        self.weights = {**({REWARD_MODEL: cfg.model_weight} if cfg.model else {}), **cfg.judges}
+        self.moments = RunningMoments()
+
+    def parts(self, prompts: list[str], responses: list[str], rows: list[dict],
+              model_scores: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Every source's raw scores [B] (fp32, CPU)."""
+        out = {name: torch.tensor(judge(prompts, responses, rows), dtype=torch.float32)
+               for name, judge in self.judges.items()}
+        if model_scores is not None:
+            out[REWARD_MODEL] = model_scores.float().cpu()
+        return out
+
+    def total(self, parts: dict[str, torch.Tensor], finished: torch.Tensor) -> torch.Tensor:
+        """The weighted sum [B], with the penalty for responses that never emitted EOS."""
+        score = sum(self.weights[name] * parts[name] for name in self.weights)
+        return score - self.cfg.missing_eos_penalty * (~finished).float()
+
+    def shape(self, score: torch.Tensor) -> torch.Tensor:
+        """What PPO optimises: the score, normalised by the running moments (updated with it first) and
+        clipped when asked."""
+        if self.cfg.normalize:
+            self.moments.update(distributed.gather(score))  # the moments of every process's scores
+            score = (score - self.moments.mean) / self.moments.std
+        if self.cfg.clip is not None:
+            score = score.clamp(-self.cfg.clip, self.cfg.clip)
+        return score

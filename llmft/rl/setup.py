@@ -1,0 +1,92 @@
+"""What the RL stages (ppo, grpo) set up before their loops: the model with its roles on one base, the reward
+sources, the sampling (config checks, per-step seeds, one answer per prompt into an `Experience`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmft.checkpoint import content_hash
+from llmft.console import console
+from llmft.data.chat import tokenizer_difference
+from llmft.errors import ConfigError, ModelError
+from llmft.models import quantization
+from llmft.models.adapters import add_lora, disable_dropout, require_dropout_off
+from llmft.models.loading import load_model, load_tokenizer
+from llmft.models.reward_model import RewardScorer
+from llmft.models.sources import resolve_source
+from llmft.rl.actor_critic import ActorCritic
+from llmft.rl.scoring import Scorer
+from llmft.run import loop
+
+
+@dataclass
+class RLSetup(loop.Setup):
+    scorer: Scorer | None = None
+    share_reward: bool = False  # the reward checkpoint was trained on the policy's own base weights
+    external_reward: RewardScorer | None = None  # the reward model when it cannot share the base
+
+
+def build_model(s: RLSetup, critic: bool) -> ActorCritic:
+    """The RL stages' model: a fresh policy adapter on the policy source, the reward model's adapter and head when
+    it shares the base (else loaded on its own into s.external_reward), a value adapter and head with a critic,
+    dropout off."""
+    cfg = s.cfg
+    lm = add_lora(load_model(s.source, s.dtype, s.device, cfg.model), cfg.lora, cfg.train.gradient_checkpointing)
+    model = ActorCritic(lm, cfg.reward.model, s.share_reward, critic=critic)
+    disable_dropout(model)
+    if cfg.reward.model and not s.share_reward:
+        console.print(f"[yellow]reward model {cfg.reward.model} was trained on other base weights: loading it "
+                      f"separately (a second copy of the base in memory)")
+        s.external_reward = RewardScorer.load(cfg.reward.model, cfg.device, cfg.model.dtype, cfg.train.batch_size)
+    return model
+
+
+def check_sampling_config(cfg, stage: str) -> None:
+    """What every RL stage refuses: dropout (ratios compare outputs of the same network), a new chat template (it
+    belongs to the stage that starts from the base model), greedy or truncated sampling (the trainer's log-probs
+    are those of softmax(z / T) over the whole vocabulary)."""
+    require_dropout_off(cfg, stage, "ratios and KL compare outputs of the same network")
+    if cfg.model.chat_template:
+        raise ConfigError(f"model.chat_template: give a model its chat template in the stage that starts from it "
+                          f"(usually sft); {stage} keeps the template of the policy it starts from")
+    r = cfg.rollout
+    if r.temperature <= 0:
+        raise ConfigError(f"rollout.temperature must be > 0: {stage} samples its responses (0.7 to 1 is usual)")
+    if r.top_p < 1 or r.top_k:
+        raise ConfigError(f"rollout.top_p must be 1.0 and rollout.top_k 0 in {stage}: the trainer's log-probs are "
+                          f"those of softmax(z / T) over the whole vocabulary, so the sampler must draw from exactly "
+                          f"that")
+
+
+def check_reward_model(cfg, source, chat, dtype: torch.dtype) -> bool:
+    """Refuse a reward model that tokenizes or templates differently (it scores the policy's own token ids);
+    return whether it was trained on the policy's own base weights, quantised alike (then all roles share one
+    base)."""
+    if not cfg.reward.model:
+        return False
+    rm = resolve_source(cfg.reward.model)
+    if rm.kind != "stage" or rm.manifest.get("stage") != "reward":
+        raise ModelError(f"reward.model {cfg.reward.model} is not a reward model (an llmft reward output)")
+    if what := tokenizer_difference(load_tokenizer(rm), chat.tokenizer):
+        raise ModelError(f"reward model {cfg.reward.model} has another {what} than policy {cfg.model.name}: it "
+                         f"must score the policy's own tokens, so both need the same tokenizer and chat template")
+    parent = rm.manifest.get("parent") or {}
+    same_base = rm.manifest["model"]["resolved"] == source.resolved and (
+        source.kind != "stage" or parent.get("sha256") == content_hash(source.path))
+    return same_base and rm.manifest["model"].get("quantization") == quantization.record(cfg.model.quantization, dtype)
+
+
+def stop_names(chat) -> str:
+    return ", ".join(chat.tokenizer.convert_ids_to_tokens(i) for i in chat.stop_ids)
+
+
+def reward_rollout_rows(t, s: RLSetup) -> None:
+    """The plan table's rows for the reward sources and the sampling."""
+    cfg, rm = s.cfg, s.cfg.reward.model
+    roles = f"reward model {rm} ({'shares the base' if s.share_reward else 'own base'})" if rm else "no reward model"
+    t.add_row("reward", f"{roles}; judges {dict(cfg.reward.judges) or 'none'}; "
+                        f"no-stop penalty {cfg.reward.missing_eos_penalty}")
+    t.add_row("rollout", f"temperature {cfg.rollout.temperature}, max_new_tokens {cfg.rollout.max_new_tokens}; "
+                         f"stops at {stop_names(s.chat)}")

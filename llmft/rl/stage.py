@@ -1,0 +1,151 @@
+"""The RL stages' plumbing around `run.loop.fit`: a stage from an RL step function, the sampler-vs-trainer
+log-prob check, greedy evaluation on held-out prompts, decoded samples, and per-step statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from llmft import distributed
+from llmft.data.records import Record, prompt_messages
+from llmft.errors import TrainingAborted
+from llmft.rl.actor_critic import POLICY, ActorCritic
+from llmft.rl.setup import RLSetup
+from llmft.rollout.experience import Experience, pack
+from llmft.rollout.generation import generate
+from llmft.run import loop
+from llmft.run.metrics import MetricsLog, stopwatch
+from llmft.run.plan import chunks
+
+
+def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[str, ...],
+             extra_state: Callable[[], dict] = dict, load_extra: Callable[[dict], None] = lambda state: None
+             ) -> loop.Stage:
+    """An RL stage for `loop.fit`: rl_step(prompt indices, update, step number) → (metrics with "episodes" and
+    "tokens", samples rows); decoded samples go to samples.jsonl at step 1 and every cfg.samples_every steps. A
+    checkpoint keeps the score normaliser's moments and whatever `extra_state` returns (`load_extra` restores
+    it)."""
+    samples: dict[str, MetricsLog] = {}
+
+    def step(micro_batches: list[list[int]], ctx: loop.StepContext) -> tuple[dict, dict]:
+        metrics, rows = rl_step(micro_batches[0], ctx.update, ctx.number)
+        if ctx.number % s.cfg.samples_every == 0 or ctx.number == 1:
+            for row in rows:
+                samples["log"].log(ctx.number, row)
+        return metrics, {"episodes": metrics.pop("episodes"), "tokens": metrics.pop("tokens")}
+
+    def resume(state: dict | None) -> None:
+        samples["log"] = MetricsLog(Path(s.cfg.output_dir), state["step"] if state else None, False,
+                                    name="samples.jsonl")
+        if state:
+            s.scorer.moments = dataclasses.replace(s.scorer.moments, **state["score_moments"])
+            load_extra(state)
+
+    def state() -> dict:
+        return {"score_moments": dataclasses.asdict(s.scorer.moments), **extra_state()}
+
+    return loop.Stage(name, s.cfg, s.plan, s.device, step, (lambda: evaluate(model, s)) if s.eval else None,
+                      shown=shown, state=state, resume=resume)
+
+
+def check_logprob_gap(s: RLSetup, exp: Experience, step: int, tolerance: float | None, key: str) -> tuple[float, float]:
+    """The sampler's log-probs against the trainer's recomputation (largest and mean gap per token, over every
+    process's answers); at step 1 a mean gap above the tolerance stops the run before any update: the trainer is
+    not computing the distribution the responses were drawn from (soft-capping, a sampling processor,
+    temperature, padding...). `key` names the tolerance's config key."""
+    largest, summed, tokens = exp.logprob_gap()
+    gap, gap_mean = distributed.maximum(largest), distributed.total(summed) / max(distributed.total(tokens), 1.0)
+    tolerance = tolerance or default_gap_tolerance(s.device, s.dtype)
+    if step == 1 and gap_mean > tolerance:
+        raise TrainingAborted(f"step 1: the trainer's log-probs differ from the sampler's by {gap_mean:.3g} per token "
+                              f"on average (largest {gap:.3g}; tolerance {tolerance:g}): the run would optimise "
+                              f"another distribution than the one it samples. Report it with `llmft env`; {key} "
+                              f"raises the limit")
+    return gap, gap_mean
+
+
+def default_gap_tolerance(device: torch.device, dtype: torch.dtype) -> float:
+    """Exact fp32 on the CPU agrees to ~1e-6 per token; TF32 and 16-bit kernels on a GPU differ more."""
+    return 1e-3 if device.type == "cpu" and dtype == torch.float32 else 0.05
+
+
+@torch.no_grad()
+def evaluate(model: ActorCritic, s: RLSetup) -> dict[str, float]:
+    """Greedy answers to the held-out prompts, scored by the same sources (no penalty shaping, no KL)."""
+    model.use(POLICY)
+    sampling = dataclasses.replace(s.cfg.rollout, temperature=0.0)
+    exp = pack(generate(model.lm, s.chat, s.eval.ids, sampling), s.chat.pad_id, s.device)
+    parts, score = score_rollout(model, s, exp, [r.row for r in s.eval.records])
+    out = {"eval/score": float(score.mean()), **{f"eval/score/{k}": float(v.mean()) for k, v in parts.items()},
+           "eval/length": float(exp.lengths().mean()), "eval/no_eos": no_eos_share(exp)}
+    if "constraints" in parts:
+        out["eval/constraints/pass_rate"] = float((parts["constraints"] == 1.0).float().mean())
+    model.train()
+    return out
+
+
+def sample_rows(exp: Experience, rows: list[dict], parts: dict, score: torch.Tensor, n: int = 4) -> list[dict]:
+    return [{"prompt": prompt_messages(Record(row, "sample"))[-1]["content"], "response": g.text,
+             "finished": g.finished, "score": float(score[i]), **{k: float(v[i]) for k, v in parts.items()}}
+            for i, (row, g) in enumerate(zip(rows[:n], exp.generations[:n], strict=False))]
+
+
+def no_eos_share(exp: Experience) -> float:
+    return 1 - sum(g.finished for g in exp.generations) / exp.size
+
+
+def token_weighted(parts: list[dict]) -> dict:
+    """Micro-batch statistics → the minibatch's, each weighted by its micro-batch's "tokens" (all 0 when none)."""
+    tokens = sum(p["tokens"] for p in parts)
+    return {k: sum(p[k] * p["tokens"] for p in parts) / tokens if tokens else 0.0 for k in parts[0] if k != "tokens"}
+
+
+def mean_of(stats: list[dict], key: str) -> float:
+    return sum(st[key] for st in stats) / len(stats)
+
+
+def check_finite(step: int, what: str, values: torch.Tensor) -> None:
+    if distributed.any_rank(not bool(torch.isfinite(values).all())):  # every process stops together
+        raise TrainingAborted(f"non-finite {what} at step {step} ({values.tolist()[:4]}...); stopped before "
+                              f"updating the weights with it; the last checkpoint in the output_dir is kept")
+
+
+@contextmanager
+def phase(times: dict, name: str, device: torch.device):
+    """times[name] = the seconds the block takes (a step's generation, scoring, update ...)."""
+    with stopwatch(device) as watch:
+        yield
+    times[name] = watch.seconds
+
+
+def score_rollout(model: ActorCritic, s: RLSetup, exp: Experience, rows: list[dict]):
+    """Every source's scores and their total [B] (before normalisation), on the host."""
+    model_scores = None
+    if s.share_reward:
+        model_scores = torch.cat([model.rewards(exp.input_ids[r], exp.attention_mask[r])
+                                  for r in chunks(range(exp.size), s.cfg.train.batch_size)])
+    elif s.external_reward:
+        model_scores = s.external_reward.score_ids([g.prompt_ids + g.response_ids for g in exp.generations])
+    prompts = [s.chat.decode(g.prompt_ids) for g in exp.generations]
+    parts = s.scorer.parts(prompts, [g.text for g in exp.generations], rows, model_scores)
+    finished = torch.tensor([g.finished for g in exp.generations])
+    return parts, s.scorer.total(parts, finished)
+
+
+def rollout_seed(s: RLSetup, step: int, round_: int = 0) -> int:
+    """The sampling seed of a step (and of a refill round in it) on this process: a pure function of them, so a
+    resumed run samples what the uninterrupted one did."""
+    cfg = s.cfg
+    return (cfg.seed * 1_000_003 + cfg.rollout.seed * 1009 + step + 7_919 * round_
+            + 100_000_007 * distributed.world().rank)
+
+
+def sample(model: ActorCritic, s: RLSetup, prompts: list[list[int]], seed: int) -> Experience:
+    """One response to each prompt from the policy, with the sampler's own log-probs, packed on the device."""
+    model.use(POLICY)
+    sampling = dataclasses.replace(s.cfg.rollout, seed=seed)
+    return pack(generate(model.lm, s.chat, prompts, sampling, logprobs=True), s.chat.pad_id, s.device)
