@@ -99,7 +99,7 @@ def generate(
     model: str = typer.Argument(..., help="Model source: alias, directory, .gguf, hub id or a stage's output_dir."),
     prompts: Path = typer.Option(..., "--prompts", help="JSONL/JSON/CSV/Parquet rows with 'prompt' (or 'messages')."),
     out: Path | None = typer.Option(None, "--out", help="Write JSONL here (default: standard output)."),
-    max_new_tokens: int = typer.Option(128, help="Longest response."),
+    max_new_tokens: int = typer.Option(128, help="Longest answer, in new tokens."),
     temperature: float = typer.Option(0.7, help="Sampling temperature; 0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, help="Top-k sampling; 0 = off."),
@@ -113,8 +113,8 @@ def generate(
     kernels: bool = typer.Option(False, "--kernels", help="Let transformers use Hub kernels (remote code; off by "
                                                           "default)."),
 ) -> None:
-    """Generate responses for a prompts file (chat template applied); each row comes back with
-    [bold]response[/], [bold]finished[/] (ended with EOS) and [bold]response_tokens[/]."""
+    """Answer every row of a prompts file (chat template applied); each row comes back with its answer in
+    [bold]response[/], [bold]finished[/] (ended with a stop id) and [bold]response_tokens[/]."""
     from llmft.commands.generate import run_generate
     from llmft.config import GenerateConfig
     from llmft.schema import build
@@ -135,7 +135,7 @@ def evaluate(
     prompts: str | None = typer.Option(None, "--prompts", help="Held-out prompts file."),
     reference: str | None = typer.Option(None, "--reference", help="Model to measure the KL against."),
     reward_model: str | None = typer.Option(None, "--reward-model", help="A reward model (llmft reward output) "
-                                                                         "that scores every response."),
+                                                                         "that scores every answer."),
     preferences: str | None = typer.Option(None, "--preferences", help="Preference pairs: report the reward "
                                                                        "model's pairwise accuracy on them."),
     out: str | None = typer.Option(None, "--out", help="Write the JSON report here."),

@@ -130,7 +130,7 @@ class PreferenceDataConfig:
     split: str = opt("train", "Split to read from hub datasets.")
     format: Literal["auto", "pairs", "ranked"] = opt(
         "auto", "pairs = {prompt, chosen, rejected}, ranked = {prompt, responses}; auto detects it.")
-    max_length: int = opt(1024, "Longest prompt + response in tokens; longer pairs are dropped (and counted).",
+    max_length: int = opt(1024, "Longest prompt + answer in tokens; longer pairs are dropped (and counted).",
                           ge=8)
     packing: bool = opt(False, "Run each micro-batch padding-free, each pair as [prompt | chosen | rejected] with the "
                                "prompt computed once (sdpa/eager attention; else each row packed on its own): the "
@@ -234,11 +234,11 @@ class PromptDataConfig:
 class RewardSourcesConfig:
     model: str | None = opt(None, "A reward model (an llmft reward output). Trained on the policy's own base "
                                   "weights it shares them; else it is loaded on its own.")
-    model_weight: float = opt(1.0, "Weight of the reward model's score in the total score.")
+    model_weight: float = opt(1.0, "Weight of the reward model's score in the combined score.")
     judges: dict[str, float] = opt({}, "Program judges and their weights, added to the score: constraints, "
-                                       "bleu, rouge_l, meteor, or module:function taking (prompts, responses, rows).")
+                                       "bleu, rouge_l, meteor, or module:function taking (prompts, answers, rows).")
     reference_column: str = opt("completion", "Column with the reference text for bleu, rouge_l and meteor.")
-    missing_eos_penalty: float = opt(1.0, "Subtracted from the score of a response that never reaches a stop token "
+    missing_eos_penalty: float = opt(1.0, "Subtracted from the score of an answer that never reaches a stop token "
                                           "(EOS or the chat template's turn end).", ge=0)
     normalize: bool = opt(False, "Normalise scores by the running mean and std of every score seen so far.")
     clip: float | None = opt(None, "Clip scores (after normalising) to ±clip; null = no clipping.", gt=0)
@@ -259,7 +259,7 @@ class PPOAlgoConfig:
     kl_estimator: Literal["k1", "k3"] = opt(
         "k1", "The KL estimate in the per-token reward: k1 = log π − log π_ref, the one estimator whose use as a "
               "reward gives the gradient of KL(π‖ref); k3 is refused (as a reward its gradient is biased).")
-    kl_target: float | None = opt(None, "Adaptive β: the KL (summed per response) to steer towards; null = "
+    kl_target: float | None = opt(None, "Adaptive β: the KL (summed per answer) to steer towards; null = "
                                         "fixed β.", gt=0)
     kl_horizon: int = opt(10_000, "Adaptive β: horizon in episodes.", ge=1)
     logprob_gap_tolerance: float | None = opt(
@@ -270,7 +270,7 @@ class PPOAlgoConfig:
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = opt(128, "Longest response.", ge=1)
+    max_new_tokens: int = opt(128, "Longest answer, in new tokens.", ge=1)
     temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.", ge=0)
     top_p: float = opt(1.0, "Nucleus sampling mass.", gt=0, le=1)
     top_k: int = opt(0, "Top-k sampling; 0 = off.", ge=0)
@@ -292,9 +292,9 @@ class PPOConfig(RunConfig):
                                       "samples and manifest go.")
     data: PromptDataConfig = field(default_factory=PromptDataConfig, metadata={"help": "Prompts."})
     rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=96, temperature=0.7),
-                                    metadata={"help": "Sampling of the responses (temperature > 0)."})
+                                    metadata={"help": "Sampling of the answers (temperature > 0)."})
     reward: RewardSourcesConfig = field(default_factory=RewardSourcesConfig,
-                                        metadata={"help": "What scores a response."})
+                                        metadata={"help": "What scores an answer."})
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig, metadata={"help": "The PPO update."})
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
@@ -357,16 +357,16 @@ class EvalConfig:
     prompts: str | None = opt(None, "Held-out prompts: rows with 'prompt' (or 'messages') and what the judges need "
                                     "(required with models).")
     reference: str | None = opt(None, "Model to measure the KL against (mean summed log-ratio of the "
-                                      "responses); null = no KL.")
+                                      "answers); null = no KL.")
     judges: list[str] = opt(["constraints"], "Judges: constraints, bleu, rouge_l, meteor, or module:function taking "
-                                             "(prompts, responses, rows) and returning one score per response.")
-    reward_model: str | None = opt(None, "A reward model (llmft reward output): every policy's responses get its "
+                                             "(prompts, answers, rows) and returning one score per answer.")
+    reward_model: str | None = opt(None, "A reward model (llmft reward output): every policy's answers get its "
                                          "score (judge 'reward': mean and win rates).")
     preferences: str | None = opt(None, "Preference pairs to report the reward model's pairwise accuracy on.")
     reference_column: str = opt("completion", "Column with the reference text for bleu, rouge_l and meteor.")
     limit: int | None = opt(None, "Only the first N prompts.", ge=1)
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "Generation."})
-    out: str | None = opt(None, "Write the JSON report (metrics, win rates, every response) here.")
+    out: str | None = opt(None, "Write the JSON report (metrics, win rates, every answer) here.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
     kernels: bool = opt(False, "Hub kernels for the models it loads (as model.kernels in a stage); off by default.")

@@ -111,7 +111,7 @@ def shard(micro_batches: list[list[int]]) -> list[list[int]]:
     return [mb[w.rank::w.size] for mb in micro_batches] if w.size > 1 else micro_batches
 
 
-def total(x: float | int) -> float | int:
+def global_sum(x: float | int) -> float | int:
     """Σ over ranks of a number (a count, a partial sum): what every rank divides by."""
     if _world.size == 1:
         return x
@@ -122,7 +122,7 @@ def total(x: float | int) -> float | int:
     return float(t.item()) if isinstance(x, float) else int(t.item())
 
 
-def maximum(x: float) -> float:
+def global_max(x: float) -> float:
     """The largest value of a number over ranks."""
     if _world.size == 1:
         return x
@@ -133,7 +133,7 @@ def maximum(x: float) -> float:
     return float(t.item())
 
 
-def sum_tensor(t: torch.Tensor) -> torch.Tensor:
+def global_sum_tensor(t: torch.Tensor) -> torch.Tensor:
     """Σ over ranks of a tensor (same shape on every rank), as a new tensor."""
     if _world.size == 1:
         return t
@@ -166,7 +166,7 @@ def reduce_metrics(metrics: dict[str, float], counts: dict[str, int]) -> tuple[d
     if _world.size == 1:
         return metrics, counts
     keys, ckeys = sorted(metrics), sorted(counts)
-    t = sum_tensor(torch.tensor([metrics[k] for k in keys] + [counts[k] for k in ckeys], dtype=torch.float64,
+    t = global_sum_tensor(torch.tensor([metrics[k] for k in keys] + [counts[k] for k in ckeys], dtype=torch.float64,
                                 device=_comm_device()))
     n = _world.size
     out = {k: float(t[i]) if k == "loss" else float(t[i]) / n for i, k in enumerate(keys)}
@@ -221,7 +221,7 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any: a decision (abort, stop) all ranks must take together."""
-    return total(int(flag)) > 0 if _world.size > 1 else flag
+    return global_sum(int(flag)) > 0 if _world.size > 1 else flag
 
 
 def finish() -> None:

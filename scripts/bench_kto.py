@@ -55,7 +55,7 @@ def write_labelled(args, model_dir: str, work: Path) -> tuple[Path, Path, dict]:
 
 def llmft_kto(args, model_dir: str, work: Path, name: str) -> dict:
     rows, rss = run_llmft("kto", args, model_dir, work, loss={"beta": args.beta})
-    return llmft_result(rows, rss, args, "answers") | {"impl": name, "kl": [r["kl"] for r in rows]}
+    return llmft_result(rows, rss, args, "answers") | {"impl": name, "kl": [r["kl_reference_point"] for r in rows]}
 
 
 def cmd_kto(args) -> dict:

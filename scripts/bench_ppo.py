@@ -61,7 +61,7 @@ def ppo_rates(rows: list[dict], warmup: int) -> dict:
     return {"episodes_per_s": sum(r["episodes"] for r in timed) / seconds,
             "tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
             **{f"share_{k}": v / seconds for k, v in phases.items()}, "seconds": seconds,
-            "mean_response_length": sum(r["length"] for r in timed) / len(timed)}
+            "mean_response_length": sum(r["completions/mean_length"] for r in timed) / len(timed)}
 
 
 def cmd_ppo(args: argparse.Namespace) -> dict:

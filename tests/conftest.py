@@ -160,6 +160,6 @@ def train_in_process(stage, cfg):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rundir.prepare_output_dir(cfg, stage.__name__.rsplit(".", 1)[-1], loop.data_files(cfg))
     opt = optim.make_optimizer(model, cfg.train)
-    scheduler = optim.make_scheduler(opt, cfg.train, s.plan.total)
+    scheduler = optim.make_scheduler(opt, cfg.train, s.plan.num_steps)
     final = loop.fit(stage.stage(s, model), model, opt, scheduler, None, None)
     return model, before, final

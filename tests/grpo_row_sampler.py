@@ -15,7 +15,7 @@ import torch
 
 from llmft.rl.actor_critic import POLICY
 from llmft.rollout.experience import pack
-from llmft.rollout.generation import Generation
+from llmft.rollout.generation import Answer
 
 
 def sample(model, s, prompts: list[list[int]], seed: int):
@@ -37,7 +37,7 @@ def sample(model, s, prompts: list[list[int]], seed: int):
             if token in s.chat.stop_ids:
                 break
         response = ids[len(p):]
-        gens.append(Generation(p, response, s.chat.decode(response), response[-1] in s.chat.stop_ids, logps))
+        gens.append(Answer(p, response, s.chat.decode(response), response[-1] in s.chat.stop_ids, logps))
     return pack(gens, s.chat.pad_id, s.device)
 
 

@@ -161,7 +161,7 @@ def test_reward_then_ppo_on_two_processes_train_and_their_outputs_load(tiny_mode
     (tmp_path / "ppo-fsdp.yaml").write_text(yaml.safe_dump(cfg))
     ok(launch(2, "ppo", tmp_path / "ppo-fsdp.yaml", extra_env={"ACCELERATE_USE_FSDP": "true"}))
     fsdp_rows = [json.loads(x) for x in (tmp_path / "ppo-fsdp" / "metrics.jsonl").read_text().splitlines()]
-    for key in ("score", "kl", "loss", "value_loss"):
+    for key in ("reward", "objective/kl", "loss", "loss/value_avg"):
         torch.testing.assert_close([r[key] for r in fsdp_rows], [r[key] for r in rows], rtol=1e-4, atol=1e-5)
 
 
@@ -267,4 +267,4 @@ def test_kto_two_processes_match_one_process_at_step_one_and_keep_going(tiny_mod
     same_adapter(tmp_path / "one", tmp_path / "two")
     ok(launch(2, "kto", config(2, "longer", 4)))
     rows = [json.loads(x) for x in (tmp_path / "longer" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert len(rows) == 4 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) and r["kl_reference_point"] >= 0 for r in rows)

@@ -98,7 +98,7 @@ def raising_judge(prompts, responses, rows):
 
 @pytest.mark.parametrize("args, expected", [
     (["--set", "judges=[rhyme]"], "unknown judge 'rhyme'"),
-    (["--set", "judges=[tests.test_eval:bad_judge]"], "must return one finite number per response (3)"),
+    (["--set", "judges=[tests.test_eval:bad_judge]"], "must return one finite number per answer (3)"),
     (["--set", "judges=[tests.test_eval:raising_judge]"], "raised ValueError: boom"),
     (["--set", "judges=[nosuchmodule:f]"], "cannot import f from nosuchmodule"),
     (["--set", "judges=[bleu]", "--set", "reference_column=answer"], "needs a text column 'answer'"),

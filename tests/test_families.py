@@ -103,11 +103,11 @@ def lora_model(path: Path, gradient_checkpointing: bool = False):
 def experience(chat, answers_per_prompt: int = 3):
     """Two prompts of different lengths (left padding), each with answers of different lengths (right padding)."""
     from llmft.rollout.experience import pack
-    from llmft.rollout.generation import Generation
+    from llmft.rollout.generation import Answer
 
     torch.manual_seed(2)
     prompts = [chat.prompt_ids([{"role": "user", "content": t}]) for t in ("the sea", "a lighthouse guides ships")]
-    gens = [Generation(p, torch.randint(5, len(chat.tokenizer) - 1, (3 + 5 * k,)).tolist(), "", False)
+    gens = [Answer(p, torch.randint(5, len(chat.tokenizer) - 1, (3 + 5 * k,)).tolist(), "", False)
             for p in prompts for k in range(answers_per_prompt)]
     return pack(gens, chat.pad_id, torch.device("cpu"))
 
@@ -119,7 +119,7 @@ def logps_and_grads(lm, exp, share: bool, monkeypatch):
     if not share:
         monkeypatch.setattr(rollout, "prompt_owners", lambda *a: None)
     lm.zero_grad()
-    logps, _ = rollout.response_logps(lm, functools.partial(hidden_states, lm), exp, list(range(exp.size)), 0.7,
+    logps, _ = rollout.answer_logps(lm, functools.partial(hidden_states, lm), exp, list(range(exp.size)), 0.7,
                                       torch.float32)
     (logps * exp.mask).sum().backward()
     monkeypatch.undo()
@@ -202,7 +202,7 @@ def test_generation_encodes_a_repeated_prompt_once(family, monkeypatch):
     assert widths[0] == (2, max(map(len, prompts)) - 1) and widths[1] == (8, 1)  # distinct prompts, then 8 rows
     monkeypatch.setattr(generation, "shared_prompts", lambda *a: {})
     plain = generation.generate(lm, chat, prompts, sampling, logprobs=True)
-    assert [g.response_ids for g in shared] == [g.response_ids for g in plain]
+    assert [g.answer_ids for g in shared] == [g.answer_ids for g in plain]
     assert max(abs(a - b) for s, p in zip(shared, plain, strict=True)
                for a, b in zip(s.logprobs, p.logprobs, strict=True)) < 1e-5
 
@@ -265,7 +265,7 @@ def test_a_trained_answer_ends_where_generation_stops(family, chain):
     end = chat.tokenizer.convert_tokens_to_ids(f.turn_end)
     finished = [g for g in gens if g.finished]
     assert len(finished) >= 7, [g.text for g in gens]  # the SFT model learned its answers and how they end ...
-    assert all(g.response_ids[-1] == end for g in finished)  # ... with the turn terminator, where generation stops
+    assert all(g.answer_ids[-1] == end for g in finished)  # ... with the turn terminator, where generation stops
     assert sum(g.text.endswith(r["completion"]) for g, r in zip(gens, ROWS, strict=True)) >= 6
 
 
@@ -288,7 +288,7 @@ def test_dpo_starts_at_ln2(family, chain):
 
 def test_kto_starts_at_half_the_weight_with_no_kl(family, chain):
     first = metrics(chain["dir"] / "kto")[0]  # λ_D = λ_U = 1: every answer's loss is 1 − σ(0) at step 0
-    assert first["step"] == 1 and first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == 0.0
+    assert first["step"] == 1 and first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl_reference_point"] == 0.0
     assert first.get("rewards/desirable", 0.0) == first.get("rewards/undesirable", 0.0) == 0.0
 
 
@@ -300,17 +300,17 @@ def test_ppo_samples_the_distribution_it_trains(family, chain):
     s = ppo.setup(chain["ppo_cfg"])
     model = ppo.build_model(s)
     exp = sample(model, s, s.train.ids[:8], 0)
-    ppo.evaluate_roles(model, s, exp)
+    ppo.role_forwards(model, s, exp)
     assert exp.logprob_gap()[0] < 1e-4
     assert torch.equal(exp.old_logps, exp.ref_logps)  # policy == reference before the first update
     exp.put(advantages=exp.mask * 0.5, returns=exp.values)
     first = ppo.update_epochs(model, s, exp, lambda loss: 0.0, step=1)[0]
-    assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["clipfrac"] == 0.0
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["clip_ratio/region"] == 0.0
     end = s.chat.tokenizer.convert_tokens_to_ids(BY_NAME[family[0].name].turn_end)
-    for g in exp.generations:  # responses cut at their first stop id, and the reward model's last token is it
-        assert not g.finished or g.response_ids[-1] in s.chat.stop_ids
+    for g in exp.answers:  # responses cut at their first stop id, and the reward model's last token is it
+        assert not g.finished or g.answer_ids[-1] in s.chat.stop_ids
     last = last_token_index(exp.attention_mask)
-    ended = [i for i, g in enumerate(exp.generations) if g.finished and g.response_ids[-1] == end]
+    ended = [i for i, g in enumerate(exp.answers) if g.finished and g.answer_ids[-1] == end]
     assert all(exp.input_ids[i, last[i]] == end for i in ended)
 
 

@@ -35,7 +35,7 @@ def test_batched_left_padded_greedy_equals_one_at_a_time(model, chat):
     greedy = SamplingConfig(max_new_tokens=8, temperature=0, batch_size=3)
     together = generate(model, chat, ids, greedy)
     alone = [generate(model, chat, [p], greedy)[0] for p in ids]
-    assert [g.response_ids for g in together] == [g.response_ids for g in alone]
+    assert [g.answer_ids for g in together] == [g.answer_ids for g in alone]
     assert [g.prompt_ids for g in together] == ids  # returned in the prompts' order
 
 
@@ -44,7 +44,7 @@ def test_sampling_is_reproducible_by_seed(model, chat):
     a = generate(model, chat, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3))
     b = generate(model, chat, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3))
     c = generate(model, chat, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=4))
-    assert [g.response_ids for g in a] == [g.response_ids for g in b] != [g.response_ids for g in c]
+    assert [g.answer_ids for g in a] == [g.answer_ids for g in b] != [g.answer_ids for g in c]
 
 
 def test_response_is_cut_after_the_first_stop_id(chat):
@@ -100,7 +100,7 @@ def test_checkpoint_sampling_defaults_never_reach_the_sampler(tiny_model_dir, tm
     from llmft.models.forward import hidden_states
     from llmft.models.loading import load_chat
     from llmft.models.sources import resolve_source
-    from llmft.rollout.experience import pack, response_logps
+    from llmft.rollout.experience import answer_logps, pack
 
     leaky = tmp_path / "leaky"
     shutil.copytree(tiny_model_dir, leaky)
@@ -117,7 +117,7 @@ def test_checkpoint_sampling_defaults_never_reach_the_sampler(tiny_model_dir, tm
     assert model.generation_config.repetition_penalty == 1.5  # ... and keep them after generating
     exp = pack(gens, chat.pad_id, torch.device("cpu"))
     with torch.no_grad():
-        recomputed, _ = response_logps(model, functools.partial(hidden_states, model), exp, list(range(exp.size)), 0.7,
+        recomputed, _ = answer_logps(model, functools.partial(hidden_states, model), exp, list(range(exp.size)), 0.7,
                                     torch.float32)
     gap = ((recomputed - exp.sampler_logps).abs() * exp.mask).max()
     assert gap < 1e-5  # ... but the sampler drew from softmax(z / 0.7) alone (suppressed EOS, banned words,
@@ -168,7 +168,7 @@ def test_the_multinomial_draw_reproduces_transformers_sampling(model, chat):
     out = model.generate(**batch, do_sample=True, temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=10,
                          pad_token_id=chat.pad_id, eos_token_id=chat.generation_ids()["eos_token_id"])
     theirs = {i: chat.cut(out[row, batch["input_ids"].shape[1]:].tolist())[0] for row, i in enumerate(order)}
-    assert [g.response_ids for g in ours] == [theirs[i] for i in range(len(ids))]
+    assert [g.answer_ids for g in ours] == [theirs[i] for i in range(len(ids))]
 
 
 def test_a_draw_that_lands_on_a_zero_probability_token_moves_to_a_drawable_one():

@@ -60,10 +60,10 @@ def first_update(grpo_config, **overrides):
     s = grpo.setup(grpo_config(**overrides))
     model = grpo.build_model(s)
     groups, _ = grpo.rollout(model, s, [0, 1], step=1)
-    exp = grpo.pack([a for g in groups for a in g.generations], s.chat.pad_id, s.device)
+    exp = grpo.pack([a for g in groups for a in g.answers], s.chat.pad_id, s.device)
     exp.put(scores=torch.cat([g.scores for g in groups]))
     exp.put(advantages=grpo.advantages(exp.scores, s.cfg)[:, None] * exp.mask)
-    grpo.evaluate_roles(model, s, exp)
+    grpo.role_forwards(model, s, exp)
     losses = []
     kept = torch.ones(exp.size, dtype=torch.bool)
     stats, _ = grpo.update_passes(model, s, exp, kept, lambda loss: losses.append(loss) or 0.0, 1)
@@ -120,7 +120,7 @@ def masked_update(s, model, kept, scramble=False):
     """One μ = 1 update of a fresh rollout of prompts 0 and 1 with only the `kept` answers in the loss; returns the
     losses the optimizer saw and the LoRA gradients at each."""
     groups, _ = grpo.rollout(model, s, [0, 1], step=1)
-    exp = grpo.pack([a for g in groups for a in g.generations], s.chat.pad_id, s.device)
+    exp = grpo.pack([a for g in groups for a in g.answers], s.chat.pad_id, s.device)
     exp.put(scores=torch.cat([g.scores for g in groups]))
     exp.put(advantages=grpo.advantages(exp.scores, s.cfg)[:, None] * exp.mask)
     if scramble:  # whatever the answers left out carry must not reach the loss

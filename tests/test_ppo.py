@@ -108,7 +108,7 @@ def test_clipped_policy_loss_by_hand():
     loss, st = ppo_policy_loss(logps, old, torch.tensor([[1.0, 2.0]]), torch.ones(1, 2), 2, 0.2)
     # token 1: max(−1·1, −1·1) = −1; token 2: max(−2·1.6487, −2·1.2) = −2.4 (clipped) → mean −1.7
     assert loss.item() == pytest.approx(-1.7)
-    assert st["clipfrac"] == pytest.approx(0.5)
+    assert st["clip_ratio/region"] == pytest.approx(0.5)
     assert st["approx_kl"] == pytest.approx(0.5 * 0.25 / 2)
 
 
@@ -165,7 +165,7 @@ def test_first_minibatch_has_ratio_one_and_kl_is_zero_at_step_zero(ppo_config):
     model = ppo.build_model(s)
     assert s.share_reward  # trained on the same base: one copy, four roles
     exp = sample(model, s, s.train.ids[:4], 0)
-    ppo.evaluate_roles(model, s, exp)
+    ppo.role_forwards(model, s, exp)
     assert torch.equal(exp.old_logps, exp.ref_logps)  # a new adapter starts as the identity: policy == reference
     assert exp.logprob_gap()[0] < 1e-4  # the trainer recomputes what the sampler drew from
     exp.put(advantages=whiten(torch.randn_like(exp.old_logps), exp.mask), returns=exp.values)
@@ -173,7 +173,7 @@ def test_first_minibatch_has_ratio_one_and_kl_is_zero_at_step_zero(ppo_config):
     stats = ppo.update_epochs(model, s, exp, lambda loss: calls.append(loss) or 0.0, step=1)
     first = stats[0]
     assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["approx_kl"] == pytest.approx(0.0, abs=1e-10)
-    assert first["clipfrac"] == 0.0 and first["value_clipfrac"] == 0.0
+    assert first["clip_ratio/region"] == 0.0 and first["value_clipfrac"] == 0.0
     assert len(calls) == len(stats) == 4  # 2 epochs × 2 minibatches
 
 
@@ -187,7 +187,8 @@ def test_only_the_policy_and_value_adapters_and_value_head_change(ppo_config):
                            for n in changed), sorted(changed)[:5]
     assert any(".value." in n for n in changed) and any(".default." in n for n in changed)
     assert "value_head.weight" in changed
-    for key in ("score", "kl", "entropy", "clipfrac", "approx_kl", "explained_variance", "time/generation"):
+    for key in ("reward", "objective/kl", "entropy", "clip_ratio/region_mean", "policy/approxkl_avg",
+                "val/explained_variance", "time/generation"):
         assert math.isfinite(final[key]), key
 
 
@@ -217,13 +218,14 @@ def test_judges_alone_can_be_the_reward(ppo_config, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     final = ppo.run(ppo_config(reward__model=None, reward__judges={"constraints": 1.0, "myjudge:short": 0.5},
                                reward__normalize=True, reward__clip=3.0, train__max_steps=1))
-    assert "score/constraints" in final and "score/myjudge:short" in final and "score/reward_model" not in final
+    assert "rewards/constraints/mean" in final and "rewards/myjudge:short/mean" in final
+    assert "rewards/reward_model/mean" not in final
 
 
 @pytest.mark.parametrize("body, message", [
     ("    raise RuntimeError('boom')", "judge 'badjudge:fn' raised RuntimeError: boom"),
-    ("    return [1.0]", "judge 'badjudge:fn' must return one finite number per response"),
-    ("    return [float('nan')] * len(responses)", "must return one finite number per response"),
+    ("    return [1.0]", "judge 'badjudge:fn' must return one finite number per answer"),
+    ("    return [float('nan')] * len(responses)", "must return one finite number per answer"),
 ])
 def test_a_reward_function_that_fails_gives_a_clear_error(ppo_config, tmp_path, monkeypatch, body, message):
     import sys
@@ -297,7 +299,7 @@ def ppo_grads(ppo_config, checkpointing: bool) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = ppo.build_model(s)
     exp = sample(model, s, s.train.ids[:4], 0)
-    ppo.evaluate_roles(model, s, exp)
+    ppo.role_forwards(model, s, exp)
     g = torch.Generator().manual_seed(1)
     exp.put(advantages=torch.randn(exp.mask.shape, generator=g) * exp.mask.cpu(),
             returns=torch.randn(exp.mask.shape, generator=g) * exp.mask.cpu())

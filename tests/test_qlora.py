@@ -124,7 +124,7 @@ def test_ppo_on_an_nf4_base_samples_what_it_trains(ppo_config):  # noqa: F811
     assert not s.share_reward  # the reward model was trained on the full-precision base: it keeps its own
     model = ppo.build_model(s)
     exp = sample(model, s, s.train.ids[:4], 0)
-    ppo.evaluate_roles(model, s, exp)
+    ppo.role_forwards(model, s, exp)
     assert torch.equal(exp.old_logps, exp.ref_logps)
     assert exp.logprob_gap()[0] < 1e-4  # the trainer recomputes what the sampler drew from, on the same nf4 base
 

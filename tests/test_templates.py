@@ -74,7 +74,7 @@ def test_without_a_template_prompt_and_answer_are_separated_and_answers_end_with
     assert first.input_ids[-1] == s.chat.tokenizer.eos_token_id == first.labels[-1]
     sft.run(config("sft", base, 80))
     chat, gens = greedy(tmp_path / "sft")
-    assert sum(g.finished and g.response_ids[-1] == chat.tokenizer.eos_token_id for g in gens) >= 7
+    assert sum(g.finished and g.answer_ids[-1] == chat.tokenizer.eos_token_id for g in gens) >= 7
     assert sum(g.text == r["completion"] for g, r in zip(gens, ROWS, strict=True)) >= 6
 
 
@@ -94,7 +94,7 @@ def test_a_named_template_adds_its_tokens_trains_them_and_later_stages_keep_it(b
     chat, gens = greedy(out)
     end = chat.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert chat.tokenizer.chat_template and end in chat.stop_ids
-    assert sum(g.finished and g.response_ids[-1] == end for g in gens) >= 7  # it learned to end its turn
+    assert sum(g.finished and g.answer_ids[-1] == end for g in gens) >= 7  # it learned to end its turn
     assert sum(g.text == r["completion"] for g, r in zip(gens, ROWS, strict=True)) >= 6
 
     metrics = dpo.run(config("dpo", out))  # the next stage: template and tokens come with runs/sft

@@ -1,6 +1,6 @@
 """`llmft eval`: what each policy does on held-out prompts, measured by judges no model can argue with.
 
-    generate → judge every response → log-ratio to the reference (KL) → summary per policy → win rates
+    generate → judge every answer → log-ratio to the reference (KL) → summary per policy → win rates
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ from llmft.models.loading import load_chat, load_model, resolve_device, resolve_
 from llmft.models.logprobs import sequence_logps
 from llmft.models.reward_model import RewardScorer
 from llmft.models.sources import resolve_source
-from llmft.rollout.generation import Generation, generate
+from llmft.rollout.generation import Answer, generate
 from llmft.schema import to_dict
 
 
 @dataclass
 class PolicyRun:
     name: str
-    generations: list[Generation]
+    answers: list[Answer]
     scores: dict[str, list[float]]  # judge → one score per prompt (constraints: share met; 1.0 = passed)
-    logps: torch.Tensor  # [n] summed response log-probs under the policy itself
+    logps: torch.Tensor  # [n] summed answer log-probs under the policy itself
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -120,7 +120,7 @@ def preference_accuracy(scorer: RewardScorer, path: str) -> dict[str, Any]:
 
 def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge], scorer: RewardScorer | None,
                sampling: SamplingConfig, device, dtype, kernels: bool = False) -> PolicyRun:
-    console.print(f"[bold]{name}[/]: generating {len(records)} responses")
+    console.print(f"[bold]{name}[/]: generating {len(records)} answers")
     model = load_model(resolve_source(name), dtype, device, ModelConfig(name=name, kernels=kernels))
     check_lm_head(model)
     prompts = [chat.prompt_ids(prompt_messages(r), r.where) for r in records]
@@ -128,20 +128,20 @@ def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge],
     texts, rows = [g.text for g in gens], [r.row for r in records]
     prompt_texts = [chat.decode(p) for p in prompts]
     scores = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}
-    if scorer:  # the tokens as generated: a response cut at max_new_tokens is scored without an EOS
-        scores["reward"] = scorer.score_ids([g.prompt_ids + g.response_ids for g in gens]).tolist()
-    logps = response_logps(model, gens, chat.pad_id, sampling, device)
+    if scorer:  # the tokens as generated: a answer cut at max_new_tokens is scored without an EOS
+        scores["reward"] = scorer.score_ids([g.prompt_ids + g.answer_ids for g in gens]).tolist()
+    logps = answer_logps(model, gens, chat.pad_id, sampling, device)
     return PolicyRun(name, gens, scores, logps)
 
 
-def response_logps(model, gens: list[Generation], pad: int, sampling: SamplingConfig, device) -> torch.Tensor:
-    """log π(y | x) of each generated response at the sampling temperature (1 for greedy), fp32: [n]."""
+def answer_logps(model, gens: list[Answer], pad: int, sampling: SamplingConfig, device) -> torch.Tensor:
+    """log π(y | x) of each generated answer at the sampling temperature (1 for greedy), fp32: [n]."""
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     out = []
     with torch.no_grad():
         for i in range(0, len(gens), sampling.batch_size):
             chunk = gens[i:i + sampling.batch_size]
-            batch = collate([Example(g.prompt_ids + g.response_ids, [-100] * len(g.prompt_ids) + g.response_ids)
+            batch = collate([Example(g.prompt_ids + g.answer_ids, [-100] * len(g.prompt_ids) + g.answer_ids)
                              for g in chunk], pad)
             batch = {k: v.to(device) for k, v in batch.items()}
             out.append(sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
@@ -150,10 +150,10 @@ def response_logps(model, gens: list[Generation], pad: int, sampling: SamplingCo
 
 
 def reference_logps(cfg: EvalConfig, chat, runs: list[PolicyRun], device, dtype) -> list[torch.Tensor]:
-    console.print(f"[bold]{cfg.reference}[/]: scoring the responses for the KL to the reference")
+    console.print(f"[bold]{cfg.reference}[/]: scoring the answers for the KL to the reference")
     model = load_model(resolve_source(cfg.reference), dtype, device, ModelConfig(name=cfg.reference,
                                                                                 kernels=cfg.kernels))
-    return [response_logps(model, r.generations, chat.pad_id, cfg.sampling, device) for r in runs]
+    return [answer_logps(model, r.answers, chat.pad_id, cfg.sampling, device) for r in runs]
 
 
 # -------------------------------------------------------------------------------------------- summary
@@ -177,15 +177,15 @@ def summarize(runs: list[PolicyRun], ref_logps, records: list[Record]) -> dict[s
             m[f"{judge}/score" if judge == "constraints" else judge] = mean(scores)
         if ref_logps is not None:
             m["kl_to_reference"] = float((r.logps - ref_logps[i]).mean())
-        m["length"] = mean(len(g.response_ids) for g in r.generations)
-        m["eos_share"] = mean(g.finished for g in r.generations)
+        m["length"] = mean(len(g.answer_ids) for g in r.answers)
+        m["eos_share"] = mean(g.finished for g in r.answers)
         models[r.name] = m
     base = runs[0]
     wins = {f"{r.name} vs {base.name}": {j: win_rate(r.scores[j], base.scores[j]) for j in r.scores}
             for r in runs[1:]}
     samples = {r.name: [{"prompt": prompt_messages(rec)[-1]["content"], "response": g.text, "finished": g.finished,
                          **{j: s[k] for j, s in r.scores.items()}}
-                        for k, (rec, g) in enumerate(zip(records, r.generations, strict=True))] for r in runs}
+                        for k, (rec, g) in enumerate(zip(records, r.answers, strict=True))] for r in runs}
     return {"models": models, "win_rates": wins, "samples": samples}
 
 

@@ -14,7 +14,7 @@ from llmft.rollout.generation import generate
 
 
 def run_generate(cfg: GenerateConfig) -> list[dict]:
-    """The `llmft generate` command: every prompt row comes back with its response fields added."""
+    """The `llmft generate` command: every prompt row comes back with its answer fields added."""
     records = read_records(cfg.prompts)[: cfg.limit]
     source = resolve_source(cfg.model)
     chat = load_chat(source)
@@ -23,7 +23,7 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     model = load_model(source, resolve_dtype(cfg.dtype, device), device,
                        ModelConfig(name=cfg.model, kernels=cfg.kernels))
     gens = generate(model, chat, prompts, cfg.sampling)
-    rows = [{**r.row, "response": g.text, "finished": g.finished, "response_tokens": len(g.response_ids)}
+    rows = [{**r.row, "response": g.text, "finished": g.finished, "response_tokens": len(g.answer_ids)}
             for r, g in zip(records, gens, strict=True)]
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if cfg.out:

@@ -8,10 +8,12 @@ from llmft.data.records import read_jsonl
 from llmft.errors import DataError, LlmftError
 
 # the figures worth a panel, in display order (each stage logs the ones that apply to it)
+# (each name means one thing in every stage: docs/metrics.md)
 PANELS = ["loss", "eval/loss", "accuracy", "eval/accuracy", "margin", "eval/margin", "reward_mean", "reward_std",
-          "rewards/accuracies", "eval/rewards/accuracies", "rewards/margins", "eval/rewards/margins", "score",
-          "reward", "frac_reward_zero_std", "completions/mean_length", "clip_ratio/region_mean", "kl", "length",
-          "entropy", "logprob_gap", "lr", "tokens_per_s", "pairs_per_s"]
+          "rewards/accuracies", "eval/rewards/accuracies", "rewards/margins", "eval/rewards/margins",
+          "kl_reference_point", "reward", "eval/reward", "eval/constraints/pass_rate", "frac_reward_zero_std",
+          "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "objective/kl", "kl",
+          "entropy", "logprob_gap", "lr", "tokens_per_s", "pairs_per_s", "answers_per_s", "episodes_per_s"]
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

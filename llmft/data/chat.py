@@ -8,7 +8,7 @@
               after the terminator
     stop set  the tokenizer's EOS ∪ the checkpoint's `generation_config.json` EOS ids ∪ the terminator
 
-Generation stops at the first id of the stop set and keeps it, so a sampled answer ends the way a trained one
+Answer stops at the first id of the stop set and keeps it, so a sampled answer ends the way a trained one
 does: sft supervises the terminator, reward and dpo answers end with it, the reward model reads its score on it,
 ppo samples up to it. A template whose turns end in plain text (no special token) gets the tokenizer's EOS
 appended to each answer; since it never writes that EOS between turns, such a template takes single-answer rows

@@ -19,7 +19,7 @@ import torch
 
 from llmft.data.chat import Chat
 from llmft.data.examples import Example, collate
-from llmft.data.preferences import response_text
+from llmft.data.preferences import answer_text
 from llmft.data.records import Record, as_turns, detect_format, read_splits
 from llmft.errors import DataError
 
@@ -54,15 +54,15 @@ def to_answers(rec: Record, fmt: str, threshold: float | None) -> list[tuple[lis
         if row.get(key) is None:
             raise DataError(f"{where}: missing field '{key}' (format {fmt})")
     if fmt == "pairs":
-        prefix, chosen = response_text(row["chosen"], "chosen", where)
-        _, rejected = response_text(row["rejected"], "rejected", where)
+        prefix, chosen = answer_text(row["chosen"], "chosen", where)
+        _, rejected = answer_text(row["rejected"], "rejected", where)
         prompt = (as_turns(row["prompt"], "prompt", "user", where) if row.get("prompt") is not None else []) + prefix
         if not prompt:
             raise DataError(f"{where}: no prompt: give a 'prompt' field or conversations in chosen/rejected")
         if chosen.strip() == rejected.strip():  # one answer both desirable and not: no signal (dropped, counted)
             return []
         return [(prompt, chosen, True), (prompt, rejected, False)]
-    prefix, answer = response_text(row["completion"], "completion", where)
+    prefix, answer = answer_text(row["completion"], "completion", where)
     return [(as_turns(row["prompt"], "prompt", "user", where) + prefix, answer, label_of(row, where, threshold))]
 
 

@@ -78,11 +78,11 @@ def to_pairs(rec: Record, fmt: str) -> list[Pair]:
         responses = row["responses"]
         if not isinstance(responses, list) or len(responses) < 2:
             raise DataError(f"{where}: 'responses' must be a list of at least 2 answers, best first")
-        texts = [response_text(r, f"responses[{i}]", where)[1] for i, r in enumerate(responses)]
+        texts = [answer_text(r, f"responses[{i}]", where)[1] for i, r in enumerate(responses)]
         return [Pair(prompt, texts[i], texts[j], None, where)
                 for i in range(len(texts)) for j in range(i + 1, len(texts))]
-    prefix_c, chosen = response_text(row["chosen"], "chosen", where)
-    prefix_r, rejected = response_text(row["rejected"], "rejected", where)
+    prefix_c, chosen = answer_text(row["chosen"], "chosen", where)
+    prefix_r, rejected = answer_text(row["rejected"], "rejected", where)
     if prefix_c != prefix_r:
         raise DataError(f"{where}: 'chosen' and 'rejected' must share every turn before the answer")
     prompt = (as_turns(row["prompt"], "prompt", "user", where) if row.get("prompt") is not None else []) + prefix_c
@@ -91,7 +91,7 @@ def to_pairs(rec: Record, fmt: str) -> list[Pair]:
     return [Pair(prompt, chosen, rejected, margin_of(row, where), where)]
 
 
-def response_text(value: object, key: str, where: str) -> tuple[list[dict], str]:
+def answer_text(value: object, key: str, where: str) -> tuple[list[dict], str]:
     """(turns before the answer, answer text) of a response given as a string or as chat messages."""
     if isinstance(value, str):
         return [], nonempty_str(value, key, where)

@@ -1,7 +1,7 @@
-"""Judges: programs that score responses exactly (no model can argue with them).
+"""Judges: programs that score answers exactly (no model can argue with them).
 
-A judge takes (prompts, responses, rows) — the prompt texts, the response texts and the data rows they came
-from — and returns one finite score per response. `make_judge` builds one by name for `llmft eval` and for
+A judge takes (prompts, answers, rows) — the prompt texts, the answer texts and the data rows they came
+from — and returns one finite score per answer. `make_judge` builds one by name for `llmft eval` and for
 PPO's reward: constraints, bleu, rouge_l, meteor, or a user's `module:function`.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from llmft.data.records import Record
 from llmft.errors import ConfigError, DataError
 
-Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, responses, rows) → scores
+Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, answers, rows) → scores
 NAMES = ("constraints", "bleu", "rouge_l", "meteor")
 
 
@@ -29,15 +29,15 @@ def make_judge(name: str, records: list[Record], reference_column: str = "comple
             if "constraints" not in r.row:
                 raise DataError(f"{r.where}: the constraints judge needs a 'constraints' column")
             constraints.validate(r.row["constraints"], r.where)
-        return lambda prompts, responses, rows: [constraints.Verdict(constraints.check(row["constraints"], resp)).score
-                                                 for resp, row in zip(responses, rows, strict=True)]
+        return lambda prompts, answers, rows: [constraints.Verdict(constraints.check(row["constraints"], resp)).score
+                                                 for resp, row in zip(answers, rows, strict=True)]
     if name in ("bleu", "rouge_l", "meteor"):
         col = reference_column
         for r in records:
             if not isinstance(r.row.get(col), str):
                 raise DataError(f"{r.where}: the {name} judge needs a text column '{col}' (reference_column)")
         fn = meteor_fn() if name == "meteor" else text.bleu if name == "bleu" else text.rouge_l
-        return lambda prompts, responses, rows: [fn(resp, row[col]) for resp, row in zip(responses, rows, strict=True)]
+        return lambda prompts, answers, rows: [fn(resp, row[col]) for resp, row in zip(answers, rows, strict=True)]
     if ":" in name:
         return user_judge(name)
     raise ConfigError(f"unknown judge '{name}' ({', '.join(NAMES)}, reward, or module:function)")
@@ -66,7 +66,7 @@ def import_from_here(module: str):
 
 
 def user_judge(spec: str) -> Judge:
-    """A user's `module:function(prompts, responses, rows)`; whatever it raises or returns amiss becomes one clear
+    """A user's `module:function(prompts, answers, rows)`; whatever it raises or returns amiss becomes one clear
     error naming it."""
     module, _, func = spec.partition(":")
     try:
@@ -75,17 +75,17 @@ def user_judge(spec: str) -> Judge:
         raise ConfigError(f"judge '{spec}': cannot import {func} from {module}: {e} (modules are found on "
                           f"PYTHONPATH and in the working directory)") from None
 
-    def call(prompts: list[str], responses: list[str], rows: list[dict]) -> list[float]:
+    def call(prompts: list[str], answers: list[str], rows: list[dict]) -> list[float]:
         try:
-            result = fn(prompts, responses, rows)
+            result = fn(prompts, answers, rows)
         except Exception as e:  # noqa: BLE001 - the user's code
             raise ConfigError(f"judge '{spec}' raised {type(e).__name__}: {e}") from None
         try:
             scores = [float(s) for s in result]
         except (TypeError, ValueError):
             scores = None
-        if scores is None or len(scores) != len(responses) or not all(math.isfinite(s) for s in scores):
-            raise ConfigError(f"judge '{spec}' must return one finite number per response ({len(responses)}), "
+        if scores is None or len(scores) != len(answers) or not all(math.isfinite(s) for s in scores):
+            raise ConfigError(f"judge '{spec}' must return one finite number per answer ({len(answers)}), "
                               f"got {str(result)[:80]}")
         return scores
 

@@ -25,10 +25,10 @@ def bleu(candidate: str, reference: str, max_n: int = 4) -> float:
     for n in range(1, max_n + 1):
         c_grams = Counter(tuple(cand[i:i + n]) for i in range(len(cand) - n + 1))
         r_grams = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
-        matches, total = sum((c_grams & r_grams).values()), sum(c_grams.values())
+        matches, ngrams = sum((c_grams & r_grams).values()), sum(c_grams.values())
         if n == 1 and matches == 0:
             return 0.0
-        log_p += math.log(matches / total) if n == 1 else math.log((matches + 1) / (total + 1))
+        log_p += math.log(matches / ngrams) if n == 1 else math.log((matches + 1) / (ngrams + 1))
     brevity = min(1.0, math.exp(1 - len(ref) / len(cand)))
     return brevity * math.exp(log_p / max_n)
 

@@ -30,7 +30,7 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
 
         log π(y_t) = log softmax(z_t / T)[y_t]
 
-    logits: [N, V]; targets: [N] → [N]. Use the sampling temperature when scoring sampled responses.
+    logits: [N, V]; targets: [N] → [N]. Use the sampling temperature when scoring sampled answers.
     """
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
@@ -65,7 +65,7 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
 
 
 # ------------------------------------------------------------------------------------ the DPO family
-# Δ = (log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x)), summed over response tokens.
+# Δ = (log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x)), summed over answer tokens.
 # Each function returns one loss per pair [B]; the stage averages over the pairs of the optimizer step.
 
 def dpo_sigmoid(delta: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -99,7 +99,7 @@ def ipo_loss(delta_mean: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def simpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """SimPO (Meng et al. 2024), reference-free, on length-normalised log-probs (mean over response tokens):
+    """SimPO (Meng et al. 2024), reference-free, on length-normalised log-probs (mean over answer tokens):
 
         ℓ = −log σ(β·avg log π(y_c|x) − β·avg log π(y_r|x) − γ)
     """
@@ -150,8 +150,8 @@ def preference_loss(kind: str, logps: torch.Tensor, ref_logps: torch.Tensor | No
                     lam: float = 0.1) -> torch.Tensor:
     """Per-pair loss [B] of the named DPO-family objective.
 
-    logps, ref_logps: [2, B] summed response log-probs (row 0 chosen, row 1 rejected) of the policy and the
-    reference (None for the reference-free simpo and orpo); counts: [2, B] response token counts.
+    logps, ref_logps: [2, B] summed answer log-probs (row 0 chosen, row 1 rejected) of the policy and the
+    reference (None for the reference-free simpo and orpo); counts: [2, B] answer token counts.
     """
     if kind in REFERENCE_FREE:
         avg = logps / counts
@@ -220,8 +220,9 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
 
     summed over the valid tokens (mask) of this micro-batch and divided by N (`num_tokens`), the valid tokens
     of the whole minibatch, so that summing over micro-batches gives the minibatch's token mean.
-    Returns (loss, stats): clipfrac (share of tokens where the clipped term is taken), approx_kl
-    (½ (log ρ)², mean over tokens) and the mean ratio, all over this micro-batch.
+    Returns (loss, stats): clip_ratio/low, high, region (the share of tokens where the clipped term is taken below,
+    above, either: as `grpo_policy_loss`), approx_kl (½ (log ρ)², mean over tokens) and the mean ratio, all over
+    this micro-batch.
     """
     log_ratio = (logps - old_logps) * mask
     ratio = torch.exp(log_ratio)
@@ -229,7 +230,9 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     loss = (per_token * mask).sum() / num_tokens
     n = mask.sum().clamp(min=1)
     with torch.no_grad():
-        stats = {"clipfrac": float(((low | high).float() * mask).sum() / n),
+        stats = {"clip_ratio/low": float((low.float() * mask).sum() / n),
+                 "clip_ratio/high": float((high.float() * mask).sum() / n),
+                 "clip_ratio/region": float(((low | high).float() * mask).sum() / n),
                  "approx_kl": float((0.5 * log_ratio ** 2).sum() / n),
                  "ratio": float((ratio * mask).sum() / n)}
     return loss, stats

@@ -1,9 +1,9 @@
 """The maths of RL for language models (PPO, GRPO and its family), pure tensor functions (no models, nothing from
 llmft).
 
-Every per-token tensor is [B, R]: B responses, R = the longest response of the batch; `mask` [B, R] is 1 on a
-response's real tokens (up to and including its first EOS) and 0 on the padding after it. Position t holds
-the t-th response token y_t, its log-probs, the value V_t of the state before it, its reward r_t.
+Every per-token tensor is [B, R]: B answers, R = the longest answer of the batch; `mask` [B, R] is 1 on a
+answer's real tokens (up to and including its first EOS) and 0 on the padding after it. Position t holds
+the t-th answer token y_t, its log-probs, the value V_t of the state before it, its reward r_t.
 """
 
 from __future__ import annotations
@@ -13,29 +13,29 @@ from dataclasses import dataclass
 import torch
 
 
-def own(t: torch.Tensor) -> torch.Tensor:
-    """The default `total`: this process's sum is the whole sum."""
+def local_sum(t: torch.Tensor) -> torch.Tensor:
+    """The default `global_sum`: this process's sum is the whole sum (one process)."""
     return t
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, total=own) -> torch.Tensor:
-    """Mean of x over the positions where mask is 1. `total` sums a tensor over data-parallel processes
-    (distributed.sum_tensor), so that the mean is the global batch's."""
-    return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, global_sum=local_sum) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1. `global_sum` sums a tensor over data-parallel processes
+    (distributed.global_sum_tensor), so that the mean is the global batch's."""
+    return global_sum((x * mask).sum()) / global_sum(mask.sum()).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, total=own) -> torch.Tensor:
-    """Unbiased variance of x over the positions where mask is 1 (global with `total`, as masked_mean)."""
-    mean = masked_mean(x, mask, total)
-    n = total(mask.sum())
-    return total(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
+def masked_var(x: torch.Tensor, mask: torch.Tensor, global_sum=local_sum) -> torch.Tensor:
+    """Unbiased variance of x over the positions where mask is 1 (global with `global_sum`, as masked_mean)."""
+    mean = masked_mean(x, mask, global_sum)
+    n = global_sum(mask.sum())
+    return global_sum(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-           total=own) -> torch.Tensor:
+           global_sum=local_sum) -> torch.Tensor:
     """(x − mean) / std over the valid positions; with shift_mean=False the mean is kept (x / std only).
-    Padding positions come back as 0. With `total`, mean and variance are those of the global batch."""
-    mean, var = masked_mean(x, mask, total), masked_var(x, mask, total)
+    Padding positions come back as 0. With `global_sum`, mean and variance are those of the global batch."""
+    mean, var = masked_mean(x, mask, global_sum), masked_var(x, mask, global_sum)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -59,19 +59,19 @@ def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = 
 def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token rewards [B, R] of RLHF (Ziegler et al. 2019, Stiennon et al. 2020):
 
-        r_t = −β · KL_t                 for every response token
-        r_T += score                    at the last real token T of each response only
+        r_t = −β · KL_t                 for every answer token
+        r_T += score                    at the last real token T of each answer only
 
     scores [B]; kl, mask [B, R]. Padding positions get 0.
     """
     rewards = -beta * kl * mask
-    last = mask.sum(-1).long().clamp(min=1) - 1  # [B]: index of each response's last real token
+    last = mask.sum(-1).long().clamp(min=1) - 1  # [B]: index of each answer's last real token
     return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016) over each response, right to left:
+    """Generalised advantage estimation (Schulman et al. 2016) over each answer, right to left:
 
         δ_t = r_t + γ V_{t+1} − V_t          (V after the last real token is 0: the episode ends)
         A_t = δ_t + γ λ A_{t+1}
@@ -91,43 +91,43 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def group_advantages(scores: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
-                     total=own) -> torch.Tensor:
+def group_advantages(scores: torch.Tensor, num_generations: int, scale: str = "group", eps: float = 1e-4,
+                     global_sum=local_sum) -> torch.Tensor:
     """GRPO's group-relative advantage (Shao et al. 2024): each answer's score against the other answers to its
     prompt,
 
         A_i = (r_i − mean_g r) / s          s = std_g r + ε  (scale "group"), std of the whole batch + ε ("batch"),
                                             or 1 ("none": Dr. GRPO, Liu et al. 2025, which drops the division)
 
-    scores [B] hold consecutive groups of `group_size` answers to one prompt; returns [B]. The std is unbiased
-    (n − 1); "batch" uses the global batch's (`total` sums over processes)."""
-    r = scores.view(-1, group_size)
+    scores [B] hold consecutive groups of `num_generations` answers to one prompt; returns [B]. The std is unbiased
+    (n − 1); "batch" uses the global batch's (`global_sum` sums over processes)."""
+    r = scores.view(-1, num_generations)
     centred = r - r.mean(-1, keepdim=True)
     if scale == "none":
         return centred.reshape(-1)
     if scale == "group":
         return (centred / (r.std(-1, keepdim=True) + eps)).reshape(-1)
     if scale == "batch":
-        return (centred / (masked_var(scores, torch.ones_like(scores), total).sqrt() + eps)).reshape(-1)
+        return (centred / (masked_var(scores, torch.ones_like(scores), global_sum).sqrt() + eps)).reshape(-1)
     raise ValueError(f"unknown advantage scale {scale!r} (group, batch, none)")
 
 
-def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def rloo_advantages(scores: torch.Tensor, num_generations: int) -> torch.Tensor:
     """REINFORCE leave-one-out (Ahmadian et al. 2024): each answer's baseline is the mean score of the *other*
     answers to its prompt,
 
         b_i = (Σ_j r_j − r_i) / (G − 1)        A_i = r_i − b_i = G / (G − 1) · (r_i − mean_g r)
 
     With G = 2 it is the pairwise difference: A_1 = r_1 − r_2, A_2 = r_2 − r_1. scores [B] in groups; → [B]."""
-    r = scores.view(-1, group_size)
-    baseline = (r.sum(-1, keepdim=True) - r) / (group_size - 1)
+    r = scores.view(-1, num_generations)
+    baseline = (r.sum(-1, keepdim=True) - r) / (num_generations - 1)
     return (r - baseline).reshape(-1)
 
 
-def zero_std_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def zero_std_groups(scores: torch.Tensor, num_generations: int) -> torch.Tensor:
     """[B / G] bool: groups whose answers all scored the same (standard deviation 0 up to float noise, as TRL
     counts them); their advantages are 0, they carry no signal."""
-    std = scores.double().view(-1, group_size).std(-1)
+    std = scores.double().view(-1, num_generations).std(-1)
     return torch.isclose(std, torch.zeros_like(std))
 
 
@@ -174,10 +174,10 @@ class RunningMoments:
 
     def update(self, x: torch.Tensor) -> None:
         n, mean, var = x.numel(), float(x.mean()), float(x.var(unbiased=False)) if x.numel() > 1 else 0.0
-        total = self.count + n
+        merged = self.count + n
         delta = mean - self.mean
-        m2 = self.var * self.count + var * n + delta ** 2 * self.count * n / total
-        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+        m2 = self.var * self.count + var * n + delta ** 2 * self.count * n / merged
+        self.mean, self.var, self.count = self.mean + delta * n / merged, m2 / merged, merged
 
     @property
     def std(self) -> float:

@@ -13,7 +13,7 @@ Scoring:
     scorer = RewardScorer.load("runs/reward")                     # device="auto" | "cpu" | "cuda"
     scorer.score(["Describe a lighthouse."], ["A lighthouse is a tall tower ..."])   # tensor [1]
 
-Prompts are strings or chat messages; responses are finished answers (they end with the chat template's turn
+Prompts are strings or chat messages; answers are finished (they end with the chat template's turn
 terminator, as in training: `llmft.data.chat`). `score_ids` takes token ids directly (the tokenizer must be the
 reward model's own).
 """
@@ -118,7 +118,7 @@ def load_reward_model(source, dtype: torch.dtype, device, model_cfg: ModelConfig
 
 
 class RewardScorer:
-    """A trained reward model, ready to score (prompt, response) batches; no gradients, dropout off."""
+    """A trained reward model, ready to score (prompt, answer) batches; no gradients, dropout off."""
 
     def __init__(self, model: RewardModel, chat, batch_size: int = 16, path: str = ""):
         self.model, self.chat, self.batch_size, self.path = model.eval(), chat, batch_size, path
@@ -139,19 +139,19 @@ class RewardScorer:
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Rewards [N] (fp32, on CPU) of token-id sequences (prompt + response, as the model saw them)."""
+        """Rewards [N] (fp32, on CPU) of token-id sequences (prompt + answer, as the model saw them)."""
         out = []
         for i in range(0, len(sequences), self.batch_size):
             batch = collate([Example(s, s) for s in sequences[i:i + self.batch_size]], self.chat.pad_id)
             out.append(self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)))
         return torch.cat(out).float().cpu() if out else torch.zeros(0)
 
-    def score(self, prompts: list[str | list[dict]], responses: list[str]) -> torch.Tensor:
-        """Rewards [N] of finished responses to prompts (strings or chat messages)."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    def score(self, prompts: list[str | list[dict]], answers: list[str]) -> torch.Tensor:
+        """Rewards [N] of finished answers to prompts (strings or chat messages)."""
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         seqs = []
-        for p, r in zip(prompts, responses, strict=True):
+        for p, r in zip(prompts, answers, strict=True):
             prompt_ids, answer_ids = self.chat.encode([{"role": "user", "content": p}] if isinstance(p, str) else p, r)
             seqs.append(prompt_ids + answer_ids)
         return self.score_ids(seqs)

@@ -38,7 +38,7 @@ class ActorCritic(nn.Module):
     def __init__(self, lm, reward_path: str | None, share_reward: bool, critic: bool = True):
         """lm: a PEFT model whose "default" adapter is the new policy adapter. With a critic and a reward checkpoint,
         the value adapter and head start as copies of its adapter and head; with `share_reward` a frozen copy of
-        both scores the responses."""
+        both scores the answers."""
         super().__init__()
         self.lm = lm
         d, device = unwrap(lm).config.hidden_size, next(lm.parameters()).device

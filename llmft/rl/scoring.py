@@ -24,17 +24,17 @@ class Scorer:
         self.weights = {**({REWARD_MODEL: cfg.model_weight} if cfg.model else {}), **cfg.judges}
         self.moments = RunningMoments()
 
-    def parts(self, prompts: list[str], responses: list[str], rows: list[dict],
+    def parts(self, prompts: list[str], answers: list[str], rows: list[dict],
               model_scores: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Every source's raw scores [B] (fp32, CPU)."""
-        out = {name: torch.tensor(judge(prompts, responses, rows), dtype=torch.float32)
+        out = {name: torch.tensor(judge(prompts, answers, rows), dtype=torch.float32)
                for name, judge in self.judges.items()}
         if model_scores is not None:
             out[REWARD_MODEL] = model_scores.float().cpu()
         return out
 
-    def total(self, parts: dict[str, torch.Tensor], finished: torch.Tensor) -> torch.Tensor:
-        """The weighted sum [B], with the penalty for responses that never emitted EOS."""
+    def combine(self, parts: dict[str, torch.Tensor], finished: torch.Tensor) -> torch.Tensor:
+        """The weighted sum [B], with the penalty for answers that never emitted EOS."""
         score = sum(self.weights[name] * parts[name] for name in self.weights)
         return score - self.cfg.missing_eos_penalty * (~finished).float()
 

@@ -53,7 +53,7 @@ def check_sampling_config(cfg, stage: str) -> None:
                           f"(usually sft); {stage} keeps the template of the policy it starts from")
     r = cfg.rollout
     if r.temperature <= 0:
-        raise ConfigError(f"rollout.temperature must be > 0: {stage} samples its responses (0.7 to 1 is usual)")
+        raise ConfigError(f"rollout.temperature must be > 0: {stage} samples its answers (0.7 to 1 is usual)")
     if r.top_p < 1 or r.top_k:
         raise ConfigError(f"rollout.top_p must be 1.0 and rollout.top_k 0 in {stage}: the trainer's log-probs are "
                           f"those of softmax(z / T) over the whole vocabulary, so the sampler must draw from exactly "

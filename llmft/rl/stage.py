@@ -55,10 +55,11 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
 def check_logprob_gap(s: RLSetup, exp: Experience, step: int, tolerance: float | None, key: str) -> tuple[float, float]:
     """The sampler's log-probs against the trainer's recomputation (largest and mean gap per token, over every
     process's answers); at step 1 a mean gap above the tolerance stops the run before any update: the trainer is
-    not computing the distribution the responses were drawn from (soft-capping, a sampling processor,
+    not computing the distribution the answers were drawn from (soft-capping, a sampling processor,
     temperature, padding...). `key` names the tolerance's config key."""
     largest, summed, tokens = exp.logprob_gap()
-    gap, gap_mean = distributed.maximum(largest), distributed.total(summed) / max(distributed.total(tokens), 1.0)
+    gap = distributed.global_max(largest)
+    gap_mean = distributed.global_sum(summed) / max(distributed.global_sum(tokens), 1.0)
     tolerance = tolerance or default_gap_tolerance(s.device, s.dtype)
     if step == 1 and gap_mean > tolerance:
         raise TrainingAborted(f"step 1: the trainer's log-probs differ from the sampler's by {gap_mean:.3g} per token "
@@ -80,8 +81,9 @@ def evaluate(model: ActorCritic, s: RLSetup) -> dict[str, float]:
     sampling = dataclasses.replace(s.cfg.rollout, temperature=0.0)
     exp = pack(generate(model.lm, s.chat, s.eval.ids, sampling), s.chat.pad_id, s.device)
     parts, score = score_rollout(model, s, exp, [r.row for r in s.eval.records])
-    out = {"eval/score": float(score.mean()), **{f"eval/score/{k}": float(v.mean()) for k, v in parts.items()},
-           "eval/length": float(exp.lengths().mean()), "eval/no_eos": no_eos_share(exp)}
+    out = {"eval/reward": float(score.mean()), **{f"eval/rewards/{k}/mean": float(v.mean()) for k, v in parts.items()},
+           "eval/completions/mean_length": float(exp.lengths().mean()),
+           "eval/completions/clipped_ratio": no_eos_share(exp)}
     if "constraints" in parts:
         out["eval/constraints/pass_rate"] = float((parts["constraints"] == 1.0).float().mean())
     model.train()
@@ -91,11 +93,11 @@ def evaluate(model: ActorCritic, s: RLSetup) -> dict[str, float]:
 def sample_rows(exp: Experience, rows: list[dict], parts: dict, score: torch.Tensor, n: int = 4) -> list[dict]:
     return [{"prompt": prompt_messages(Record(row, "sample"))[-1]["content"], "response": g.text,
              "finished": g.finished, "score": float(score[i]), **{k: float(v[i]) for k, v in parts.items()}}
-            for i, (row, g) in enumerate(zip(rows[:n], exp.generations[:n], strict=False))]
+            for i, (row, g) in enumerate(zip(rows[:n], exp.answers[:n], strict=False))]
 
 
 def no_eos_share(exp: Experience) -> float:
-    return 1 - sum(g.finished for g in exp.generations) / exp.size
+    return 1 - sum(g.finished for g in exp.answers) / exp.size
 
 
 def token_weighted(parts: list[dict]) -> dict:
@@ -123,17 +125,17 @@ def phase(times: dict, name: str, device: torch.device):
 
 
 def score_rollout(model: ActorCritic, s: RLSetup, exp: Experience, rows: list[dict]):
-    """Every source's scores and their total [B] (before normalisation), on the host."""
+    """Every source's scores and their combined score [B] (before normalisation), on the host."""
     model_scores = None
     if s.share_reward:
         model_scores = torch.cat([model.rewards(exp.input_ids[r], exp.attention_mask[r])
                                   for r in chunks(range(exp.size), s.cfg.train.batch_size)])
     elif s.external_reward:
-        model_scores = s.external_reward.score_ids([g.prompt_ids + g.response_ids for g in exp.generations])
-    prompts = [s.chat.decode(g.prompt_ids) for g in exp.generations]
-    parts = s.scorer.parts(prompts, [g.text for g in exp.generations], rows, model_scores)
-    finished = torch.tensor([g.finished for g in exp.generations])
-    return parts, s.scorer.total(parts, finished)
+        model_scores = s.external_reward.score_ids([g.prompt_ids + g.answer_ids for g in exp.answers])
+    prompts = [s.chat.decode(g.prompt_ids) for g in exp.answers]
+    parts = s.scorer.parts(prompts, [g.text for g in exp.answers], rows, model_scores)
+    finished = torch.tensor([g.finished for g in exp.answers])
+    return parts, s.scorer.combine(parts, finished)
 
 
 def rollout_seed(s: RLSetup, step: int, round_: int = 0) -> int:
@@ -145,7 +147,7 @@ def rollout_seed(s: RLSetup, step: int, round_: int = 0) -> int:
 
 
 def sample(model: ActorCritic, s: RLSetup, prompts: list[list[int]], seed: int) -> Experience:
-    """One response to each prompt from the policy, with the sampler's own log-probs, packed on the device."""
+    """One answer to each prompt from the policy, with the sampler's own log-probs, packed on the device."""
     model.use(POLICY)
     sampling = dataclasses.replace(s.cfg.rollout, seed=seed)
     return pack(generate(model.lm, s.chat, prompts, sampling, logprobs=True), s.chat.pad_id, s.device)

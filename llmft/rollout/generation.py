@@ -1,4 +1,4 @@
-"""Batched generation: prompts → left-padded batches → sampling with the KV cache → responses cut at the first stop id.
+"""Batched generation: prompts → left-padded batches → sampling with the KV cache → answers cut at the first stop id.
 
 This is the rollout primitive that `llmft generate`, `llmft eval`, PPO and GRPO share, behind
 `generate(model, chat, prompts, sampling)`, so that another engine can be plugged in later.
@@ -27,28 +27,28 @@ from llmft.models.forward import cache_kwarg, can_share_prefix, model_body, pref
 
 
 @dataclass
-class Generation:
+class Answer:
     prompt_ids: list[int]
-    response_ids: list[int]  # through the first stop id (included) when there is one
-    text: str  # the response decoded without special tokens
+    answer_ids: list[int]  # through the first stop id (included) when there is one
+    text: str  # the answer decoded without special tokens
     finished: bool  # ended with a stop id rather than running into max_new_tokens
-    logprobs: list[float] | None = None  # the sampler's log-prob of each response token (when asked)
+    logprobs: list[float] | None = None  # the sampler's log-prob of each answer token (when asked)
 
 
 
 
 @torch.no_grad()
 def generate(model, chat: Chat, prompts: list[list[int]], sampling: SamplingConfig,
-             logprobs: bool = False) -> list[Generation]:
-    """Generate one response per prompt, in batches of similar length, returned in the prompts' order; with
-    `logprobs`, each comes with the sampler's own log-prob of every response token."""
+             logprobs: bool = False) -> list[Answer]:
+    """Generate one answer per prompt, in batches of similar length, returned in the prompts' order; with
+    `logprobs`, each comes with the sampler's own log-prob of every answer token."""
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
     draw = TokenDraw(sampling.seed, sampling.temperature > 0, logprobs, sampling.draw)
     if sampling.draw == "multinomial":
         torch.manual_seed(sampling.seed)  # transformers' sampling draws from the global generator
-    results: dict[int, Generation] = {}
+    results: dict[int, Answer] = {}
     with neutral_generation_config(unwrap(model), chat):
         for start in range(0, len(order), sampling.batch_size):
             idx = order[start:start + sampling.batch_size]
@@ -60,7 +60,7 @@ def generate(model, chat: Chat, prompts: list[list[int]], sampling: SamplingConf
             lps = draw.result().tolist() if logprobs else None
             for row, i in enumerate(idx):
                 ids, finished = chat.cut(out[row, width:].tolist())
-                results[i] = Generation(prompts[i], ids, chat.decode(ids), finished,
+                results[i] = Answer(prompts[i], ids, chat.decode(ids), finished,
                                         lps[row][:len(ids)] if lps else None)
     return [results[i] for i in range(len(prompts))]
 
@@ -145,9 +145,9 @@ class TokenDraw:
         # GPU's parallel fp32 scan may wobble by an ulp, so there it runs in float64
         p = logp.exp() if logp.device.type == "cpu" else logp.double().exp()  # [B, V]
         cdf = p.cumsum(-1)
-        total = cdf[:, -1:]
-        u = torch.rand(total.shape, generator=self.generator).to(logp.device, p.dtype) * total  # B numbers cross
-        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: some cdf exceeds it
+        mass = cdf[:, -1:]
+        u = torch.rand(mass.shape, generator=self.generator).to(logp.device, p.dtype) * mass  # B numbers cross
+        u = torch.minimum(u, torch.nextafter(mass, torch.zeros_like(mass)))  # u < mass: some cdf exceeds it
         token = torch.searchsorted(cdf, u, right=True).clamp(max=p.shape[-1] - 1)  # [B, 1]
         return locate(p, token)
 

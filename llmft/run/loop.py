@@ -167,13 +167,13 @@ def train(s: Setup, recipe: Recipe, resume_from: Path | None, data: list[dict]) 
         console.print(f"FSDP: base weights sharded over {distributed.world().size} processes in {units} units; "
                       f"adapters and heads whole on each")
     check_lm_head(getattr(model, "lm", model))
-    trainable, total = parameter_counts(model)
-    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); weights "
+    trainable, count = parameter_counts(model)
+    console.print(f"trainable parameters: {trainable:,} of {count:,} ({100 * trainable / count:.2f}%); weights "
                   f"{weight_bytes(model) / 2**20:,.0f} MiB")
     optimizer = make_optimizer(model, cfg.train)
-    scheduler = make_scheduler(optimizer, cfg.train, s.plan.total)
+    scheduler = make_scheduler(optimizer, cfg.train, s.plan.num_steps)
     explicit = isinstance(cfg.resume, str) and cfg.resume != "auto"
-    state, resume_from = restore(resume_from, model, optimizer, scheduler, s.plan.total, explicit)
+    state, resume_from = restore(resume_from, model, optimizer, scheduler, s.plan.num_steps, explicit)
     metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, state, resume_from)
     if distributed.world().main:
         record = manifest.describe(recipe.name, cfg, s.source, metrics, data)
@@ -203,10 +203,10 @@ def steps_row(t: Table, s: Any, unit: str) -> None:
     per_step = f"{tr.batch_size} {unit} × {tr.grad_accum} accumulation"
     if procs > 1:
         per_step += f" × {procs} processes = {tr.batch_size * tr.grad_accum * procs} {unit} per step"
-    t.add_row("steps", f"{s.plan.total} optimizer steps ({s.plan.steps_per_epoch}/epoch) × {per_step}")
+    t.add_row("steps", f"{s.plan.num_steps} optimizer steps ({s.plan.steps_per_epoch}/epoch) × {per_step}")
 
 
-def restore(resume_from: Path | None, model, optimizer, scheduler, total: int,
+def restore(resume_from: Path | None, model, optimizer, scheduler, num_steps: int,
             explicit: bool = False) -> tuple[dict | None, Path | None]:
     """Load a checkpoint into the live objects when resuming; return its loop state ("step": the step to
     continue after) and the checkpoint used, (None, None) on a fresh start. Rank 0 picks the checkpoint: a damaged
@@ -221,7 +221,7 @@ def restore(resume_from: Path | None, model, optimizer, scheduler, total: int,
     if state.get("processes", 1) != procs:
         raise RunError(f"resume: {path} was written by a run on {state.get('processes', 1)} processes; "
                        f"resume it with the same number (not {procs}): the step plan depends on it")
-    console.print(f"resuming from {path} (step {state['step']} of {total})")
+    console.print(f"resuming from {path} (step {state['step']} of {num_steps})")
     return state, path
 
 
@@ -266,24 +266,24 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
         log.log(0, evaluate())
     model.train()
     with progress_bar() as bar:
-        task = bar.add_task(stage.name, total=plan.total, completed=start, info="")
-        for step in range(start + 1, plan.total + 1):
+        task = bar.add_task(stage.name, total=plan.num_steps, completed=start, info="")
+        for step in range(start + 1, plan.num_steps + 1):
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             with speed.timed(stage.device):
                 metrics, counts, grad_norm = run_step(stage, step, model, optimizer, scheduler, last_ckpt)
             speed.add(counts)
             values = {**metrics, "lr": lr, "grad_norm": grad_norm, "epoch": round(plan.epoch_of(step), 4),
                       **counts}
-            if step % tr.log_every == 0 or step == plan.total:
+            if step % tr.log_every == 0 or step == plan.num_steps:
                 values.update(speed.rates())
                 if stage.device.type == "cuda":
                     values["cuda_peak_mib"] = torch.cuda.max_memory_allocated(stage.device) / 2**20
                 log.log(step, values)
-            if evaluate and (step == plan.total or (tr.eval_every and step % tr.eval_every == 0)):
+            if evaluate and (step == plan.num_steps or (tr.eval_every and step % tr.eval_every == 0)):
                 evaluated = evaluate()
                 values.update(evaluated)
                 log.log(step, evaluated)
-            if step % tr.save_every == 0 and step < plan.total and main:
+            if step % tr.save_every == 0 and step < plan.num_steps and main:
                 extra = {"processes": distributed.world().size, **(stage.state() if stage.state else {})}
                 try:
                     last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
@@ -293,8 +293,9 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
             final.update(values)
             shown = describe_step({k: values[k] for k in stage.shown if k in values})
             bar.update(task, completed=step, info=shown)
-            if not console.is_terminal and (step % max(1, plan.total // 20) == 0 or step == plan.total):  # ~20 lines
-                console.print(f"step {step}/{plan.total}  {shown}", highlight=False)
+            if not console.is_terminal and (step % max(1, plan.num_steps // 20) == 0 or step == plan.num_steps):
+                # a log, not a terminal: ~20 lines
+                console.print(f"step {step}/{plan.num_steps}  {shown}", highlight=False)
     log.close()
     return final
 
@@ -305,7 +306,7 @@ def run_step(stage: Stage, step: int, model, optimizer, scheduler, last_ckpt: Pa
     micro_batches = distributed.shard(stage.plan.steps[step - 1])  # this process's part of the step
 
     def update(loss: float) -> float:
-        ensure_finite(step, last_ckpt, loss=distributed.total(loss))  # every process's share: all stop together
+        ensure_finite(step, last_ckpt, loss=distributed.global_sum(loss))  # every process's share: all stop together
         return optimizer_step(model, optimizer, max_norm, lambda norm: ensure_finite(step, last_ckpt, grad_norm=norm))
 
     metrics, counts = distributed.reduce_metrics(*stage.step(micro_batches, StepContext(step, update)))

@@ -24,7 +24,7 @@ class StepPlan:
     steps_per_epoch: int
 
     @property
-    def total(self) -> int:
+    def num_steps(self) -> int:
         return len(self.steps)
 
     def epoch_of(self, step: int) -> float:

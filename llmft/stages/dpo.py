@@ -81,20 +81,20 @@ def stage(s: Setup, model) -> Stage:
 
     def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
         pairs = sum(len(mb) for mb in micro_batches)
-        num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean
-        total, rewards, logps, tokens = 0.0, [], [], 0
+        num_pairs = distributed.global_sum(pairs)  # over every process: each loss is its share of the global mean
+        loss_sum, rewards, logps, tokens = 0.0, [], [], 0
         for mb in micro_batches:
             batch = P.collate_pairs([s.train.pairs[i] for i in mb], s.chat.pad_id, packed=s.cfg.data.packing)
             ref = s.reference["train"][:, mb] if s.reference["train"] is not None else None
             losses, r, lp = pair_losses(model, batch, ref, s)
             loss = losses.sum() / num_pairs
             loss.backward()
-            total += float(loss.detach())
+            loss_sum += float(loss.detach())
             rewards.append(r)
             logps.append(lp)
             tokens += int(batch["attention_mask"].sum())
         metrics = pair_metrics(torch.cat(rewards, dim=1), torch.cat(logps, dim=1))
-        return {"loss": total, "grad_norm": ctx.update(total), **metrics}, {"tokens": tokens, "pairs": pairs}
+        return {"loss": loss_sum, "grad_norm": ctx.update(loss_sum), **metrics}, {"tokens": tokens, "pairs": pairs}
 
     def run_eval() -> dict:
         return evaluate(model, s)

@@ -12,7 +12,7 @@
                             groups of fresh prompts
                 advantage   group-relative (r − mean_g) / scale, or leave-one-out (RLOO); the same A_i on every
                             token of answer i                                                               [B, R]
-                evaluate    old log-probs (only when μ > 1 or several minibatches), reference log-probs (only
+                forwards    old log-probs (only when μ > 1 or several minibatches), reference log-probs (only
                             when β > 0)
                 update      μ passes × shuffled minibatches: the clipped surrogate (ε_low, ε_high), per token or
                             per sequence, + β·k3, aggregated per token / per answer / by a constant
@@ -50,8 +50,8 @@ from llmft.rl.stage import (
     score_rollout,
     token_weighted,
 )
-from llmft.rollout.experience import Experience, pack, response_logps
-from llmft.rollout.generation import Generation
+from llmft.rollout.experience import Experience, answer_logps, pack
+from llmft.rollout.generation import Answer
 from llmft.run.loop import Recipe, Stage, plan_table, run_stage
 from llmft.run.plan import chunks, plan_steps
 
@@ -61,9 +61,9 @@ class Group:
     """The answers to one prompt, scored."""
 
     prompt: int  # index into the training prompts
-    generations: list[Generation]  # G
+    answers: list[Answer]  # G
     parts: dict[str, torch.Tensor]  # each source's scores [G]
-    scores: torch.Tensor  # [G] their total (before normalising)
+    scores: torch.Tensor  # [G] their combined score (before normalising)
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -84,11 +84,11 @@ def setup(cfg: GRPOConfig) -> RLSetup:
 
 def check_config(cfg: GRPOConfig) -> None:
     check_sampling_config(cfg, "grpo")
-    g, answers = cfg.grpo.num_generations, answers_per_process(cfg)
-    if answers % g:
+    G, answers = cfg.grpo.num_generations, answers_per_process(cfg)
+    if answers % G:
         raise ConfigError(f"train.batch_size × train.grad_accum × grpo.num_minibatches = {answers} answers per "
-                          f"process per step is not a whole number of groups of grpo.num_generations = {g}: make "
-                          f"it a multiple of {g}")
+                          f"process per step is not a whole number of groups of grpo.num_generations = {G}: make "
+                          f"it a multiple of {G}")
     if cfg.grpo.advantage == "rloo" and cfg.grpo.scale_rewards != "group":
         raise ConfigError("grpo.scale_rewards applies to advantage: group; rloo's advantages are not scaled")
     if cfg.grpo.importance_sampling == "sequence" and cfg.grpo.loss_aggregation != "sequence_mean":
@@ -106,7 +106,7 @@ def prompts_per_process(cfg: GRPOConfig) -> int:
 
 
 def show_plan(s: RLSetup) -> None:
-    cfg, g, t = s.cfg, s.cfg.grpo, plan_table("grpo", s)
+    cfg, algo, t = s.cfg, s.cfg.grpo, plan_table("grpo", s)
     for name, ps in (("train", s.train), ("eval", s.eval)):
         if ps:
             t.add_row(f"{name} prompts", f"{len(ps.ids)} (dropped, longer than {cfg.data.max_prompt_length} "
@@ -114,13 +114,13 @@ def show_plan(s: RLSetup) -> None:
     procs = distributed.world().size
     per_step = prompts_per_process(cfg) * procs
     left = len(s.train.ids) % per_step
-    t.add_row("steps", f"{s.plan.total} rollouts of {per_step} prompts × {g.num_generations} answers "
-                       f"({answers_per_process(cfg)} answers per process); each: {g.iterations} passes × "
-                       f"{g.num_minibatches} minibatches" + (f"; {left} prompts per epoch left out" if left else ""))
-    scale = f"scaled by {g.scale_rewards} std" if g.advantage == "group" else "leave-one-out"
-    t.add_row("update", f"{g.advantage} advantage ({scale}); clip [1 − {g.epsilon_low}, 1 + {g.epsilon_high}] per "
-                        f"{g.importance_sampling}; {g.loss_aggregation}; β {g.beta}; dynamic sampling "
-                        f"{g.dynamic_sampling}")
+    t.add_row("steps", f"{s.plan.num_steps} rollouts of {per_step} prompts × {algo.num_generations} answers "
+                       f"({answers_per_process(cfg)} answers per process); each: {algo.iterations} passes × "
+                       f"{algo.num_minibatches} minibatches" + (f"; {left} prompts per epoch left out" if left else ""))
+    scale = f"scaled by {algo.scale_rewards} std" if algo.advantage == "group" else "leave-one-out"
+    t.add_row("update", f"{algo.advantage} advantage ({scale}); clip [1 − {algo.epsilon_low}, "
+                        f"1 + {algo.epsilon_high}] per {algo.importance_sampling}; {algo.loss_aggregation}; "
+                        f"β {algo.beta}; dynamic sampling {algo.dynamic_sampling}")
     reward_rollout_rows(t, s)
     console.print(t)
 
@@ -141,27 +141,27 @@ def stage(s: RLSetup, model: ActorCritic) -> Stage:
 
 
 def grpo_step(model: ActorCritic, s: RLSetup, prompt_idx: list[int], update, step: int) -> tuple[dict, list[dict]]:
-    cfg, g, times = s.cfg, s.cfg.grpo, {}
+    cfg, algo, times = s.cfg, s.cfg.grpo, {}
     with phase(times, "generation", s.device):
         groups, refilled = rollout(model, s, prompt_idx, step)
-        exp = pack([a for grp in groups for a in grp.generations], s.chat.pad_id, s.device)
+        exp = pack([a for grp in groups for a in grp.answers], s.chat.pad_id, s.device)
     with phase(times, "scoring", s.device):
         score = torch.cat([grp.scores for grp in groups])  # [B]
         check_finite(step, "score", score)
         exp.put(scores=s.scorer.shape(score))
-        zero = zero_std_groups(exp.scores.cpu(), g.num_generations)  # [B / G]
+        zero = zero_std_groups(exp.scores.cpu(), algo.num_generations)  # [B / G]
     with phase(times, "advantages", s.device):
         exp.put(advantages=advantages(exp.scores, cfg)[:, None] * exp.mask)  # [B, R]
     kept = kept_answers(zero, s)  # [B]
-    with phase(times, "evaluate", s.device):
-        evaluate_roles(model, s, exp)
+    with phase(times, "forwards", s.device):
+        role_forwards(model, s, exp)
     with phase(times, "update", s.device):
         stats, gap = update_passes(model, s, exp, kept, update, step)
     metrics = step_metrics(s, exp, groups, score, zero, kept, stats, times)
     metrics.update(logprob_gap=gap[0], logprob_gap_mean=gap[1])
-    rows = [s.train.records[grp.prompt].row for grp in groups for _ in grp.generations]
+    rows = [s.train.records[grp.prompt].row for grp in groups for _ in grp.answers]
     samples = sample_rows(exp, rows, {k: torch.cat([grp.parts[k] for grp in groups]) for k in groups[0].parts}, score)
-    return {**metrics, "refilled_groups": distributed.total(refilled)}, samples
+    return {**metrics, "refilled_groups": distributed.global_sum(refilled)}, samples
 
 
 def kept_answers(zero: torch.Tensor, s: RLSetup) -> torch.Tensor:
@@ -178,12 +178,12 @@ def rollout(model: ActorCritic, s: RLSetup, prompt_idx: list[int], step: int) ->
     samples as many prompts as the one that needs most: sampling is collective under FSDP). Returns the groups and
     how many were replaced (fresh prompts are drawn at random from the training set, with replacement). Groups
     still flat after the last round are masked out of the loss (`kept_answers`)."""
-    g = s.cfg.grpo
+    algo = s.cfg.grpo
     groups = sample_groups(model, s, prompt_idx, rollout_seed(s, step))
     refilled = 0
-    for round_ in range(1, g.max_refills + 1 if g.dynamic_sampling == "refill" else 1):
+    for round_ in range(1, algo.max_refills + 1 if algo.dynamic_sampling == "refill" else 1):
         flat = [i for i, grp in enumerate(groups) if bool(zero_std_groups(grp.scores, len(grp.scores))[0])]
-        need = int(distributed.maximum(len(flat)))
+        need = int(distributed.global_max(len(flat)))
         if need == 0:
             break
         draw = torch.Generator().manual_seed(rollout_seed(s, step, round_))
@@ -196,34 +196,34 @@ def rollout(model: ActorCritic, s: RLSetup, prompt_idx: list[int], step: int) ->
 
 
 def sample_groups(model: ActorCritic, s: RLSetup, prompt_idx: list[int], seed_: int) -> list[Group]:
-    g = s.cfg.grpo.num_generations
-    exp = sample(model, s, [s.train.ids[i] for i in prompt_idx for _ in range(g)], seed_)
-    parts, scores = score_rollout(model, s, exp, [s.train.records[i].row for i in prompt_idx for _ in range(g)])
-    return [Group(p, exp.generations[k * g:(k + 1) * g], {n: v[k * g:(k + 1) * g] for n, v in parts.items()},
-                  scores[k * g:(k + 1) * g]) for k, p in enumerate(prompt_idx)]
+    G = s.cfg.grpo.num_generations
+    exp = sample(model, s, [s.train.ids[i] for i in prompt_idx for _ in range(G)], seed_)
+    parts, scores = score_rollout(model, s, exp, [s.train.records[i].row for i in prompt_idx for _ in range(G)])
+    return [Group(p, exp.answers[k * G:(k + 1) * G], {n: v[k * G:(k + 1) * G] for n, v in parts.items()},
+                  scores[k * G:(k + 1) * G]) for k, p in enumerate(prompt_idx)]
 
 
 def advantages(scores: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
     """Each answer's advantage [B] from the scores [B] of consecutive groups."""
-    g = cfg.grpo
-    if g.advantage == "rloo":
-        return rloo_advantages(scores, g.num_generations)
-    return group_advantages(scores, g.num_generations, g.scale_rewards, total=distributed.sum_tensor)
+    algo = cfg.grpo
+    if algo.advantage == "rloo":
+        return rloo_advantages(scores, algo.num_generations)
+    return group_advantages(scores, algo.num_generations, algo.scale_rewards, global_sum=distributed.global_sum_tensor)
 
 
 # ------------------------------------------------------------------------------------------ forwards
 @torch.no_grad()
-def evaluate_roles(model: ActorCritic, s: RLSetup, exp: Experience) -> None:
+def role_forwards(model: ActorCritic, s: RLSetup, exp: Experience) -> None:
     """The old log-probs, when the update needs them (μ > 1 or several minibatches: else the ratio is exactly 1
     and the update's own forward gives them), and the reference log-probs when β > 0."""
-    g = s.cfg.grpo
-    need_old, need_ref = g.iterations > 1 or g.num_minibatches > 1, g.beta > 0
+    algo = s.cfg.grpo
+    need_old, need_ref = algo.iterations > 1 or algo.num_minibatches > 1, algo.beta > 0
     for role, key, needed in ((POLICY, "old_logps", need_old), (REFERENCE, "ref_logps", need_ref)):
         if needed:
             with model.role(role):
                 exp.put(**{key: torch.cat([
-                    response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype)[0]
-                    for rows in chunks(range(exp.size), s.cfg.train.batch_size)])})
+                    answer_logps(model.lm, model.hidden, exp, idx, s.cfg.rollout.temperature, s.dtype)[0]
+                    for idx in chunks(range(exp.size), s.cfg.train.batch_size)])})
 
 
 # -------------------------------------------------------------------------------------------- update
@@ -233,7 +233,7 @@ def update_passes(model: ActorCritic, s: RLSetup, exp: Experience, kept: torch.T
     kept weigh 0 in the loss. Every process takes the same steps; a minibatch whose loss has no term on any
     process takes none. The sampler-vs-trainer check runs before the first step. Returns each minibatch's stats
     and the log-prob gap (largest, mean)."""
-    g, n = s.cfg.grpo, exp.size
+    algo, n = s.cfg.grpo, exp.size
     loss_mask = exp.mask * kept.to(exp.device, exp.mask.dtype)[:, None]  # [B, R]
     own_old = exp.old_logps is None  # μ = 1, one minibatch: the update's own forward is π_old (ratio exactly 1)
     if own_old:
@@ -242,12 +242,12 @@ def update_passes(model: ActorCritic, s: RLSetup, exp: Experience, kept: torch.T
         gap = gap_check(s, exp, step)
     model.train()
     stats = []
-    for it in range(g.iterations):
+    for it in range(algo.iterations):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(s.cfg.seed + 7919 * step + it)).tolist()
-        for minibatch in chunks(order, n // g.num_minibatches):
-            normaliser = distributed.total(loss_normaliser(s, loss_mask, minibatch))
-            parts = [micro_update(model, s, exp, loss_mask, rows, normaliser, it == 0, own_old)
-                     for rows in chunks(minibatch, s.cfg.train.batch_size)]
+        for minibatch in chunks(order, n // algo.num_minibatches):
+            normaliser = distributed.global_sum(loss_normaliser(s, loss_mask, minibatch))
+            parts = [micro_update(model, s, exp, loss_mask, idx, normaliser, it == 0, own_old)
+                     for idx in chunks(minibatch, s.cfg.train.batch_size)]
             if own_old and it == 0:  # every answer's π_old is in (one minibatch); no weight has moved yet
                 gap = gap_check(s, exp, step)
             stat = token_weighted(parts)
@@ -261,32 +261,32 @@ def gap_check(s: RLSetup, exp: Experience, step: int) -> tuple[float, float]:
     return check_logprob_gap(s, exp, step, s.cfg.grpo.logprob_gap_tolerance, "grpo.logprob_gap_tolerance")
 
 
-def loss_normaliser(s: RLSetup, loss_mask: torch.Tensor, rows: list[int]) -> float:
+def loss_normaliser(s: RLSetup, loss_mask: torch.Tensor, idx: list[int]) -> float:
     """This process's part of the minibatch's denominator for grpo.loss_aggregation: its kept tokens (token_mean),
     its kept answers (sequence_mean), or all its answers × rollout.max_new_tokens (constant: the same whatever
     the answers)."""
     agg = s.cfg.grpo.loss_aggregation
     if agg == "token_mean":
-        return float(loss_mask[rows].sum())
+        return float(loss_mask[idx].sum())
     if agg == "sequence_mean":
-        return float((loss_mask[rows].sum(-1) > 0).sum())
-    return float(len(rows) * s.cfg.rollout.max_new_tokens)
+        return float((loss_mask[idx].sum(-1) > 0).sum())
+    return float(len(idx) * s.cfg.rollout.max_new_tokens)
 
 
-def micro_update(model: ActorCritic, s: RLSetup, exp: Experience, loss_mask: torch.Tensor, rows: list[int],
+def micro_update(model: ActorCritic, s: RLSetup, exp: Experience, loss_mask: torch.Tensor, idx: list[int],
                  normaliser: float, first_pass: bool, own_old: bool) -> dict:
     """Forward and backward of one micro-batch under the policy adapter: its share of the minibatch's loss (0 and
     no backward when no process has a term in it); statistics over its kept tokens, the entropy in the first
     pass only."""
-    g, mask = s.cfg.grpo, loss_mask[rows]
+    algo, mask = s.cfg.grpo, loss_mask[idx]
     with model.role(POLICY):
-        logps, entropy = response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype,
+        logps, entropy = answer_logps(model.lm, model.hidden, exp, idx, s.cfg.rollout.temperature, s.dtype,
                                         with_entropy=first_pass)
         if own_old:  # π_old = π_θ before this update: the ratio is exactly 1
-            exp.old_logps[rows] = logps.detach()
-        loss, st = grpo_policy_loss(logps, exp.old_logps[rows], exp.advantages[rows], mask, max(normaliser, 1.0),
-                                    g.epsilon_low, g.epsilon_high, g.importance_sampling, g.loss_aggregation,
-                                    exp.ref_logps[rows] if g.beta else None, g.beta)
+            exp.old_logps[idx] = logps.detach()
+        loss, st = grpo_policy_loss(logps, exp.old_logps[idx], exp.advantages[idx], mask, max(normaliser, 1.0),
+                                    algo.epsilon_low, algo.epsilon_high, algo.importance_sampling,
+                                    algo.loss_aggregation, exp.ref_logps[idx] if algo.beta else None, algo.beta)
         if normaliser:
             loss.backward()
     tokens = float(mask.sum())
@@ -301,7 +301,7 @@ def step_metrics(s: RLSetup, exp: Experience, groups: list[Group], score: torch.
     """The step's figures under the names TRL's GRPOTrainer logs; the same keys at every step and on every
     process (0 where a step had nothing to measure)."""
     lengths = exp.lengths().cpu()
-    finished = torch.tensor([a.finished for a in exp.generations])
+    finished = torch.tensor([a.finished for a in exp.answers])
     terminated = lengths[finished]
     first = [st for st in stats if "entropy" in st]  # the first pass's minibatches
     metrics = {
@@ -325,7 +325,7 @@ def step_metrics(s: RLSetup, exp: Experience, groups: list[Group], score: torch.
 
 def global_std(x: torch.Tensor) -> float:
     """The standard deviation of every process's values together (unbiased), as TRL logs reward_std."""
-    return float(masked_var(x.double(), torch.ones_like(x, dtype=torch.float64), distributed.sum_tensor).sqrt())
+    return float(masked_var(x.double(), torch.ones_like(x, dtype=torch.float64), distributed.global_sum_tensor).sqrt())
 
 
 RECIPE = Recipe("grpo", setup, show_plan, build_model, stage)

@@ -75,24 +75,24 @@ def stage(s: Setup, model) -> Stage:
     def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
         answers = [[s.train.answers[i] for i in mb] for mb in micro_batches]
         local = sum(len(a) for a in answers)
-        count = distributed.total(local)  # over every process: each loss is its share of the global mean
+        count = distributed.global_sum(local)  # over every process: each loss is its share of the global mean
         z0 = reference_point(model, [a for mb in answers for a in mb], s, across_processes=True)
-        total, parts, tokens = 0.0, [], 0
+        loss_sum, parts, tokens = 0.0, [], 0
         for mb in answers:
             losses, part = answer_losses(model, mb, z0, s)
             loss = losses.sum() / count
             loss.backward()
-            total += float(loss.detach())
+            loss_sum += float(loss.detach())
             parts.append(part)
             tokens += part["tokens"]
         stats = answer_metrics(parts, z0, across_processes=True)
-        return {"loss": total, "grad_norm": ctx.update(total), **stats}, {"tokens": tokens, "answers": local}
+        return {"loss": loss_sum, "grad_norm": ctx.update(loss_sum), **stats}, {"tokens": tokens, "answers": local}
 
     def run_eval() -> dict:
         return evaluate(model, s)
 
     return Stage("kto", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
-                 shown=("loss", "kl", "rewards/margins", "lr", "answers_per_s", "eval/loss"))
+                 shown=("loss", "kl_reference_point", "rewards/margins", "lr", "answers_per_s", "eval/loss"))
 
 
 def answer_losses(model, answers: list[L.LabelledAnswer], z0: torch.Tensor, s: Setup) -> tuple[torch.Tensor, dict]:
@@ -120,7 +120,7 @@ def reference_point(model, answers: list[L.LabelledAnswer], s: Setup, across_pro
         ratio += (answer_logps(model, batch, s) - answer_logps(model, batch, s, reference=True)).sum()
     if not across_processes:
         return kto_reference_point(ratio, len(answers))
-    return kto_reference_point(distributed.sum_tensor(ratio), distributed.total(len(answers)))
+    return kto_reference_point(distributed.global_sum_tensor(ratio), distributed.global_sum(len(answers)))
 
 
 def answer_logps(model, batch: dict, s: Setup, reference: bool = False) -> torch.Tensor:
@@ -133,14 +133,15 @@ def answer_logps(model, batch: dict, s: Setup, reference: bool = False) -> torch
 
 
 def answer_metrics(parts: list[dict], z0: torch.Tensor, across_processes: bool) -> dict[str, float]:
-    """TRL-style figures: z0 (`kl`), and the mean implicit reward β·r and log-prob of each kind of answer, over every
-    process's answers (the same keys and values on each, whichever kinds each process drew)."""
+    """TRL-style figures: z0 (`kl_reference_point`; TRL logs it as `kl`), and the mean implicit reward β·r and
+    log-prob of each kind of answer, over every process's answers (the same keys and values on each, whichever kinds
+    each process drew)."""
     rewards, logps = torch.cat([p["rewards"] for p in parts]), torch.cat([p["logps"] for p in parts])
     desirable = torch.cat([p["desirable"] for p in parts])
     sums = torch.stack([torch.stack([rewards[rows].sum(), logps[rows].sum(), rows.sum().to(rewards.dtype)])
                         for rows in (desirable, ~desirable)])  # [2 kinds, (reward, log-prob, count)]
-    sums = distributed.sum_tensor(sums) if across_processes else sums
-    out = {"kl": float(z0)}
+    sums = distributed.global_sum_tensor(sums) if across_processes else sums
+    out = {"kl_reference_point": float(z0)}
     for (reward, logp, n), name in zip(sums.tolist(), ("desirable", "undesirable"), strict=True):
         if n:
             out[f"rewards/{name}"], out[f"logps/{name}"] = reward / n, logp / n

@@ -4,10 +4,10 @@
                 rollout batch of train.batch_size × train.grad_accum × ppo.num_minibatches prompts)
     model     → ActorCritic on one base: policy adapter (new), value adapter + head (from the reward model),
                 reward adapter + head (frozen), reference = every adapter off; dropout off
-    step      → rollout    sample responses to left-padded prompts with the KV cache, cut at the first stop id;
+    step      → rollout    sample answers to left-padded prompts with the KV cache, cut at the first stop id;
                            the sampler's own log-probs come along                      → Experience (on the device)
                 score      reward model + judges, − penalty without a stop id, [normalise, clip]     [B]
-                evaluate   old log-probs, reference log-probs, values, entropy                      [B, R]
+                forwards   old log-probs, reference log-probs, values, entropy                      [B, R]
                            (old vs the sampler's: `logprob_gap`, checked at step 1)
                 advantage  r_t = −β·k1_t, + score at the last real token → GAE(γ, λ) → whiten        [B, R]
                 update     ppo.epochs × shuffled minibatches: clipped policy loss + vf_coef · clipped value loss
@@ -47,7 +47,7 @@ from llmft.rl.stage import (
     score_rollout,
     token_weighted,
 )
-from llmft.rollout.experience import Experience, response_logps, value_estimates
+from llmft.rollout.experience import Experience, answer_logps, value_estimates
 from llmft.run.loop import Recipe, Stage, plan_table, run_stage
 from llmft.run.plan import chunks, plan_steps
 
@@ -87,7 +87,7 @@ def check_config(cfg: PPOConfig) -> None:
 
 
 def rollout_size(cfg: PPOConfig) -> int:
-    """Prompts one process answers per step (one response each)."""
+    """Prompts one process answers per step (one answer each)."""
     return cfg.train.batch_size * cfg.train.grad_accum * cfg.ppo.num_minibatches
 
 
@@ -101,7 +101,7 @@ def show_plan(s: Setup) -> None:
     per_step = rollout_size(cfg) * procs
     on_each = f" on each of {procs} processes" if procs > 1 else ""
     left = len(s.train.ids) % per_step
-    t.add_row("steps", f"{s.plan.total} rollouts of {per_step} prompts ({rollout_size(cfg)} per process); each: "
+    t.add_row("steps", f"{s.plan.num_steps} rollouts of {per_step} prompts ({rollout_size(cfg)} per process); each: "
                        f"{pp.epochs} epochs × {pp.num_minibatches} minibatches of {tr.batch_size} × {tr.grad_accum} "
                        f"accumulation{on_each}" + (f"; {left} prompts per epoch left out (not a whole rollout "
                                                    f"batch)" if left else ""))
@@ -126,8 +126,14 @@ def stage(s: Setup, model: ActorCritic) -> Stage:
         s.kl.value = state["kl_coef"]
 
     return rl_stage.rl_stage("ppo", s, model, functools.partial(ppo_step, model, s),
-                             shown=("score", "kl", "length", "loss", "lr"),
+                             shown=("reward", "objective/kl", "completions/mean_length", "loss", "lr"),
                              extra_state=lambda: {"kl_coef": s.kl.value}, load_extra=load_kl)
+
+
+# each minibatch statistic of `micro_update` → its logged name (TRL PPOTrainer's)
+PPO_STATS = {"loss/policy_avg": "policy_loss", "loss/value_avg": "value_loss", "val/clipfrac_avg": "value_clipfrac",
+             "policy/approxkl_avg": "approx_kl", "ratio": "ratio",
+             **{f"clip_ratio/{k}_mean": f"clip_ratio/{k}" for k in ("low", "high", "region")}}  # as GRPO logs them
 
 
 def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: int) -> tuple[dict, list[dict]]:
@@ -139,49 +145,51 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
         parts, score = score_rollout(model, s, exp, rows)
         check_finite(step, "score", score)
         exp.put(scores=s.scorer.shape(score))
-    with phase(times, "evaluate", s.device):
-        evaluate_roles(model, s, exp)
+    with phase(times, "forwards", s.device):
+        role_forwards(model, s, exp)
         gap, gap_mean = check_logprob_gap(s, exp, step, cfg.ppo.logprob_gap_tolerance, "ppo.logprob_gap_tolerance")
     with phase(times, "advantages", s.device):
         kl = kl_per_token(exp.old_logps, exp.ref_logps) * exp.mask  # k1 [B, R]
         rewards = shaped_rewards(exp.scores, kl, exp.mask, s.kl.value)
         advantages, returns = gae(rewards, exp.values, exp.mask, cfg.ppo.gamma, cfg.ppo.lam)
         if cfg.ppo.whiten_advantages:
-            advantages = whiten(advantages, exp.mask, total=distributed.sum_tensor)  # global batch moments
+            advantages = whiten(advantages, exp.mask, global_sum=distributed.global_sum_tensor)  # global batch moments
         exp.put(advantages=advantages, returns=returns)
     with phase(times, "update", s.device):
         stats = update_epochs(model, s, exp, update, step)
-    seq_kl = kl.sum(-1)  # [B] k1, summed per response
+    seq_kl = kl.sum(-1)  # [B] k1, summed per answer
+    # TRL's names where TRL logs the same quantity (its PPOTrainer's, or its GRPOTrainer's): docs/metrics.md
     metrics = {
-        "loss": mean_of(stats, "loss"), "score": float(score.mean()),
-        **{f"score/{name}": float(v.mean()) for name, v in parts.items()},
-        "rlhf_reward": float((exp.scores - s.kl.value * seq_kl).mean()), "kl": float(seq_kl.mean()),
+        "loss": mean_of(stats, "loss"), "reward": float(score.mean()),
+        **{f"rewards/{name}/mean": float(v.mean()) for name, v in parts.items()},
+        "objective/rlhf_reward": float((exp.scores - s.kl.value * seq_kl).mean()), "objective/kl": float(seq_kl.mean()),
         "kl_coef": s.kl.value, "entropy": float((exp.entropy * exp.mask).sum() / exp.mask.sum()),
-        "length": float(exp.lengths().mean()), "no_eos": no_eos_share(exp),
-        **{k: mean_of(stats, k) for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")},
-        "grad_norm": stats[-1]["grad_norm"], "explained_variance": explained_variance(exp.values, returns, exp.mask),
+        "completions/mean_length": float(exp.lengths().mean()), "completions/clipped_ratio": no_eos_share(exp),
+        **{name: mean_of(stats, key) for name, key in PPO_STATS.items()},
+        "grad_norm": stats[-1]["grad_norm"],
+        "val/explained_variance": explained_variance(exp.values, returns, exp.mask),
         "logprob_gap": gap, "logprob_gap_mean": gap_mean,
         **{f"time/{k}": v for k, v in times.items()},
         "episodes": exp.size, "tokens": int(exp.attention_mask.sum()),
     }
-    n = distributed.total(len(prompt_idx))
-    s.kl.update(distributed.total(float(seq_kl.sum())) / n, n)
+    n = distributed.global_sum(len(prompt_idx))
+    s.kl.update(distributed.global_sum(float(seq_kl.sum())) / n, n)
     return metrics, sample_rows(exp, rows, parts, score)
 
 
 # ------------------------------------------------------------------------------------------ forwards
 @torch.no_grad()
-def evaluate_roles(model: ActorCritic, s: Setup, exp: Experience) -> None:
+def role_forwards(model: ActorCritic, s: Setup, exp: Experience) -> None:
     """Old log-probs, entropy, reference log-probs and values of the experience, each [B, R] fp32."""
     out = {"old_logps": [], "entropy": [], "ref_logps": [], "values": []}
-    for rows in chunks(range(exp.size), s.cfg.train.batch_size):
+    for idx in chunks(range(exp.size), s.cfg.train.batch_size):
         with model.role(POLICY):
-            logps, entropy = response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype,
+            logps, entropy = answer_logps(model.lm, model.hidden, exp, idx, s.cfg.rollout.temperature, s.dtype,
                                             with_entropy=True)
         with model.role(REFERENCE):
-            ref, _ = response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype)
+            ref, _ = answer_logps(model.lm, model.hidden, exp, idx, s.cfg.rollout.temperature, s.dtype)
         with model.role(VALUE):
-            values = value_estimates(model.values, model.hidden, exp, rows, s.dtype)
+            values = value_estimates(model.values, model.hidden, exp, idx, s.dtype)
         for key, t in zip(out, (logps, entropy, ref, values), strict=True):
             out[key].append(t)
     exp.put(**{key: torch.cat(ts) for key, ts in out.items()})
@@ -198,8 +206,8 @@ def update_epochs(model: ActorCritic, s: Setup, exp: Experience, update, step: i
     for epoch in range(cfg.ppo.epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
         for minibatch in chunks(order.tolist(), mb_size):
-            num_tokens = distributed.total(float(exp.mask[minibatch].sum()))  # the losses' token mean is global
-            parts = [micro_update(model, s, exp, rows, num_tokens) for rows in chunks(minibatch, cfg.train.batch_size)]
+            num_tokens = distributed.global_sum(float(exp.mask[minibatch].sum()))  # the losses' token mean is global
+            parts = [micro_update(model, s, exp, idx, num_tokens) for idx in chunks(minibatch, cfg.train.batch_size)]
             mb = token_weighted(parts)  # this process's statistics; the loop averages them over processes
             mb["loss"] = sum(p["loss"] for p in parts)  # this process's share of the global loss
             mb["grad_norm"] = update(mb["loss"])
@@ -207,25 +215,26 @@ def update_epochs(model: ActorCritic, s: Setup, exp: Experience, update, step: i
     return stats
 
 
-def micro_update(model: ActorCritic, s: Setup, exp: Experience, rows: list[int], num_tokens) -> dict:
+def micro_update(model: ActorCritic, s: Setup, exp: Experience, idx: list[int], num_tokens) -> dict:
     """Forward and backward of one micro-batch: the policy loss under the policy adapter, then vf_coef × the value
     loss under the value adapter (each backward inside its role), each its share of the minibatch's token mean."""
-    mask, pp = exp.mask[rows], s.cfg.ppo
+    mask, pp = exp.mask[idx], s.cfg.ppo
     with model.role(POLICY):
-        logps, _ = response_logps(model.lm, model.hidden, exp, rows, s.cfg.rollout.temperature, s.dtype)
-        policy_loss, st = ppo_policy_loss(logps, exp.old_logps[rows], exp.advantages[rows], mask, num_tokens,
+        logps, _ = answer_logps(model.lm, model.hidden, exp, idx, s.cfg.rollout.temperature, s.dtype)
+        policy_loss, st = ppo_policy_loss(logps, exp.old_logps[idx], exp.advantages[idx], mask, num_tokens,
                                           pp.clip_range)
         policy_loss.backward()
     with model.role(VALUE):
-        values = value_estimates(model.values, model.hidden, exp, rows, s.dtype)
-        value_loss, value_clipfrac = ppo_value_loss(values, exp.values[rows], exp.returns[rows], mask, num_tokens,
+        values = value_estimates(model.values, model.hidden, exp, idx, s.dtype)
+        value_loss, value_clipfrac = ppo_value_loss(values, exp.values[idx], exp.returns[idx], mask, num_tokens,
                                                     pp.value_clip_range)
         (pp.vf_coef * value_loss).backward()
     policy_loss, value_loss = policy_loss.item(), value_loss.item()
     share = float(mask.sum()) / float(num_tokens)  # this micro-batch's losses are already divided by num_tokens
     return {"loss": policy_loss + pp.vf_coef * value_loss, "tokens": float(mask.sum()),
             "policy_loss": policy_loss / share if share else 0.0, "value_loss": value_loss / share if share else 0.0,
-            "clipfrac": st["clipfrac"], "value_clipfrac": value_clipfrac, "approx_kl": st["approx_kl"],
+            **{k: st[k] for k in ("clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "approx_kl")},
+            "value_clipfrac": value_clipfrac,
             "ratio": st["ratio"]}
 
 

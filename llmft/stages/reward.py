@@ -73,8 +73,8 @@ def stage(s: Setup, model: RewardModel) -> Stage:
 
     def step(micro_batches: list[list[int]], ctx: StepContext) -> tuple[dict, dict]:
         pairs = sum(len(mb) for mb in micro_batches)
-        num_pairs = distributed.total(pairs)  # over every process: each loss is its share of the global mean
-        total, chosen, rejected, tokens = 0.0, [], [], 0
+        num_pairs = distributed.global_sum(pairs)  # over every process: each loss is its share of the global mean
+        loss_sum, chosen, rejected, tokens = 0.0, [], [], 0
         for mb in micro_batches:
             batch = P.collate_pairs([s.train.pairs[i] for i in mb], pad, default_margin=default_margin(loss_cfg),
                                     packed=s.cfg.data.packing)
@@ -82,12 +82,12 @@ def stage(s: Setup, model: RewardModel) -> Stage:
             loss = reward_loss(r_c, r_r, num_pairs, loss_cfg.type, margins(batch, loss_cfg, s.device),
                                loss_cfg.center_coef)
             loss.backward()
-            total += float(loss.detach())
+            loss_sum += float(loss.detach())
             chosen.append(r_c.detach())
             rejected.append(r_r.detach())
             tokens += int(batch["attention_mask"].sum())
         metrics = pair_metrics(torch.cat(chosen), torch.cat(rejected))
-        return {"loss": total, "grad_norm": ctx.update(total), **metrics}, {"tokens": tokens, "pairs": pairs}
+        return {"loss": loss_sum, "grad_norm": ctx.update(loss_sum), **metrics}, {"tokens": tokens, "pairs": pairs}
 
     def run_eval() -> dict:
         return evaluate(model, s.eval, s.cfg, pad, s.device, s.dtype)

@@ -95,8 +95,8 @@ def micro_batch(data: TokenizedSet, indices: list[int], pad: int) -> dict[str, t
 def accumulate(model, batches: list[dict], device, dtype, packed: bool = False) -> tuple[float, int]:
     """Forward/backward every micro-batch of one optimizer step; return (this process's share of the step's
     token-mean loss, tokens seen). The mean is over the step's tokens on every data-parallel process."""
-    num_tokens = distributed.total(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))  # all ranks
-    total, seen = torch.zeros((), device=device), 0
+    num_tokens = distributed.global_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))  # all ranks
+    loss_sum, seen = torch.zeros((), device=device), 0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         with autocast(device, dtype):
@@ -104,9 +104,9 @@ def accumulate(model, batches: list[dict], device, dtype, packed: bool = False) 
                                      positions=b.get("position_ids"))
         loss = sft_loss(logps, num_tokens)
         loss.backward()
-        total += loss.detach()
+        loss_sum += loss.detach()
         seen += int(b["attention_mask"].sum())
-    return float(total), seen
+    return float(loss_sum), seen
 
 
 @torch.no_grad()
