@@ -8,7 +8,8 @@ of the DPO run, and QLoRA (SFT and GRPO on an nf4 base, needs bitsandbytes; the 
     PYTHONPATH=. python3 scripts/gpu_check.py --size tiny --device cpu        # the same path on a CPU, in seconds
 
 The model is built from a config (Qwen2.5-0.5B's shape, vocabulary included) with random weights: nothing is
-downloaded. Its tokenizer is the test suite's Qwen2.5 look-alike (tests/families.py). The data are the demo files.
+downloaded. Its tokenizer is the test suite's Qwen2.5 look-alike (tests/helpers/families.py). The data are the
+demo files.
 Each stage runs 3 steps; the RL stages' log-prob gaps are measured with the tolerance lifted, so that the figure is
 reported whatever it is, and compared with the tolerance the stage uses by default.
 """
@@ -41,7 +42,7 @@ DEMO = ROOT / "data" / "demo"
 def build_model(size: str, path: Path) -> Path:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from tests.families import BY_NAME, build_tokenizer, generation_config
+    from tests.helpers.families import BY_NAME, build_tokenizer, generation_config
 
     family = BY_NAME["qwen2.5"]
     tok = build_tokenizer(family)

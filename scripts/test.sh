@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-# the browser test (tests/test_annotate_browser.py) needs Chromium and its driver: installed here where apt-get can,
+# the browser test (tests/annotate/test_browser.py) needs Chromium and its driver: installed here where apt-get can,
 # else that test is skipped and says why
 if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   { apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1 ||

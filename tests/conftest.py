@@ -1,4 +1,5 @@
-"""Fixtures: a tiny Llama model and a ChatML tokenizer built offline in a second, with pad == eos."""
+"""Fixtures every test folder shares: a tiny Llama model and a ChatML tokenizer built offline in a second (pad ==
+eos), data files, configs for the RL stages; and the `maths` marker on every test under tests/maths/."""
 
 from __future__ import annotations
 
@@ -7,39 +8,10 @@ from pathlib import Path
 
 import pytest
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CORPUS = ["the quick brown fox jumps over the lazy dog", "a lighthouse guides ships at night",
-          "paris is the capital of france", "water boils at one hundred degrees",
-          "write three words about the sea", "answer in lowercase please", "hello world"] * 20
-
-
-def build_tokenizer(chat_template: str | None = CHATML):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    raw = Tokenizer(models.BPE(unk_token=None))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    tok.chat_template = chat_template
-    return tok
-
-
-def build_model(vocab_size: int, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=None,
-                      initializer_range=0.2)  # wide init: LoRA on a tiny random model then learns fast
-    return LlamaForCausalLM(cfg)
+from llmft.config import load_config
+from llmft.stages import reward
+from tests.helpers.runs import save_config, set_keys
+from tests.helpers.tiny import PAIRS, ROWS, build_model, build_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -67,10 +39,6 @@ def tiny_chat(tiny_tokenizer):
     return Chat(tiny_tokenizer)
 
 
-ROWS = [{"prompt": f"write {w} words about the sea", "completion": f"the sea is {c}"}
-        for w, c in [("two", "blue"), ("three", "deep and wide"), ("one", "salty"), ("four", "calm at night"),
-                     ("five", "home to the quick fish"), ("six", "where ships go at night"),
-                     ("seven", "lazy and warm in summer"), ("eight", "the capital of blue")]]
 
 
 @pytest.fixture
@@ -80,13 +48,6 @@ def sft_data(tmp_path) -> Path:
     return path
 
 
-PAIRS = [{"prompt": f"write {w} words about the sea", "chosen": f"the sea is {c}", "rejected": r}
-         for w, c, r in [("two", "blue", "hello world"), ("three", "deep and wide", "the lazy dog"),
-                         ("one", "salty", "paris is the capital of france"), ("four", "calm at night", "hello"),
-                         ("five", "home to the quick fish", "the quick brown fox jumps over the lazy dog"),
-                         ("six", "where ships go at night", "water boils at one hundred degrees"),
-                         ("seven", "lazy and warm in summer", "answer in lowercase please"),
-                         ("eight", "the capital of blue", "the dog jumps")]]
 
 
 @pytest.fixture
@@ -97,15 +58,6 @@ def pref_data(tmp_path) -> Path:
     return path
 
 
-def set_keys(cfg: dict, overrides: dict) -> dict:
-    """Set nested keys written with double underscores (train__max_steps=2 → cfg["train"]["max_steps"])."""
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return cfg
 
 
 @pytest.fixture
@@ -124,42 +76,73 @@ def write_config(tmp_path):
     return write
 
 
-def save_config(folder: Path, prefix: str, cfg: dict) -> Path:
-    """Write `cfg` as the next unused PREFIX-N.yaml in `folder` and return its path."""
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny reward model (2 steps) on the tiny base."""
     import yaml
 
-    path = folder / f"{prefix}-{len(list(folder.glob(f'{prefix}-*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    from tests.helpers.tiny import PAIRS
+
+    d = tmp_path_factory.mktemp("rm")
+    (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    (d / "r.yaml").write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_model_dir)}, "data": {"train": str(d / "pairs.jsonl"), "max_length": 64},
+        "lora": {"r": 4, "alpha": 8}, "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-2},
+        "output_dir": str(d / "rm"), "seed": 0}))
+    reward.run(load_config("reward", d / "r.yaml"))
+    return d / "rm"
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({**r, "constraints": [{"type": "lowercase"}]}) + "\n" for r in ROWS))
     return path
 
 
-def crash_then_resume(run, cfg, monkeypatch, at_step: int = 5) -> None:
-    """Run a stage, kill it (KeyboardInterrupt) inside optimizer step `at_step`, then resume it to the end."""
-    from llmft.run import loop
-    real_step, calls = loop.optimizer_step, []
+@pytest.fixture
+def ppo_config(tiny_model_dir, reward_dir, prompts, tmp_path):
+    def write(**overrides):
+        cfg = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(prompts)},
+               "lora": {"r": 4, "alpha": 8}, "rollout": {"max_new_tokens": 6, "temperature": 0.7},
+               "reward": {"model": str(reward_dir)},
+               "train": {"batch_size": 2, "max_steps": 2, "learning_rate": 1e-2, "save_every": 1},
+               "ppo": {"num_minibatches": 2, "epochs": 2}, "output_dir": str(tmp_path / "ppo"), "seed": 0,
+               "samples_every": 1}
+        return load_config("ppo", save_config(tmp_path, "ppo", set_keys(cfg, overrides)))
 
-    def crash(*args):
-        calls.append(1)
-        if len(calls) == at_step:
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(loop, "optimizer_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(loop, "optimizer_step", real_step)
-    cfg.resume = "auto"
-    run(cfg)
+    return write
 
 
-def train_in_process(stage, cfg):
-    """Set up and train a stage module in this process: (model, its parameters before training, final metrics)."""
-    from llmft.run import loop, optim, rundir
-    s = stage.setup(cfg)
-    model = stage.build_model(s)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rundir.prepare_output_dir(cfg, stage.__name__.rsplit(".", 1)[-1], loop.data_files(cfg))
-    opt = optim.make_optimizer(model, cfg.train)
-    scheduler = optim.make_scheduler(opt, cfg.train, s.plan.num_steps)
-    final = loop.fit(stage.stage(s, model), model, opt, scheduler, None, None)
-    return model, before, final
+JUDGE = "def fn(prompts, responses, rows):\n    return [-abs(len(r) - 12) / 10 for r in responses]\n"
+
+
+FLAT = ("def fn(prompts, responses, rows):\n"
+        "    return [1.0 if 'two' in r['prompt'] else len(x) for x, r in zip(responses, rows)]\n")
+
+
+@pytest.fixture
+def grpo_config(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "lenjudge.py").write_text(JUDGE)
+    (tmp_path / "flatjudge.py").write_text(FLAT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({**r, "constraints": [{"type": "lowercase"}]}) + "\n" for r in ROWS))
+
+    def write(**overrides):
+        cfg = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(prompts)},
+               "lora": {"r": 4, "alpha": 8}, "rollout": {"max_new_tokens": 6, "temperature": 1.0},
+               "reward": {"judges": {"lenjudge:fn": 1.0, "constraints": 0.5}},
+               "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-2, "save_every": 1},
+               "grpo": {"num_generations": 4, "num_minibatches": 2}, "output_dir": str(tmp_path / "grpo"),
+               "seed": 0, "samples_every": 1}
+        return load_config("grpo", save_config(tmp_path, "grpo", set_keys(cfg, overrides)))
+
+    return write
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of the pure maths (tests/maths/) run alone with `pytest -m maths`, in seconds."""
+    for item in items:
+        if "maths" in Path(str(item.fspath)).parent.parts[-1:]:
+            item.add_marker(pytest.mark.maths)

@@ -12,27 +12,7 @@ import time
 import pytest
 
 from llmft import __version__
-from llmft.cli import main
-
-
-def llmft(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["llmft", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def assert_one_line_error(code: int, err: str, *expected: str) -> None:
-    """Exit code 2, no traceback, and the error on one line (the last; progress lines may precede it)."""
-    last = err.strip().splitlines()[-1] if err.strip() else ""
-    assert code == 2, err
-    assert last.startswith("error: ") and "Traceback" not in err, err
-    for part in expected:
-        assert part in last, last
+from tests.helpers.cli import assert_one_line_error, llmft
 
 
 def test_version_and_help(capsys, monkeypatch):

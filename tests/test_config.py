@@ -9,8 +9,7 @@ import pytest
 from llmft.config import STAGE_CONFIGS, SFTConfig, load_config
 from llmft.errors import ConfigError
 from llmft.schema import schema_rows, to_yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

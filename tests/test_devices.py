@@ -1,5 +1,6 @@
-"""Device discipline without a GPU: every stage and command runs under fake CUDA (`tests/fake_cuda.py`), where mixing
-a device tensor with a host tensor fails as it does on a GPU. CI has no GPU: this is what guards the main use."""
+"""Device discipline without a GPU: every stage and command runs under fake CUDA (`tests/helpers/fake_cuda.py`),
+where mixing a device tensor with a host tensor fails as it does on a GPU. CI has no GPU: this is what guards the
+main use."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from llmft.commands import generate as generate_command
 from llmft.config import load_config
 from llmft.models import loading, reward_model
 from llmft.stages import dpo, grpo, ppo, reward, sft
-from tests.fake_cuda import CUDA, FakeCuda, MixedDevice
+from tests.helpers.fake_cuda import CUDA, FakeCuda, MixedDevice
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def test_the_fake_device_catches_mixed_arithmetic():
 def stage_config(tiny_model_dir, pref_data, sft_data, tmp_path):
     import yaml
 
-    from tests.conftest import ROWS
+    from tests.helpers.tiny import ROWS
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({**r, "constraints": [{"type": "lowercase"}]}) + "\n" for r in ROWS))

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from llmft.config import load_config
+from tests.helpers import ROOT
+from tests.helpers.cli import free_port
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -40,10 +41,6 @@ def accelerate_launch(nproc: int, *args, fsdp: bool = False) -> subprocess.Compl
     return subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=300)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
@@ -124,7 +121,7 @@ def test_reward_then_ppo_on_two_processes_train_and_their_outputs_load(tiny_mode
     import yaml
 
     from llmft.models.reward_model import RewardScorer
-    from tests.conftest import ROWS
+    from tests.helpers.tiny import ROWS
 
     rm = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(pref_data)}, "lora": {"r": 4, "alpha": 8},
           "train": {"batch_size": 2, "max_steps": 2, "learning_rate": 1e-2}, "output_dir": str(tmp_path / "rm"),
@@ -219,8 +216,8 @@ def test_grpo_two_processes_match_one_process_with_twice_the_batch(tiny_model_di
     import yaml
 
     from llmft.stages import grpo
-    from tests import grpo_row_sampler
-    from tests.conftest import ROWS
+    from tests.helpers import grpo_row_sampler
+    from tests.helpers.tiny import ROWS
 
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
 
@@ -236,9 +233,9 @@ def test_grpo_two_processes_match_one_process_with_twice_the_batch(tiny_model_di
 
     monkeypatch.setattr(grpo, "sample", grpo_row_sampler.sample)
     grpo.run(load_config("grpo", config(8, "one")))  # 2 prompts × 4 answers per step, in one process
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(Path(__file__).parent / "grpo_row_sampler.py"), str(config(4, "two"))], env=env,
+                           str(ROOT / "tests/helpers/grpo_row_sampler.py"), str(config(4, "two"))], env=env,
                           text=True, capture_output=True, timeout=300)  # 1 prompt × 4 answers on each process
     ok(proc)
     torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
