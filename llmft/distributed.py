@@ -63,7 +63,7 @@ def init() -> World:
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise ConfigError("DeepSpeed is not supported: launch without a DeepSpeed config (DDP) or with "
-                          "--use_fsdp (see the README's scaling section)")
+                          "--use_fsdp (see docs/distributed.md)")
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
@@ -81,7 +81,7 @@ def fsdp() -> bool:
 def shard_model(model: torch.nn.Module, lm: torch.nn.Module, device: torch.device) -> int:
     """Under FSDP, shard the frozen weights of `lm` (the transformers model inside `model`) across ranks and move
     what stays whole (adapters, heads) to `device`; otherwise nothing. Every forward must then go through
-    `lm` itself (modeling.hidden_states does), which gathers a unit's shards just before it runs.
+    `lm` itself (models.forward.hidden_states does), which gathers a unit's shards just before it runs.
     Returns the number of FSDP units (0 when not sharded)."""
     if not fsdp():
         return 0

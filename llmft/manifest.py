@@ -52,22 +52,30 @@ def write(run_dir: Path, record: dict[str, Any]) -> None:
 def read(folder: Path) -> dict | None:
     """The manifest of a finished llmft run in `folder`, or None (missing, unreadable, or not llmft's)."""
     try:
-        record = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+        record = parse(folder)
     except (OSError, ValueError):
         return None
-    ok = isinstance(record, dict) and isinstance(record.get("stage"), str) and "llmft" in (record.get("versions")
-                                                                                          or {})
+    ok = isinstance(record, dict) and "stage" in record and "llmft" in (record.get("versions") or {})
     return record if ok else None
 
 
 def read_stage(folder: Path) -> dict:
-    """The manifest of a stage output that is to be loaded as a model: it must name the model it was trained on."""
-    record = read(folder)
-    resolved = ((record or {}).get("model") or {}).get("resolved") if isinstance(record, dict) else None
-    if not isinstance(resolved, str):
-        raise ModelError(f"{Path(folder) / MANIFEST} is damaged (unreadable, or no stage or base model): {folder} "
-                         f"cannot be used as a model; rerun the stage that wrote it (overwrite: true)")
+    """The manifest of a stage output that is to be loaded as a model: it must name its stage and the model it was
+    trained on; anything else is one error naming the file."""
+    path = Path(folder) / MANIFEST
+    try:
+        record = parse(folder)
+        resolved = record["model"]["resolved"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path} is damaged ({type(e).__name__}: {str(e)[:80]}): {folder} cannot be used as a "
+                         f"model; rerun the stage that wrote it (overwrite: true)") from None
+    if not isinstance(resolved, str) or not isinstance(record.get("stage"), str):
+        raise ModelError(f"{path} is damaged (no stage or base model): {folder} cannot be used as a model")
     return record
+
+
+def parse(folder: Path):
+    return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
 
 
 def versions() -> dict[str, str]:

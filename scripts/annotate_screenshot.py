@@ -1,4 +1,5 @@
-"""The README's picture of the annotation page: `python scripts/annotate_screenshot.py [--out docs/annotate.png]`.
+"""The picture of the annotation page in docs/feedback.md:
+`python scripts/annotate_screenshot.py [--out docs/annotate.png]`.
 
 Serves the demo's held-out on-policy pairs (data/demo/onpolicy_eval.jsonl: the SFT model's best and worst of 4
 sampled answers to each prompt) as candidates, in a scratch folder, opens the page in headless Chromium

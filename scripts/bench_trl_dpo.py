@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
             logging_steps=1,  # TRL's metrics of every step; logged after on_step_end, so not timed
             warmup_steps=0,
             gradient_checkpointing=args.gradient_checkpointing,  # TRL defaults gradient_checkpointing=True
-            model_init_kwargs={"dtype": "float32"},
+            model_init_kwargs={"dtype": "float32", "use_kernels": False},  # as llmft loads: no Hub kernels
             truncation_mode="keep_start",  # nothing is truncated: the parent keeps the pairs that fit
             padding_free=False,
             loss_type=["sigmoid"],

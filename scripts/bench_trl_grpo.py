@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             logging_steps=1,  # TRL's reward of every step; logged after on_step_end, so not timed
             warmup_steps=0,
             gradient_checkpointing=args.gradient_checkpointing,
-            model_init_kwargs={"dtype": "float32"},
+            model_init_kwargs={"dtype": "float32", "use_kernels": False},  # as llmft loads: no Hub kernels
             num_generations=args.num_generations,
             max_completion_length=args.max_new_tokens,
             temperature=1.0, top_p=1.0, top_k=0,

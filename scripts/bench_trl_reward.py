@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             **common_config(args, tmp, cuda),
             warmup_steps=0,
             gradient_checkpointing=args.gradient_checkpointing,  # TRL defaults gradient_checkpointing=True
-            model_init_kwargs={"dtype": "float32"},
+            model_init_kwargs={"dtype": "float32", "use_kernels": False},  # as llmft loads: no Hub kernels
             center_rewards_coefficient=None,  # llmft's loss.center_coef defaults to 0
             disable_dropout=True,  # TRL's default; llmft turns every dropout off too
         )

@@ -20,8 +20,9 @@ from pathlib import Path
 
 HEADER = """\
 # The dependency set llmft's tests passed with: scripts/setup.sh installs exactly these versions (pip constraints;
-# pyproject.toml keeps the ranges a user's own install may take). Tested on CPython {python}, {machine}, {day},
-# with `scripts/test.sh` (the whole suite) and `scripts/test_latest.sh` (the newest releases) passing.
+# pyproject.toml keeps the ranges a user's own install may take). Written on CPython {python}, {machine}, {day},
+# by `scripts/test_latest.sh --update` after the fast tests passed on these versions; `scripts/test.sh` (the whole
+# suite) runs on them before this file is committed.
 # Regenerate: scripts/test_latest.sh --update (writes this file from the newest releases when their tests pass).
 # python: {python}
 """

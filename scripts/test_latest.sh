@@ -22,7 +22,7 @@ status=0
 if [ $status = 0 ]; then
   echo "the newest releases pass the fast tests"
   if $update; then
-    python3 scripts/constraints.py write constraints.txt "$venv/freeze.txt"
+    "$venv/bin/python" scripts/constraints.py write constraints.txt "$venv/freeze.txt"  # the venv's Python
     echo "constraints.txt now holds them: run scripts/test.sh (the whole suite) before committing it"
   fi
 else

@@ -128,13 +128,13 @@ def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge],
     texts, rows = [g.text for g in gens], [r.row for r in records]
     prompt_texts = [chat.decode(p) for p in prompts]
     scores = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}
-    if scorer:  # the tokens as generated: a answer cut at max_new_tokens is scored without an EOS
+    if scorer:  # the tokens as generated: an answer cut at max_new_tokens is scored without an EOS
         scores["reward"] = scorer.score_ids([g.prompt_ids + g.answer_ids for g in gens]).tolist()
-    logps = answer_logps(model, gens, chat.pad_id, sampling, device)
+    logps = summed_answer_logps(model, gens, chat.pad_id, sampling, device)
     return PolicyRun(name, gens, scores, logps)
 
 
-def answer_logps(model, gens: list[Answer], pad: int, sampling: SamplingConfig, device) -> torch.Tensor:
+def summed_answer_logps(model, gens: list[Answer], pad: int, sampling: SamplingConfig, device) -> torch.Tensor:
     """log π(y | x) of each generated answer at the sampling temperature (1 for greedy), fp32: [n]."""
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     out = []
@@ -153,7 +153,7 @@ def reference_logps(cfg: EvalConfig, chat, runs: list[PolicyRun], device, dtype)
     console.print(f"[bold]{cfg.reference}[/]: scoring the answers for the KL to the reference")
     model = load_model(resolve_source(cfg.reference), dtype, device, ModelConfig(name=cfg.reference,
                                                                                 kernels=cfg.kernels))
-    return [answer_logps(model, r.answers, chat.pad_id, cfg.sampling, device) for r in runs]
+    return [summed_answer_logps(model, r.answers, chat.pad_id, cfg.sampling, device) for r in runs]
 
 
 # -------------------------------------------------------------------------------------------- summary

@@ -7,7 +7,7 @@ Row formats (`data.format`, auto-detected from the first row):
     ranked   {prompt, responses: [best, ..., worst]}: listwise data, expanded into every ordered pair.
 
 A pair is tokenised as the model sees it when it answers (`Chat.encode`): `prompt_ids` is the prompt through the
-chat template's generation prompt, a response is the answer as the template writes it, ending with the turn's
+chat template's generation prompt, an answer as the template writes it, ending with the turn's
 terminator. That is where `generation.generate` stops, so a reward model scores PPO rollouts the way it was
 trained, reading its score on the terminator.
 """
@@ -58,7 +58,7 @@ class PairSet:
     pairs: list[TokenizedPair]
     rows: int  # rows read
     identical: int = 0  # pairs dropped because chosen == rejected
-    too_long: int = 0  # pairs dropped because prompt + response exceeds max_length
+    too_long: int = 0  # pairs dropped because prompt + answer exceeds max_length
     tokens: int = 0
 
     @property
@@ -92,7 +92,7 @@ def to_pairs(rec: Record, fmt: str) -> list[Pair]:
 
 
 def answer_text(value: object, key: str, where: str) -> tuple[list[dict], str]:
-    """(turns before the answer, answer text) of a response given as a string or as chat messages."""
+    """(turns before the answer, answer text) of an answer given as a string or as chat messages."""
     if isinstance(value, str):
         return [], nonempty_str(value, key, where)
     messages = check_messages(value, key, where)
@@ -158,10 +158,10 @@ def describe(ps: PairSet, max_length: int) -> str:
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int, side: str = "right",
                   default_margin: float = 0.0, packed: bool = False) -> dict[str, torch.Tensor]:
     """One batch of 2B sequences, chosen rows first: input_ids/attention_mask/labels [2B, T] (labels are the
-    response tokens, -100 on the prompt and padding) and margin [B] (`default_margin` where a pair has none); with
+    answer tokens, -100 on the prompt and padding) and margin [B] (`default_margin` where a pair has none); with
     `packed`, also the pairs packed with each prompt once (`preferences.pack_pairs`)."""
-    def example(p: TokenizedPair, response: list[int]) -> Example:
-        return Example(p.prompt_ids + response, [-100] * len(p.prompt_ids) + response)
+    def example(p: TokenizedPair, answer: list[int]) -> Example:
+        return Example(p.prompt_ids + answer, [-100] * len(p.prompt_ids) + answer)
 
     examples = [example(p, p.chosen_ids) for p in pairs] + [example(p, p.rejected_ids) for p in pairs]
     batch = collate(examples, pad_id, side)

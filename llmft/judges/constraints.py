@@ -1,4 +1,4 @@
-"""The demo task's judge: does a answer satisfy its prompt's verifiable constraints?
+"""The demo task's judge: does an answer satisfy its prompt's verifiable constraints?
 
 A constraint is a dict `{"type": NAME, **params}`; a prompt carries a list of them. `judge` returns a
 pass/fail per constraint and a score in [0, 1] (the share passed). Specs are validated first: an unknown

@@ -8,7 +8,8 @@ Two libraries fetch them on their own:
     passes `use_kernels` explicitly (`load_kwargs`), and `check_loaded` refuses a model that kernelized anyway.
   - bitsandbytes, imported on a CPU with AVX-512 BF16, asks the Hub for a 4-bit matmul kernel (and logs a warning
     where it cannot fetch it). `import_bitsandbytes` imports it with that fetch refused; bitsandbytes then uses its
-    own code. `llmft.modeling` calls it before anything imports peft (which imports bitsandbytes when installed).
+    own code. `llmft.models.loading` calls it (`guard_bitsandbytes`) before anything imports peft, whose import
+    imports bitsandbytes where it is installed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ def check_loaded(model, enabled: bool, name: str):
     return model
 
 
+def guard_bitsandbytes() -> None:
+    """Import bitsandbytes now, with its fetch refused, if it is installed; a broken install is left for
+    `model.quantization` to report (`models.quantization.bitsandbytes`), as every other command runs without it."""
+    try:
+        import_bitsandbytes()
+    except Exception:  # noqa: BLE001 — a broken install raises more than ImportError
+        pass
+
+
 def import_bitsandbytes():
     """The bitsandbytes module (None where it is not installed), imported with its Hub kernel fetch refused."""
     if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
@@ -55,7 +65,7 @@ def fetch_refused():
     fails (or when `kernels` is missing) is dropped; everything else bitsandbytes logs passes."""
     try:
         import kernels
-    except ImportError:
+    except Exception:  # noqa: BLE001 — missing, or an install that fails to import: nothing to patch
         kernels = None
     real = getattr(kernels, "get_kernel", None)
     drop = RefusedFetchFilter()

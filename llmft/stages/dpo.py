@@ -4,7 +4,7 @@
     model     → a fresh LoRA adapter; the reference is the same weights with the adapter disabled (one copy
                 of the base in memory); dropout off, so at step 0 policy == reference and the loss is ln 2
     reference → log π_ref(y|x) per pair, in the step (or precomputed once over the dataset)
-    train     → per step: chosen and rejected in one batch → summed response log-probs (fp32) →
+    train     → per step: chosen and rejected in one batch → summed answer log-probs (fp32) →
                 Δ = ρ_c − ρ_r → loss (sigmoid/cDPO, robust, hinge, IPO; SimPO and ORPO reference-free)
     save      → checkpoint-N/, then the final adapter, tokenizer and manifest: a policy the next stage names
 """
@@ -108,7 +108,7 @@ def pair_losses(model, batch: dict, ref: torch.Tensor | None, s: Setup):
     """Per-pair losses [B], and the implicit rewards [2, B] and policy log-probs [2, B] of chosen and rejected."""
     loss_cfg = s.cfg.loss
     batch = {k: v.to(s.device) for k, v in batch.items()}
-    counts = (batch["labels"][:, 1:] != -100).sum(-1).view(2, -1).float()  # [2, B] response tokens
+    counts = (batch["labels"][:, 1:] != -100).sum(-1).view(2, -1).float()  # [2, B] answer tokens
     if ref is None and loss_cfg.type not in REFERENCE_FREE:
         ref = batch_logps(model, batch, s, reference=True)
     logps = batch_logps(model, batch, s)
@@ -123,7 +123,7 @@ def pair_losses(model, batch: dict, ref: torch.Tensor | None, s: Setup):
 
 
 def batch_logps(model, batch: dict, s: Setup, reference: bool = False) -> torch.Tensor:
-    """Summed response log-probs [2, B] (row 0 chosen, row 1 rejected), fp32; the reference is the same
+    """Summed answer log-probs [2, B] (row 0 chosen, row 1 rejected), fp32; the reference is the same
     model with its adapter disabled, run without gradients."""
     off = model.disable_adapter() if reference else nullcontext()
     with off, torch.no_grad() if reference else nullcontext(), autocast(s.device, s.dtype):

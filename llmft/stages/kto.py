@@ -99,8 +99,8 @@ def answer_losses(model, answers: list[L.LabelledAnswer], z0: torch.Tensor, s: S
     """Per-answer KTO losses [B] of one micro-batch against the reference point `z0`, and what its metrics need."""
     loss_cfg = s.cfg.loss
     batch = {k: v.to(s.device) for k, v in L.collate_answers(answers, s.chat.pad_id).items()}
-    ref = answer_logps(model, batch, s, reference=True)
-    logps = answer_logps(model, batch, s)
+    ref = summed_answer_logps(model, batch, s, reference=True)
+    logps = summed_answer_logps(model, batch, s)
     losses = kto_loss(logps - ref, z0, batch["desirable"], loss_cfg.beta, loss_cfg.desirable_weight,
                       loss_cfg.undesirable_weight)
     part = {"rewards": (loss_cfg.beta * (logps - ref)).detach(), "logps": logps.detach(),
@@ -117,13 +117,13 @@ def reference_point(model, answers: list[L.LabelledAnswer], s: Setup, across_pro
     ratio = torch.zeros((), dtype=torch.float32, device=s.device)
     for i in range(0, len(kl_answers), size):
         batch = {k: v.to(s.device) for k, v in L.collate_answers(kl_answers[i:i + size], s.chat.pad_id).items()}
-        ratio += (answer_logps(model, batch, s) - answer_logps(model, batch, s, reference=True)).sum()
+        ratio += (summed_answer_logps(model, batch, s) - summed_answer_logps(model, batch, s, reference=True)).sum()
     if not across_processes:
         return kto_reference_point(ratio, len(answers))
     return kto_reference_point(distributed.global_sum_tensor(ratio), distributed.global_sum(len(answers)))
 
 
-def answer_logps(model, batch: dict, s: Setup, reference: bool = False) -> torch.Tensor:
+def summed_answer_logps(model, batch: dict, s: Setup, reference: bool = False) -> torch.Tensor:
     """Summed answer log-probs [B], fp32; the reference is the same model with its adapter disabled, run without
     gradients."""
     off = model.disable_adapter() if reference else nullcontext()

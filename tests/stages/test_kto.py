@@ -79,7 +79,7 @@ def test_step_zero_has_no_kl_and_every_answer_loses_half_its_weight(kto_config):
     # z0 by hand: each prompt with the answer of the row before it that has another prompt
     from llmft.data import labelled as L
     kl = L.collate_answers(L.mismatched(answers, 64), s.chat.pad_id)
-    ratio = (kto.answer_logps(model, kl, s) - kto.answer_logps(model, kl, s, reference=True)).detach()
+    ratio = (kto.summed_answer_logps(model, kl, s) - kto.summed_answer_logps(model, kl, s, reference=True)).detach()
     assert float(ratio.mean()) > 0 and float(z0) == pytest.approx(float(ratio.mean()), rel=1e-5)
 
 
