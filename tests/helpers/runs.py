@@ -30,9 +30,10 @@ def save_config(folder: Path, prefix: str, cfg: dict) -> Path:
     return path
 
 
-def crash_then_resume(run, cfg, monkeypatch, at_step: int = 5) -> None:
-    """Run a stage, kill it (KeyboardInterrupt) inside optimizer step `at_step`, then resume it to the end."""
+def crash_at(run, cfg, monkeypatch, at_step: int) -> None:
+    """Run a stage and kill it (KeyboardInterrupt) inside optimizer step `at_step`."""
     from llmft.run import loop
+
     real_step, calls = loop.optimizer_step, []
 
     def crash(*args):
@@ -45,6 +46,11 @@ def crash_then_resume(run, cfg, monkeypatch, at_step: int = 5) -> None:
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     monkeypatch.setattr(loop, "optimizer_step", real_step)
+
+
+def crash_then_resume(run, cfg, monkeypatch, at_step: int = 5) -> None:
+    """Run a stage, kill it inside optimizer step `at_step`, then resume it to the end."""
+    crash_at(run, cfg, monkeypatch, at_step)
     cfg.resume = "auto"
     run(cfg)
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from llmft import checkpoint
 from llmft.config import load_config
 from llmft.errors import DataError, ModelError, RunError
-from llmft.run import loop
 from llmft.stages import dpo, sft
 from tests.helpers.cli import assert_one_line_error, llmft
+from tests.helpers.runs import crash_at
 
 
 def run(cfg_path, *overrides):
@@ -34,18 +34,7 @@ def interrupted(tiny_model_dir, sft_data, write_config, tmp_path, monkeypatch):
     full = write_config(tiny_model_dir, sft_data, output_dir=str(tmp_path / "full"), **settings)
     run(full)
     cfg = write_config(tiny_model_dir, sft_data, output_dir=str(tmp_path / "run"), resume="auto", **settings)
-    real, calls = loop.optimizer_step, []
-
-    def crash(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(loop, "optimizer_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(loop, "optimizer_step", real)
+    crash_at(run, cfg, monkeypatch, at_step=5)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["checkpoint-2", "checkpoint-4"]
     return cfg, tmp_path / "run", tmp_path / "full"
 

@@ -14,6 +14,7 @@ from llmft.config import load_config
 from llmft.errors import RunError
 from llmft.run import rundir
 from llmft.stages import sft
+from tests.helpers.runs import crash_at
 
 
 def run(cfg_path, *overrides):
@@ -99,20 +100,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused(cfg, tmp_path):
 
 def test_resume_refuses_a_changed_data_file_unless_allowed(tiny_model_dir, sft_data, write_config, tmp_path,
                                                           monkeypatch):
-    from llmft.run import loop
     cfg = write_config(tiny_model_dir, sft_data, train__batch_size=2, train__save_every=2, resume="auto")
-    real, calls = loop.optimizer_step, []
-
-    def crash(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(loop, "optimizer_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(loop, "optimizer_step", real)
+    crash_at(run, cfg, monkeypatch, at_step=3)
     sft_data.write_text(sft_data.read_text().replace("blue", "green"))  # same path, other content
     with pytest.raises(RunError, match=f"{sft_data} changed since the run .* allow_data_change"):
         run(cfg)
