@@ -22,7 +22,8 @@ stamp="$venv/.llmft-setup-$(cat "${inputs[@]}" scripts/constraints.py | digest |
 py="$venv/bin/python"
 pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
 pinned=()
-torch=${LLMFT_TORCH:-$("$py" scripts/constraints.py torch constraints.txt)}   # the tested torch by default
+pins=constraints.txt; [ "$constraints" = none ] || pins=$constraints
+torch=${LLMFT_TORCH:-$("$py" scripts/constraints.py torch "$pins")}   # the tested torch by default
 if [ "$constraints" != none ]; then
   tested=$("$py" scripts/constraints.py python "$constraints")
   here=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')

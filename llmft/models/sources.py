@@ -149,7 +149,7 @@ def convert_gguf(gguf: Path, key: str) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         with conversion_progress():
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                         use_kernels=False)  # only converted: no Hub kernels
+                                                         **hub_kernels.load_kwargs(False))  # only converted
         hub_kernels.check_loaded(model, False, gguf.name)
     except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
         raise ModelError(f"cannot read GGUF file {gguf}: {e}") from None

@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmft.config import SamplingConfig
-from llmft.data.chat import Chat
 from llmft.rollout.generation import generate
 from tests.helpers.cli import assert_one_line_error, llmft
 
@@ -20,9 +19,9 @@ def model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 
 
-@pytest.fixture(scope="module")
-def chat(tiny_tokenizer):
-    return Chat(tiny_tokenizer)
+@pytest.fixture
+def chat(tiny_chat):
+    return tiny_chat
 
 
 def prompts(chat, texts):
