@@ -107,6 +107,8 @@ def generate(
     draw: str = typer.Option("inverse_cdf", help="inverse_cdf (llmft's draw) or multinomial (as transformers "
                                                  "samples)."),
     batch_size: int = typer.Option(16, help="Prompts per generation batch."),
+    engine: str = typer.Option("hf", help="hf (transformers, in this process) or vllm (vLLM in a process of its "
+                                          "own: docs/rollout.md)."),
     limit: int | None = typer.Option(None, help="Only the first N prompts."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
@@ -120,7 +122,7 @@ def generate(
     from llmft.schema import build
 
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-                "seed": seed, "batch_size": batch_size, "draw": draw}
+                "seed": seed, "batch_size": batch_size, "draw": draw, "engine": engine}
     raw = {"model": model, "prompts": str(prompts), "out": str(out) if out else None, "limit": limit,
            "sampling": sampling, "device": device, "dtype": dtype, "kernels": kernels}
     run_generate(build(GenerateConfig, raw, "llmft generate"))
@@ -139,6 +141,7 @@ def evaluate(
     preferences: str | None = typer.Option(None, "--preferences", help="Preference pairs: report the reward "
                                                                        "model's pairwise accuracy on them."),
     out: str | None = typer.Option(None, "--out", help="Write the JSON report here."),
+    engine: str | None = typer.Option(None, "--engine", help="hf or vllm (sampling.engine): what generates."),
     set_: list[str] = SET,
 ) -> None:
     """Generate on held-out prompts and report judge pass rate and score, reward-model score, KL to a reference,
@@ -152,6 +155,8 @@ def evaluate(
     flags = {"models": [*models, *compare] or None, "prompts": prompts, "reference": reference,
              "reward_model": reward_model, "preferences": preferences, "out": out}
     base = {k: v for k, v in flags.items() if v is not None}
+    if engine:
+        set_ = [*set_, f"sampling.engine={engine}"]
     evaluation.run(load_config("eval", config, set_, base=base))
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from llmft.sampling import RolloutConfig, SamplingConfig, VLLMConfig  # noqa: F401 (the configs name them here)
 from llmft.schema import REQUIRED, apply_override, build, opt, read_yaml
 
 
@@ -269,21 +270,6 @@ class PPOAlgoConfig:
 
 
 @dataclass
-class SamplingConfig:
-    max_new_tokens: int = opt(128, "Longest answer, in new tokens.", ge=1)
-    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.", ge=0)
-    top_p: float = opt(1.0, "Nucleus sampling mass.", gt=0, le=1)
-    top_k: int = opt(0, "Top-k sampling; 0 = off.", ge=0)
-    seed: int = opt(0, "Sampling seed.", ge=0)
-    batch_size: int = opt(16, "Sequences per generation batch (in grpo, each of a prompt's G answers counts "
-                              "as one).", ge=1)
-    draw: Literal["inverse_cdf", "multinomial"] = opt(
-        "inverse_cdf", "How a sampled token is drawn: inverse_cdf (llmft's, one uniform per row; 40x faster over a "
-                       "49k vocabulary on a CPU) or multinomial (torch.multinomial on the global seed, as "
-                       "transformers samples: reproduces samples made that way). The same distribution either way.")
-
-
-@dataclass
 class PPOConfig(RunConfig):
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0),
                              metadata={"help": "The policy's LoRA adapter (dropout must stay 0: ratios and KL "
@@ -291,7 +277,7 @@ class PPOConfig(RunConfig):
     output_dir: str = opt("runs/ppo", "Where the policy adapter, value adapter and head, checkpoints, metrics, "
                                       "samples and manifest go.")
     data: PromptDataConfig = field(default_factory=PromptDataConfig, metadata={"help": "Prompts."})
-    rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=96, temperature=0.7),
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(max_new_tokens=96, temperature=0.7),
                                     metadata={"help": "Sampling of the answers (temperature > 0)."})
     reward: RewardSourcesConfig = field(default_factory=RewardSourcesConfig,
                                         metadata={"help": "What scores an answer."})
@@ -342,7 +328,7 @@ class GRPOConfig(RunConfig):
                                                "outputs of the same network)."})
     output_dir: str = opt("runs/grpo", "Where the policy adapter, checkpoints, metrics, samples and manifest go.")
     data: PromptDataConfig = field(default_factory=PromptDataConfig, metadata={"help": "Prompts."})
-    rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=96, temperature=1.0),
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(max_new_tokens=96, temperature=1.0),
                                     metadata={"help": "Sampling of the answers (temperature > 0)."})
     reward: RewardSourcesConfig = field(default_factory=RewardSourcesConfig,
                                         metadata={"help": "What scores an answer (judges, a reward model)."})

@@ -11,6 +11,9 @@ if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$
     { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1; }; } ||
     echo "note: could not install chromium and chromium-driver: the browser test will be skipped"
 fi
+# the vLLM engine's environment (.venv-vllm): its tests run, and fail rather than skip when it is missing
+scripts/setup_vllm.sh
+export LLMFT_REQUIRE_VLLM=1
 venv=${LLMFT_VENV:-.venv}
 "$venv/bin/ruff" check llmft tests scripts
 "$venv/bin/python" -m pytest -m "slow or not slow" -q "$@"

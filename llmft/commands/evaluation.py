@@ -30,6 +30,7 @@ from llmft.models.loading import load_chat, load_model, resolve_device, resolve_
 from llmft.models.logprobs import sequence_logps
 from llmft.models.reward_model import RewardScorer
 from llmft.models.sources import resolve_source
+from llmft.rollout.engine_model import vllm_answers
 from llmft.rollout.generation import Answer, generate
 from llmft.schema import to_dict
 
@@ -121,10 +122,14 @@ def preference_accuracy(scorer: RewardScorer, path: str) -> dict[str, Any]:
 def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge], scorer: RewardScorer | None,
                sampling: SamplingConfig, device, dtype, kernels: bool = False) -> PolicyRun:
     console.print(f"[bold]{name}[/]: generating {len(records)} answers")
-    model = load_model(resolve_source(name), dtype, device, ModelConfig(name=name, kernels=kernels))
-    check_lm_head(model)
+    source, model_cfg = resolve_source(name), ModelConfig(name=name, kernels=kernels)
     prompts = [chat.prompt_ids(prompt_messages(r), r.where) for r in records]
-    gens = generate(model, chat, prompts, sampling)
+    if sampling.engine == "vllm":  # before the model is loaded here: the two are not in memory at once
+        gens = vllm_answers(source, model_cfg, chat, prompts, sampling, dtype, device)
+    model = load_model(source, dtype, device, model_cfg)
+    check_lm_head(model)
+    if sampling.engine == "hf":
+        gens = generate(model, chat, prompts, sampling)
     texts, rows = [g.text for g in gens], [r.row for r in records]
     prompt_texts = [chat.decode(p) for p in prompts]
     scores = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}

@@ -10,6 +10,7 @@ from llmft.config import GenerateConfig, ModelConfig
 from llmft.data.records import prompt_messages, read_records
 from llmft.models.loading import load_chat, load_model, resolve_device, resolve_dtype
 from llmft.models.sources import resolve_source
+from llmft.rollout.engine_model import vllm_answers
 from llmft.rollout.generation import generate
 
 
@@ -20,9 +21,11 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     chat = load_chat(source)
     prompts = [chat.prompt_ids(prompt_messages(r), r.where) for r in records]
     device = resolve_device(cfg.device)
-    model = load_model(source, resolve_dtype(cfg.dtype, device), device,
-                       ModelConfig(name=cfg.model, kernels=cfg.kernels))
-    gens = generate(model, chat, prompts, cfg.sampling)
+    dtype, model_cfg = resolve_dtype(cfg.dtype, device), ModelConfig(name=cfg.model, kernels=cfg.kernels)
+    if cfg.sampling.engine == "vllm":
+        gens = vllm_answers(source, model_cfg, chat, prompts, cfg.sampling, dtype, device)
+    else:
+        gens = generate(load_model(source, dtype, device, model_cfg), chat, prompts, cfg.sampling)
     rows = [{**r.row, "response": g.text, "finished": g.finished, "response_tokens": len(g.answer_ids)}
             for r, g in zip(records, gens, strict=True)]
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

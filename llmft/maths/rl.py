@@ -131,6 +131,24 @@ def zero_std_groups(scores: torch.Tensor, num_generations: int) -> torch.Tensor:
     return torch.isclose(std, torch.zeros_like(std))
 
 
+def rollout_correction(old_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> torch.Tensor:
+    """Per-token importance weights [B, R] for answers drawn by a sampler whose distribution π_s differs slightly
+    from the trainer's π_old (another engine, other kernels), detached, 0 on padding:
+
+        w_t = π_old(y_t) / π_s(y_t) = exp(log π_old(y_t) − log π_s(y_t))
+        tis: min(w_t, C)     (truncated importance sampling; Yao et al. 2025, "Your efficient RL framework
+                              secretly brings you off-policy RL training")
+        mis: 1[w_t ≤ C]      (masked: a token the sampler drew far more often than the trainer would is dropped)
+        none: 1
+
+    The policy-gradient term of each token is multiplied by it (the KL term is not)."""
+    if mode == "none":
+        return mask
+    w = torch.exp((old_logps - sampler_logps) * mask).detach()
+    return (w.clamp(max=cap) if mode == "tis" else (w <= cap).to(mask.dtype)) * mask
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 − Var(R − V) / Var(R) over valid tokens: 1 = the critic predicts the returns, ≤ 0 = no better than
     their mean."""

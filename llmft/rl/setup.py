@@ -4,6 +4,7 @@ sources, the sampling (config checks, per-step seeds, one answer per prompt into
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ from llmft.models.loading import load_model, load_tokenizer
 from llmft.models.reward_model import RewardScorer
 from llmft.models.sources import resolve_source
 from llmft.rl.actor_critic import ActorCritic
+from llmft.rl.engine import rollout_engine
 from llmft.rl.scoring import Scorer
 from llmft.run import loop
 
@@ -26,6 +28,7 @@ class RLSetup(loop.Setup):
     scorer: Scorer | None = None
     share_reward: bool = False  # the reward checkpoint was trained on the policy's own base weights
     external_reward: RewardScorer | None = None  # the reward model when it cannot share the base
+    engine: Any = None  # rl.engine.HFEngine | VLLMPolicyEngine: what samples the answers (made by rl_stage)
 
 
 def build_model(s: RLSetup, critic: bool) -> ActorCritic:
@@ -36,6 +39,7 @@ def build_model(s: RLSetup, critic: bool) -> ActorCritic:
     lm = add_lora(load_model(s.source, s.dtype, s.device, cfg.model), cfg.lora, cfg.train.gradient_checkpointing)
     model = ActorCritic(lm, cfg.reward.model, s.share_reward, critic=critic)
     disable_dropout(model)
+    s.engine = rollout_engine(s, model)
     if cfg.reward.model and not s.share_reward:
         console.print(f"[yellow]reward model {cfg.reward.model} was trained on other base weights: loading it "
                       f"separately (a second copy of the base in memory)")
@@ -90,3 +94,12 @@ def reward_rollout_rows(t, s: RLSetup) -> None:
                         f"no-stop penalty {cfg.reward.missing_eos_penalty}")
     t.add_row("rollout", f"temperature {cfg.rollout.temperature}, max_new_tokens {cfg.rollout.max_new_tokens}; "
                          f"stops at {stop_names(s.chat)}")
+    t.add_row("engine", engine_row(cfg.rollout))
+
+
+def engine_row(r) -> str:
+    correction = f"; {r.correction} correction, cap {r.correction_cap}" if r.correction != "none" else ""
+    if r.engine == "hf":
+        return "hf: transformers' forward with llmft's sampler, in this process" + correction
+    return ("vllm, in a process of its own; the policy's LoRA adapter reaches it before every rollout after an "
+            "update, checked by a probe's log-probs" + correction)

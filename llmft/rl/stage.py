@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 
 from llmft import distributed
+from llmft.console import console
 from llmft.data.records import Record, prompt_messages
 from llmft.errors import TrainingAborted
-from llmft.rl.actor_critic import POLICY, ActorCritic
+from llmft.maths.rl import rollout_correction
+from llmft.rl.actor_critic import ActorCritic
+from llmft.rl.engine import gap_tolerance
 from llmft.rl.setup import RLSetup
 from llmft.rollout.experience import Experience, pack
-from llmft.rollout.generation import generate
 from llmft.run import loop
 from llmft.run.metrics import MetricsLog, stopwatch
 from llmft.run.plan import chunks
@@ -33,6 +35,7 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
 
     def step(micro_batches: list[list[int]], ctx: loop.StepContext) -> tuple[dict, dict]:
         metrics, rows = rl_step(micro_batches[0], ctx.update, ctx.number)
+        metrics.update(s.engine.metrics())
         if ctx.number % s.cfg.samples_every == 0 or ctx.number == 1:
             for row in rows:
                 samples["log"].log(ctx.number, row)
@@ -60,8 +63,12 @@ def check_logprob_gap(s: RLSetup, exp: Experience, step: int, tolerance: float |
     largest, summed, tokens = exp.logprob_gap()
     gap = distributed.global_max(largest)
     gap_mean = distributed.global_sum(summed) / max(distributed.global_sum(tokens), 1.0)
-    tolerance = tolerance or default_gap_tolerance(s.device, s.dtype)
-    if step == 1 and gap_mean > tolerance:
+    tolerance = gap_tolerance(s, tolerance)
+    if step == 1 and gap_mean > tolerance and s.cfg.rollout.correction != "none":
+        console.print(f"[yellow]step 1: the trainer's log-probs differ from the sampler's by {gap_mean:.3g} per token "
+                      f"on average (largest {gap:.3g}; tolerance {tolerance:g}); rollout.correction "
+                      f"{s.cfg.rollout.correction} reweighs the tokens")
+    elif step == 1 and gap_mean > tolerance:
         raise TrainingAborted(f"step 1: the trainer's log-probs differ from the sampler's by {gap_mean:.3g} per token "
                               f"on average (largest {gap:.3g}; tolerance {tolerance:g}): the run would optimise "
                               f"another distribution than the one it samples. Report it with `llmft env`; {key} "
@@ -69,17 +76,11 @@ def check_logprob_gap(s: RLSetup, exp: Experience, step: int, tolerance: float |
     return gap, gap_mean
 
 
-def default_gap_tolerance(device: torch.device, dtype: torch.dtype) -> float:
-    """Exact fp32 on the CPU agrees to ~1e-6 per token; TF32 and 16-bit kernels on a GPU differ more."""
-    return 1e-3 if device.type == "cpu" and dtype == torch.float32 else 0.05
-
-
 @torch.no_grad()
 def evaluate(model: ActorCritic, s: RLSetup) -> dict[str, float]:
     """Greedy answers to the held-out prompts, scored by the same sources (no penalty shaping, no KL)."""
-    model.use(POLICY)
     sampling = dataclasses.replace(s.cfg.rollout, temperature=0.0)
-    exp = pack(generate(model.lm, s.chat, s.eval.ids, sampling), s.chat.pad_id, s.device)
+    exp = pack(s.engine.sample(model, s.eval.ids, sampling), s.chat.pad_id, s.device)
     parts, score = score_rollout(model, s, exp, [r.row for r in s.eval.records])
     out = {"eval/reward": float(score.mean()), **{f"eval/rewards/{k}/mean": float(v.mean()) for k, v in parts.items()},
            "eval/completions/mean_length": float(exp.lengths().mean()),
@@ -88,6 +89,16 @@ def evaluate(model: ActorCritic, s: RLSetup) -> dict[str, float]:
         out["eval/constraints/pass_rate"] = float((parts["constraints"] == 1.0).float().mean())
     model.train()
     return out
+
+
+def correction_weights(s: RLSetup, exp: Experience, old_logps: torch.Tensor, idx: list[int] | None = None
+                       ) -> torch.Tensor:
+    """rollout.correction's per-token weights [b, R] of the rows `idx` (all by default): 1 on answer tokens when
+    it is none (`maths.rl.rollout_correction`)."""
+    rows = slice(None) if idx is None else idx
+    r = s.cfg.rollout
+    return rollout_correction(old_logps[rows], exp.sampler_logps[rows], exp.mask[rows], r.correction,
+                              r.correction_cap)
 
 
 def sample_rows(exp: Experience, rows: list[dict], parts: dict, score: torch.Tensor, n: int = 4) -> list[dict]:
@@ -148,6 +159,5 @@ def rollout_seed(s: RLSetup, step: int, round_: int = 0) -> int:
 
 def sample(model: ActorCritic, s: RLSetup, prompts: list[list[int]], seed: int) -> Experience:
     """One answer to each prompt from the policy, with the sampler's own log-probs, packed on the device."""
-    model.use(POLICY)
     sampling = dataclasses.replace(s.cfg.rollout, seed=seed)
-    return pack(generate(model.lm, s.chat, prompts, sampling, logprobs=True), s.chat.pad_id, s.device)
+    return pack(s.engine.sample(model, prompts, sampling, logprobs=True), s.chat.pad_id, s.device)

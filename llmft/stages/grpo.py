@@ -42,6 +42,7 @@ from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, r
 from llmft.rl.stage import (
     check_finite,
     check_logprob_gap,
+    correction_weights,
     mean_of,
     phase,
     rollout_seed,
@@ -284,7 +285,8 @@ def micro_update(model: ActorCritic, s: RLSetup, exp: Experience, loss_mask: tor
                                         with_entropy=first_pass)
         if own_old:  # π_old = π_θ before this update: the ratio is exactly 1
             exp.old_logps[idx] = logps.detach()
-        loss, st = grpo_policy_loss(logps, exp.old_logps[idx], exp.advantages[idx], mask, max(normaliser, 1.0),
+        advantages = exp.advantages[idx] * correction_weights(s, exp, exp.old_logps, idx)  # [b, R]
+        loss, st = grpo_policy_loss(logps, exp.old_logps[idx], advantages, mask, max(normaliser, 1.0),
                                     algo.epsilon_low, algo.epsilon_high, algo.importance_sampling,
                                     algo.loss_aggregation, exp.ref_logps[idx] if algo.beta else None, algo.beta)
         if normaliser:

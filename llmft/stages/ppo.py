@@ -38,6 +38,7 @@ from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, r
 from llmft.rl.stage import (
     check_finite,
     check_logprob_gap,
+    correction_weights,
     mean_of,
     no_eos_share,
     phase,
@@ -72,7 +73,7 @@ def setup(cfg: PPOConfig) -> Setup:
     # only whole rollout batches: every process then runs the same minibatches (and collectives) every step
     plan = plan_steps(len(train.ids), per_step, 1, cfg.train.epochs, cfg.train.max_steps, cfg.seed, per_step)
     kl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-    return Setup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, kl)
+    return Setup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, kl=kl)
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -154,7 +155,7 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
         advantages, returns = gae(rewards, exp.values, exp.mask, cfg.ppo.gamma, cfg.ppo.lam)
         if cfg.ppo.whiten_advantages:
             advantages = whiten(advantages, exp.mask, global_sum=distributed.global_sum_tensor)  # global batch moments
-        exp.put(advantages=advantages, returns=returns)
+        exp.put(advantages=advantages * correction_weights(s, exp, exp.old_logps), returns=returns)
     with phase(times, "update", s.device):
         stats = update_epochs(model, s, exp, update, step)
     seq_kl = kl.sum(-1)  # [B] k1, summed per answer

@@ -171,3 +171,19 @@ def naive_gae(rewards, values, length, gamma, lam):
             v_next = values[k + 1] if k + 1 < length else 0.0
             adv[t] += (gamma * lam) ** (k - t) * (rewards[k] + gamma * v_next - values[k])
     return adv
+
+
+def test_rollout_correction_by_hand():
+    from llmft.maths.rl import rollout_correction
+
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, 0.0]])
+    sampler = torch.tensor([[-1.0, -3.0, -0.5 - math.log(3)], [-2.0, -1.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # w = exp(old − sampler): [[1, e, 3], [e^-1, e^0.5, (padding)]]
+    tis = rollout_correction(old, sampler, mask, "tis", 2.0)
+    assert torch.allclose(tis, torch.tensor([[1.0, 2.0, 2.0], [math.exp(-1), math.exp(0.5), 0.0]]))
+    mis = rollout_correction(old, sampler, mask, "mis", 2.0)
+    assert torch.equal(mis, torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
+    assert torch.equal(rollout_correction(old, sampler, mask, "none", 2.0), mask)
+    old.requires_grad_(True)
+    assert not rollout_correction(old, sampler, mask, "tis", 2.0).requires_grad  # a weight, never differentiated
