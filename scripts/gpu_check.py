@@ -175,7 +175,7 @@ def nf4_export_gap(work: Path, device: str) -> dict:
 
 def report(rows: list[dict], args, runs: Path) -> None:
     from llmft.models.loading import resolve_dtype
-    from llmft.rl.stage import default_gap_tolerance
+    from llmft.rl.engine import default_gap_tolerance
 
     figures = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "size": args.size, "stages": []}

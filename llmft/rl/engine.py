@@ -136,7 +136,11 @@ def rollout_engine(s, model: ActorCritic):
 def gap_tolerance(s, configured: float | None) -> float:
     """The configured tolerance, else the default for the device and dtype: exact fp32 on the CPU agrees to ~1e-6
     per token (either engine); TF32 and 16-bit kernels on a GPU differ more."""
-    return configured or (1e-3 if s.device.type == "cpu" and s.dtype == torch.float32 else 0.05)
+    return configured or default_gap_tolerance(s.device, s.dtype)
+
+
+def default_gap_tolerance(device: torch.device, dtype: torch.dtype) -> float:
+    return 1e-3 if device.type == "cpu" and dtype == torch.float32 else 0.05
 
 
 def check_vllm_config(s) -> None:
