@@ -146,8 +146,9 @@ def worker_env(device: torch.device) -> dict:
     env = dict(os.environ)
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0",  # vLLM's engine core in the worker itself: one process
                HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
-    if device.type == "cuda" and device.index is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(device.index)
+    if device.type == "cuda" and device.index is not None:  # the trainer's GPU, through any mapping it runs under
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[device.index] if device.index < len(visible) else str(device.index)
     return env
 
 

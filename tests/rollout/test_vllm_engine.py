@@ -127,3 +127,14 @@ def test_lora_ranks_round_up_to_what_vllm_holds():
     assert [lora_rank(r) for r in (1, 2, 8, 9, 64, 300)] == [1, 8, 8, 16, 64, 320]
     with pytest.raises(ConfigError, match="up to rank 512"):
         lora_rank(513)
+
+
+def test_the_engine_gets_the_trainers_gpu_through_cuda_visible_devices(monkeypatch):
+    from llmft.rollout.vllm_engine import worker_env
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_env(torch.device("cuda", 1))["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # cuda:1 of this process is the machine's GPU 6
+    assert worker_env(torch.device("cuda", 1))["CUDA_VISIBLE_DEVICES"] == "6"
+    assert worker_env(torch.device("cpu"))["CUDA_VISIBLE_DEVICES"] == "4,6"
+    assert worker_env(torch.device("cpu"))["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
