@@ -39,16 +39,52 @@ def add_common(p: argparse.ArgumentParser, out: str, data: str = "data/demo/sft_
     p.add_argument("--out", default=out, help="result JSON")
 
 
-def run_child(cmd: list[str], log: Path) -> float:
-    """Run cmd (output to log); return its peak RSS in MiB. Exits with the log tail if it fails."""
+def run_child(cmd: list[str], log: Path, tree: bool = False, env: dict | None = None) -> float:
+    """Run cmd (output to log); return its peak RSS in MiB. Exits with the log tail if it fails. `tree`: the peak of
+    the RSS summed over the process and its descendants, sampled every 0.2 s (a trainer with an engine process of
+    its own counts both; wait4 would give the larger of the two)."""
     with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        sampler = TreeRSS(proc.pid) if tree else None
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}); end of {log}:\n" + "\n".join(tail))
-    return usage.ru_maxrss / 1024  # KiB on Linux
+    own = usage.ru_maxrss / 1024  # KiB on Linux
+    return max(own, sampler.stop()) if sampler else own
+
+
+class TreeRSS:
+    """The peak over time of a process tree's summed resident memory, in MiB, sampled in a thread."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        import threading
+
+        self.pid, self.every, self.peak, self.done = pid, every, 0.0, threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self.done.wait(self.every):
+            total = 0
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total / (1 << 20))
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return self.peak
 
 
 def timed_rates(rows: list[dict], warmup: int, per_step: int, unit: str = "samples") -> dict:
@@ -78,13 +114,13 @@ def llmft_config(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
     }
 
 
-def run_llmft(stage: str, args: argparse.Namespace, model_dir: str, work: Path,
+def run_llmft(stage: str, args: argparse.Namespace, model_dir: str, work: Path, tree: bool = False,
               **sections) -> tuple[list[dict], float]:
     """`python -m llmft STAGE CFG` (CFG: llmft_config + the stage's `sections`): its metrics.jsonl step rows and
-    its peak RSS (MiB)."""
+    its peak RSS (MiB; `tree`: with its engine process's, see run_child)."""
     cfg = work / f"llmft-{stage}.yaml"
     cfg.write_text(yaml.safe_dump(llmft_config(args, model_dir, work) | sections), encoding="utf-8")
-    rss = run_child([sys.executable, "-m", "llmft", stage, str(cfg)], work / f"llmft-{stage}.log")
+    rss = run_child([sys.executable, "-m", "llmft", stage, str(cfg)], work / f"llmft-{stage}.log", tree)
     lines = (work / "llmft_out" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [r for r in map(json.loads, lines) if "tokens_per_s" in r], rss
 
@@ -99,16 +135,19 @@ def llmft_result(rows: list[dict], rss: float, args: argparse.Namespace, unit: s
 
 
 def run_trl(script: str, args: argparse.Namespace, model_dir: str, work: Path, flush: bool,
-            keep: list[str], name: str = "", extra: tuple[str, ...] = ()) -> dict:
-    """Run a bench_trl*.py child with the common options (+ `extra`); `keep` its result keys, add the RSS from
-    wait4. `name` (default trl, trl+flush) labels the run."""
+            keep: list[str], name: str = "", extra: tuple[str, ...] = (), python: str = "",
+            tree: bool = False) -> dict:
+    """Run a bench_trl*.py child with the common options (+ `extra`), by `python` (default this interpreter; another
+    environment's gets llmft on its PYTHONPATH); `keep` its result keys, add the RSS from wait4 (`tree`: run_child).
+    `name` (default trl, trl+flush) labels the run."""
     name = name or ("trl+flush" if flush else "trl")
     opts = ["model", "data", "max_length", "batch_size", "grad_accum", "steps", "warmup_steps", "lora_r",
             "lora_alpha", "lora_dropout", "target_modules", "lr", "seed"]
-    cmd = [sys.executable, str(ROOT / "scripts" / script), "--out", str(work / f"{name}.json")]
+    cmd = [python or sys.executable, str(ROOT / "scripts" / script), "--out", str(work / f"{name}.json")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     for k in opts:
         cmd += [f"--{k.replace('_', '-')}", str(model_dir if k == "model" else getattr(args, k))]
-    rss = run_child(cmd + [*extra] + ["--flush-denormal"] * flush, work / f"{name}.log")
+    rss = run_child(cmd + [*extra] + ["--flush-denormal"] * flush, work / f"{name}.log", tree, env)
     res = json.loads((work / f"{name}.json").read_text(encoding="utf-8"))
     keep = ["tokens_per_s", "steps", "seconds", "tokens", "peak_cuda_mib", "losses", "step_tokens",
             "step_seconds", *keep]

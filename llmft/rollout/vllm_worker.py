@@ -8,6 +8,7 @@ it over two pipes, one pickled request and one reply at a time:
     {"op": "generate", "prompts": [[token ids]], "params": {...}, "seeds": [int], "adapter": [name, id, path]|None}
                                                                              → [(token ids, log-probs|None, reason)]
     {"op": "probe", "ids": [token ids], "adapter": ...}                      → [log p(ids[t] | ids[:t]) for t ≥ 1]
+    {"op": "merge", "adapter": path}      → the engine's weights become base + s·B·A of the adapter (tensors pushed)
     {"op": "stop"}
 
 Token ids in, token ids out: vLLM never sees text (no tokenizer is loaded). A reply to a failed request is
@@ -18,11 +19,16 @@ sends it SIGKILL when the parent dies (a trainer killed with kill -9 leaves no e
 from __future__ import annotations
 
 import ctypes
+import json
+import logging
+import math
 import os
+import re
 import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 
 def die_with_parent() -> None:
@@ -36,12 +42,12 @@ def die_with_parent() -> None:
 
 class Worker:
     def __init__(self):
-        self.llm, self.sleep, self.asleep = None, False, False
+        self.llm, self.sleep, self.asleep, self.model_dir = None, False, False, ""
 
     def init(self, llm: dict, sleep: bool = False) -> dict:
         import vllm
 
-        self.llm, self.sleep = vllm.LLM(**llm), sleep
+        self.llm, self.sleep, self.model_dir = vllm.LLM(**llm), sleep, llm["model"]
         self.nap()
         return {"version": vllm.__version__}
 
@@ -72,6 +78,22 @@ class Worker:
         self.nap()
         return [step[ids[t]].logprob for t, step in enumerate(out.prompt_logprobs) if t > 0]
 
+    def merge(self, adapter: str) -> int:
+        """Make the engine's weights the base's plus the adapter's s·B·A, through vLLM's in-place reload (which also
+        repacks the CPU kernels' weights); the prefix cache, built with the old weights, is dropped."""
+        import torch
+
+        for quiet in ("layerwise", "inplace"):  # the layers left as they were are expected, not warnings
+            logging.getLogger(f"vllm.model_executor.model_loader.reload.{quiet}").setLevel(logging.ERROR)
+        self.wake()
+        pushed = []
+        weights = (pushed.append(name) or (name, w) for name, w in merged_weights(self.model_dir, adapter))
+        with torch.no_grad():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+        self.nap()
+        return len(pushed)
+
     def nap(self) -> None:
         """With sleep mode (a GPU shared with training), weights go to host memory and the KV cache is freed."""
         if self.sleep and not self.asleep:
@@ -82,6 +104,51 @@ class Worker:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+
+
+def merged_weights(model_dir: str, adapter: str):
+    """(name, tensor) of every tensor of each decoder layer an adapter touches, W = W₀ + s·B·A in fp32 for the LoRA
+    modules (s = α / r, or α / √r with rsLoRA), W₀ from the base's safetensors. Whole layers, because vLLM stacks
+    q/k/v and gate/up into one weight that a reload must see complete."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("modules_to_save"):
+        raise ValueError("this adapter is more than plain LoRA (DoRA, per-module ranks or saved modules): "
+                         "use rollout.vllm.sync: adapter")
+    scale = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+    lora = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    deltas = {}
+    for key, a in lora.items():
+        if ".lora_A." in key:
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            delta = scale * (lora[key.replace(".lora_A.", ".lora_B.")].float() @ a.float())
+            deltas[f"{module}.weight"] = delta.T if cfg.get("fan_in_fan_out") else delta
+    files = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), file))
+    missing = sorted(set(deltas) - set(files))
+    if missing:
+        raise ValueError(f"the adapter's module {missing[0]} has no weight in the engine's model {model_dir}")
+    layers = {layer_of(name) for name in deltas}
+    for file in sorted(set(files.values())):
+        with safe_open(str(file), framework="pt") as f:
+            for name in sorted((n for n in f.keys() if layer_of(n) in layers), key=layer_order):
+                w = f.get_tensor(name)
+                yield name, w.float() + deltas[name] if name in deltas else w  # vLLM casts to its dtype
+
+
+def layer_of(name: str) -> str:
+    """The decoder layer a tensor belongs to ("model.layers.3."), or the tensor itself outside the layers."""
+    found = re.match(r"^(.*?\.layers\.\d+\.)", name)
+    return found.group(1) if found else name
+
+
+def layer_order(name: str) -> tuple:
+    found = re.match(r"^.*?\.layers\.(\d+)\.", name)
+    return (int(found.group(1)) if found else -1, name)
 
 
 def answer(completion) -> tuple:

@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     chat = Chat(AutoTokenizer.from_pretrained(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     engine = VLLMEngine.start(path, chat, torch.float32, torch.device("cpu"), VLLMConfig(kv_cache_gb=0.0625),
-                              tmp_path_factory.mktemp("vllm-log") / "engine.log", 128, lora_r=4)
+                              tmp_path_factory.mktemp("vllm-log") / "engine.log", 256, lora_r=4)
     prompts = [chat.prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in ROWS]
     yield path, chat, model, engine, prompts
     engine.close()
@@ -103,6 +103,38 @@ def test_an_adapter_is_loaded_as_an_adapter_and_the_probe_sees_it(setup, tmp_pat
     assert torch.allclose(adapted.float(), trainer_logps(lm.eval(), ids, 1), atol=1e-4)
     assert (adapted - base).abs().max() > 0.1
     assert torch.equal(engine.probe(ids), base)  # the base is untouched: nothing was merged into it
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+def test_merged_weights_equal_the_adapter_on_top_and_do_not_accumulate(setup, tmp_path, targets):
+    """merge reloads base + s·B·A (vLLM stacks q/k/v: an adapter on q and v only must leave k as it was); merging a
+    zero adapter afterwards gives the base back, so each merge starts from the base, not from the last merge."""
+    from peft import LoraConfig, get_peft_model
+
+    path, _, model, engine, prompts = setup
+    ids = prompts[0] + prompts[1]
+    base = engine.probe(ids)
+    lm = get_peft_model(type(model).from_pretrained(path, dtype=torch.float32),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, use_rslora=True))
+    lm.save_pretrained(tmp_path / "zero")  # B = 0: the base's weights exactly
+    torch.manual_seed(1)
+    for name, p in lm.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    lm.save_pretrained(tmp_path / "a")
+    long = [((prompts[i] + prompts[i + 1]) * 20)[:200] for i in (0, 1)]  # longer than a KV-cache block (128 on a
+    assert all(len(p) == 200 for p in long)  # CPU), whose first block a generation from the base leaves cached
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, seed=2)
+    engine.generate(long, sampling)
+    assert engine.merge(tmp_path / "a") > 0
+    merged = engine.probe(ids)
+    assert torch.allclose(merged.float(), trainer_logps(lm.eval(), ids, 1), atol=1e-4)
+    assert (merged - base).abs().max() > 0.1
+    for a in engine.generate(long, sampling, logprobs=True):  # from the merged weights: the stale prefix cache dropped
+        mine = trainer_logps(lm, a.prompt_ids + a.answer_ids, len(a.prompt_ids))
+        assert torch.allclose(torch.tensor(a.logprobs), mine, atol=1e-4)
+    engine.merge(tmp_path / "zero")
+    assert torch.allclose(engine.probe(ids), base, atol=1e-6)
 
 
 def test_vllm_missing_is_one_line(tmp_path, monkeypatch):

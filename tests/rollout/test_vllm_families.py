@@ -1,6 +1,7 @@
 """The family matrix on the vLLM engine: for each family's tiny model (heads of 32), greedy answers equal the HF
-engine's, and with a LoRA adapter (random B) the engine's log-probs equal the trainer's — the families whose
-architecture vLLM-CPU runs; the others are listed with the reason."""
+engine's, and with a LoRA adapter (random B) the engine's log-probs equal the trainer's, both with the adapter
+loaded as an adapter and merged into the engine's weights (each family's weight names, vLLM's stacked q/k/v and
+gate/up) — the families whose architecture vLLM-CPU runs."""
 
 from __future__ import annotations
 
@@ -49,5 +50,8 @@ def test_the_engine_samples_what_the_trainer_computes(family, tmp_path):
         mine = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
         engines = engine.probe(ids, ("adapter", 1, str(tmp_path / "adapter"))).float()
         assert torch.allclose(engines, mine, atol=1e-4), (engines - mine).abs().max()
+        engine.merge(tmp_path / "adapter")
+        merged = engine.probe(ids).float()
+        assert torch.allclose(merged, mine, atol=1e-4), (merged - mine).abs().max()
     finally:
         engine.close()

@@ -69,9 +69,11 @@ def test_grpo_samples_the_policy_it_trains_at_every_step(config, tmp_path):
     assert len(list((tmp_path / "grpo" / "engine" / "rank0").glob("adapter-*"))) == 1  # older versions removed
 
 
-def test_a_sync_that_never_reaches_the_engine_stops_the_run(config, monkeypatch, tmp_path):
+@pytest.mark.parametrize("sync", ["merged", "adapter"])
+def test_a_sync_that_never_reaches_the_engine_stops_the_run(config, monkeypatch, tmp_path, sync):
     """The engine is given the first adapter again instead of the new one (the bug of LoRA weights that never reach
-    the sampler): the probe check stops the run at step 2, before a rollout from the stale policy trains it."""
+    the sampler), merged or as an adapter: the probe check stops the run at step 2, before a rollout from the stale
+    policy trains it."""
     from llmft.rl import engine as rl_engine
 
     real = rl_engine.save_adapter
@@ -84,7 +86,7 @@ def test_a_sync_that_never_reaches_the_engine_stops_the_run(config, monkeypatch,
 
     monkeypatch.setattr(rl_engine, "save_adapter", stale)
     with pytest.raises(TrainingAborted, match="did not reach the vLLM engine: after sync 2"):
-        grpo.run(config())
+        grpo.run(config(rollout__vllm__sync=sync))
     assert [r["step"] for r in metrics(tmp_path / "grpo")] == [1]
 
 
@@ -99,13 +101,13 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(config, monkeypatch, t
     assert [(r["loss"], r["reward"]) for r in resumed] == [(r["loss"], r["reward"]) for r in full]
 
 
-def test_ppo_with_vllm(config, tmp_path):
-    ppo.run(config("ppo", rollout__temperature=0.7))
+def test_ppo_with_vllm_and_the_adapter_loaded_as_an_adapter(config, tmp_path):
+    ppo.run(config("ppo", rollout__temperature=0.7, rollout__vllm__sync="adapter"))
     rows = metrics(tmp_path / "ppo")
     assert len(rows) == 3 and all(r["logprob_gap"] < 1e-4 and r["engine/probe_gap"] < 1e-4 for r in rows)
 
 
-def test_a_qlora_policy_samples_from_its_dequantised_base_with_the_adapter_on_top(config, tmp_path, monkeypatch):
+def test_a_qlora_policy_samples_from_its_dequantised_base_with_its_adapter_merged(config, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     monkeypatch.setenv("LLMFT_CACHE", str(tmp_path / "cache"))
     grpo.run(config(model__quantization="nf4", train__max_steps=2))
