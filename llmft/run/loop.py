@@ -150,6 +150,8 @@ def run_stage(cfg: Any, recipe: Recipe, dry_run: bool = False) -> dict | None:
     try:
         metrics = train(s, recipe, resume_from, data)
     finally:
+        if engine := getattr(s, "engine", None):  # the RL stages' rollout engine: vLLM's process ends with the run
+            engine.close()
         rundir.unlock(run_dir)
     console.print(f"[green]done: {name} output (adapter, tokenizer, manifest) in {run_dir}")
     distributed.finish()  # the output exists on every process's return

@@ -67,6 +67,13 @@ def test_grpo_samples_the_policy_it_trains_at_every_step(config, tmp_path):
     assert [r["engine/syncs"] for r in rows] == [1, 2, 3]  # a new adapter before each rollout after an update
     assert out["loss"] == out["loss"] and (tmp_path / "grpo" / "engine" / "rank0.log").is_file()
     assert len(list((tmp_path / "grpo" / "engine" / "rank0").glob("adapter-*"))) == 1  # older versions removed
+    assert not engine_processes()  # the engine ended with the run, not at the interpreter's exit
+
+
+def engine_processes() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if "vllm_worker" in " ".join(p.cmdline())]
 
 
 @pytest.mark.parametrize("sync", ["merged", "adapter"])
