@@ -137,8 +137,9 @@ def llmft_result(rows: list[dict], rss: float, args: argparse.Namespace, unit: s
 def run_trl(script: str, args: argparse.Namespace, model_dir: str, work: Path, flush: bool,
             keep: list[str], name: str = "", extra: tuple[str, ...] = (), python: str = "",
             tree: bool = False) -> dict:
-    """Run a bench_trl*.py child with the common options (+ `extra`), by `python` (default this interpreter; another
-    environment's gets llmft on its PYTHONPATH); `keep` its result keys, add the RSS from wait4 (`tree`: run_child).
+    """Run a bench_trl*.py child with the common options (+ `extra`), by `python` (default this interpreter; the repo
+    root is put on its PYTHONPATH, so another environment's imports llmft's judges too); `keep` its result keys, add
+    the RSS from wait4 (`tree`: run_child).
     `name` (default trl, trl+flush) labels the run."""
     name = name or ("trl+flush" if flush else "trl")
     opts = ["model", "data", "max_length", "batch_size", "grad_accum", "steps", "warmup_steps", "lora_r",

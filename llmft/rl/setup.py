@@ -30,6 +30,11 @@ class RLSetup(loop.Setup):
     external_reward: RewardScorer | None = None  # the reward model when it cannot share the base
     engine: Any = None  # rl.engine.HFEngine | VLLMPolicyEngine: what samples the answers (made by rl_stage)
 
+    def close(self) -> None:
+        """The rollout engine ends with the run (vLLM: its process), not at the interpreter's exit."""
+        if self.engine is not None:
+            self.engine.close()
+
 
 def build_model(s: RLSetup, critic: bool) -> ActorCritic:
     """The RL stages' model: a fresh policy adapter on the policy source, the reward model's adapter and head when

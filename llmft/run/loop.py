@@ -65,6 +65,9 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
 
+    def close(self) -> None:
+        """Release what the setup holds beyond the model (the RL stages: their rollout engine), when the run ends."""
+
 
 @dataclass
 class StepContext:
@@ -150,8 +153,7 @@ def run_stage(cfg: Any, recipe: Recipe, dry_run: bool = False) -> dict | None:
     try:
         metrics = train(s, recipe, resume_from, data)
     finally:
-        if engine := getattr(s, "engine", None):  # the RL stages' rollout engine: vLLM's process ends with the run
-            engine.close()
+        s.close()
         rundir.unlock(run_dir)
     console.print(f"[green]done: {name} output (adapter, tokenizer, manifest) in {run_dir}")
     distributed.finish()  # the output exists on every process's return
