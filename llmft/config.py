@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from llmft.sampling import RolloutConfig, SamplingConfig, VLLMConfig  # noqa: F401 (the configs name them here)
+from llmft.sampling import EnvConfig, RolloutConfig, SamplingConfig, VLLMConfig  # noqa: F401 (the configs name them here)
 from llmft.schema import REQUIRED, apply_override, build, opt, read_yaml
 
 
@@ -333,6 +333,8 @@ class GRPOConfig(RunConfig):
     reward: RewardSourcesConfig = field(default_factory=RewardSourcesConfig,
                                         metadata={"help": "What scores an answer (judges, a reward model)."})
     grpo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig, metadata={"help": "The GRPO-family update."})
+    env: EnvConfig = field(default_factory=EnvConfig, metadata={"help": "A multi-turn, tool-using environment "
+                                                                        "(env.name); none = single-turn answers."})
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
 

@@ -4,7 +4,7 @@ generate, `rollout:` of ppo and grpo), the rollout engine that does it, and the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from llmft.schema import opt
 
@@ -52,3 +52,21 @@ class RolloutConfig(SamplingConfig):
                 "mis drops the tokens whose ratio exceeds the cap (masked); none when the log-prob gap is within "
                 "tolerance (with a correction on, a step-1 gap above it warns instead of stopping).")
     correction_cap: float = opt(2.0, "C of tis / mis.", gt=0)
+
+
+@dataclass
+class EnvConfig:
+    name: str | None = opt(None, "module:Class of a multi-turn environment (docs/environments.md): each trajectory "
+                                 "is a conversation in which the policy's turns alternate with what the environment "
+                                 "and its tools return, scored by the environment; null = single-turn answers "
+                                 "scored by reward.")
+    args: dict[str, Any] = opt({}, "Keyword arguments the class is made with, one instance per trajectory.")
+    max_turns: int = opt(4, "Policy turns per trajectory at most.", ge=1)
+    max_tokens: int = opt(512, "Tokens per trajectory after its opening messages at most, the policy's and the "
+                               "environment's; a trajectory over it is cut (counted, and penalised as an answer "
+                               "without a stop id).", ge=1)
+    timeout: float = opt(10.0, "Seconds a call of reset, step or a tool may take; 0 = no limit.", ge=0)
+    on_error: Literal["raise", "zero"] = opt(
+        "raise", "An environment that raises, times out or breaks the protocol: stop with one error naming the row "
+                 "(raise), or end that trajectory with reward 0 and count it (zero). A tool's failure is never this: "
+                 "its error message is the tool's result, read by the model, and counted.")

@@ -263,6 +263,8 @@ def coerce(tp: Any, value: Any) -> tuple[bool, Any]:
         return False, None
     if tp is str:
         return isinstance(value, str), value
+    if tp is Any:  # free-form YAML (an environment's keyword arguments)
+        return True, value
     return False, None
 
 

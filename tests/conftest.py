@@ -141,6 +141,22 @@ def grpo_config(tiny_model_dir, tmp_path, monkeypatch):
     return write
 
 
+@pytest.fixture(scope="session")
+def talking_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model after 40 SFT steps on short answers: it ends some of its turns within a few tokens (what a
+    multi-turn rollout needs to go on)."""
+    from llmft.stages import sft
+
+    d = tmp_path_factory.mktemp("talking")
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    sft.run(load_config("sft", save_config(d, "sft", {
+        "model": {"name": str(tiny_model_dir)}, "data": {"train": str(d / "rows.jsonl"), "max_length": 64},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "train": {"batch_size": 4, "max_steps": 40,
+                                                                  "learning_rate": 3e-2, "save_every": 100},
+        "output_dir": str(d / "sft"), "seed": 0})))
+    return d / "sft"
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests of the pure maths (tests/maths/) run alone with `pytest -m maths`, in seconds."""
     for item in items:

@@ -5,6 +5,7 @@ main use."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,16 @@ def test_every_training_stage_keeps_its_tensors_on_one_device(stage_config, fake
         extra = {"loss": {"precompute_reference": True}} if module is dpo else {}
         metrics = module.run(stage_config(name, **extra))
         assert all(v == v for v in metrics.values() if isinstance(v, float)), name  # finite, not NaN
+
+
+def test_multi_turn_grpo_keeps_its_tensors_on_one_device(stage_config, talking_dir, fake_cuda):
+    cfg = stage_config("grpo", env={"name": "tests.helpers.envs:TwoTurns", "max_tokens": 48})
+    cfg.model.name, cfg.reward.model, cfg.reward.judges, cfg.reward.normalize = str(talking_dir), None, {}, False
+    cfg.rollout.max_new_tokens = 12
+    grpo.run(cfg)
+    rows = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("env/turns", 0) for r in rows) > 1  # the environment's tokens went through, on the device
+    assert any("eval/env/turns" in r for r in rows)
 
 
 def test_generate_and_eval_keep_their_tensors_on_one_device(stage_config, tiny_model_dir, tmp_path, fake_cuda):

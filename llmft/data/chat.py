@@ -69,10 +69,10 @@ class Chat:
         return {"eos_token_id": self.stop_ids, "pad_token_id": self.pad_id, "bos_token_id": self.tokenizer.bos_token_id}
 
     # ------------------------------------------------------------------------------------------ text
-    def prompt_text(self, messages: list[dict], where: str = "prompt") -> str:
-        """The prompt as text, through the generation prompt."""
+    def prompt_text(self, messages: list[dict], where: str = "prompt", tools: list[dict] | None = None) -> str:
+        """The prompt as text, through the generation prompt (`tools`: JSON schemas for the template's `tools`)."""
         if self.templated:
-            return render(self.tokenizer, messages, True, where)
+            return render(self.tokenizer, messages, True, where, tools)
         return TEXT_SEPARATOR.join(m["content"] + (self.frame.end if m["role"] == "assistant" else "")
                                    for m in messages) + TEXT_SEPARATOR
 
@@ -84,8 +84,11 @@ class Chat:
 
     # ----------------------------------------------------------------------------------------- tokens
     def prompt_ids(self, messages: list[dict], where: str = "prompt") -> list[int]:
-        text = self.prompt_text(messages, where)
-        return self.ids(text) if self.templated else self.tokenizer(text)["input_ids"]  # plain text: tokenizer's BOS
+        return self.text_ids(self.prompt_text(messages, where))
+
+    def text_ids(self, text: str) -> list[int]:
+        """A prompt's text as ids: a templated one as it is, plain text with the tokenizer's BOS."""
+        return self.ids(text) if self.templated else self.tokenizer(text)["input_ids"]
 
     def encode(self, prompt: list[dict], answer: str, where: str = "prompt") -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids): the answer tokenised in the context of its prompt, ending with the terminator."""
@@ -108,23 +111,23 @@ class Chat:
         ids = self.ids(anchor + text)
         return ids[1:] if anchor and ids[:1] == [self.tokenizer.eos_token_id] else self.ids(text)
 
-    def conversation(self, messages: list[dict], where: str) -> list[tuple[list[int], bool]]:
+    def conversation(self, messages: list[dict], where: str, tools: list[dict] | None = None
+                     ) -> list[tuple[list[int], bool]]:
         """Token pieces (ids, is_answer) of a conversation, through its last assistant turn: each assistant turn is an
         answer (lead-in, content, terminator), everything before it context, each context exactly the prompt
-        generation would be given at that turn."""
+        generation would be given at that turn (with `tools` offered, as an environment's rollout gives them)."""
         answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if len(answers) > 1 and self.templated and not self.frame.end:
             raise DataError(f"{where}: the chat template ends turns in plain text, so an answer's end is EOS, which "
                             f"the template never writes between turns; give one row per answer")
         pieces, text, ids = [], "", []
         for i in answers:
-            context = self.prompt_text(messages[:i], where)
+            context = self.prompt_text(messages[:i], where, tools)
             if not context.startswith(text):
                 raise DataError(f"{where}: the chat template renders earlier turns differently once later ones exist "
                                 f"(Qwen3 drops earlier think blocks; Mistral moves the system message to the last user "
                                 f"turn), so this conversation cannot be one training sequence; give one row per answer")
-            context_ids = self.following(text, ids, context[len(text):]) if text else self.prompt_ids(messages[:i],
-                                                                                                      where)
+            context_ids = self.following(text, ids, context[len(text):]) if text else self.text_ids(context)
             answer_ids = self.answer_ids(context, ids + context_ids, messages[i]["content"])
             pieces += [(context_ids, False), (answer_ids, True)]
             text, ids = context + self.answer_text(messages[i]["content"]), ids + context_ids + answer_ids
@@ -153,9 +156,10 @@ def tokenizer_difference(a, b) -> str | None:
     return None
 
 
-def render(tok, messages: list[dict], generation_prompt: bool, where: str) -> str:
+def render(tok, messages: list[dict], generation_prompt: bool, where: str, tools: list[dict] | None = None) -> str:
     try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tok.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                       add_generation_prompt=generation_prompt)
     except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, role checks)
         raise DataError(f"{where}: the chat template rejects this conversation: {e}") from None
 

@@ -31,7 +31,7 @@ class TokenizedSet:
 
 
 def tokenize_example(chat: Chat, messages: list[dict] | str, max_length: int, loss_on: str,
-                     where: str) -> tuple[Example, bool]:
+                     where: str, tools: list[dict] | None = None) -> tuple[Example, bool]:
     """Token ids and labels of one example; returns (example, was_truncated).
 
     A conversation is its context pieces and its answers (`Chat.conversation`): each assistant turn is labelled
@@ -43,7 +43,7 @@ def tokenize_example(chat: Chat, messages: list[dict] | str, max_length: int, lo
         eos = chat.tokenizer.eos_token_id
         pieces = [(ids + ([eos] if eos is not None and ids[-1:] != [eos] else []), True)]
     else:
-        pieces = chat.conversation(messages, where)
+        pieces = chat.conversation(messages, where, tools)
     ids, labels = [], []
     for piece, answer in pieces:
         ids += piece
@@ -55,7 +55,7 @@ def tokenize_example(chat: Chat, messages: list[dict] | str, max_length: int, lo
 def tokenize_records(records: list[Record], chat: Chat, fmt: str, max_length: int, loss_on: str) -> TokenizedSet:
     out = TokenizedSet(examples=[], rows=len(records))
     for rec in records:
-        ex, truncated = tokenize_example(chat, to_messages(rec, fmt), max_length, loss_on, rec.where)
+        ex, truncated = tokenize_example(chat, to_messages(rec, fmt), max_length, loss_on, rec.where, row_tools(rec))
         out.truncated += truncated
         n_sup = sum(1 for t in ex.labels[1:] if t != -100)
         if n_sup == 0:
@@ -68,6 +68,16 @@ def tokenize_records(records: list[Record], chat: Chat, fmt: str, max_length: in
         raise DataError(f"{records[0].where.split(':')[0]}: no row has a token to train on after "
                         f"truncation to max_length={max_length}")
     return out
+
+
+def row_tools(rec: Record) -> list[dict] | None:
+    """A row's `tools` column: the JSON schemas of the tools its conversation offers (as TRL's SFT reads them)."""
+    tools = rec.row.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{rec.where}: 'tools' must be a list of JSON schemas (objects)")
+    return tools
 
 
 def collate(examples: list[Example], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:

@@ -24,9 +24,30 @@ GEMMA = ("{{ bos_token or '' }}{% if messages[0]['role'] == 'system' %}"
          "{% for m in turns %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n'"
          " + (system if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
          "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+                "function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}\n</tool_call>")
+# ChatML with tools as Qwen2.5 offers them (its documented format, written here): the tools' schemas in the system
+# turn, calls as <tool_call> JSON blocks in the assistant's text, consecutive tool results in one user turn
+HERMES = ("{% if tools %}{{ '<|im_start|>system\n' }}{% if messages[0]['role'] == 'system' %}"
+          "{{ messages[0]['content'] + '\n\n' }}{% endif %}{{ '" + TOOLS_HEADER.replace("\n", "\\n") + "' }}"
+          "{% for tool in tools %}{{ '\n' }}{{ tool | tojson }}{% endfor %}"
+          "{{ '" + TOOLS_FOOTER.replace("\n", "\\n") + "<|im_end|>\n' }}"
+          "{% elif messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + "
+          "'<|im_end|>\n' }}{% endif %}"
+          "{% for m in messages %}{% if m['role'] == 'system' and loop.first %}"
+          "{% elif m['role'] == 'tool' %}"
+          "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+          "{{ '\n<tool_response>\n' + m['content'] + '\n</tool_response>' }}"
+          "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+          "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 NAMED: dict[str, tuple[str, tuple[str, ...]]] = {
     "chatml": (CHATML, ("<|im_start|>", "<|im_end|>")),
+    "hermes": (HERMES, ("<|im_start|>", "<|im_end|>")),
     "llama3": (LLAMA3, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
     "gemma": (GEMMA, ("<start_of_turn>", "<end_of_turn>")),
 }

@@ -130,7 +130,9 @@ def rollout_engine(s, model: ActorCritic):
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     model_dir = engine_model_dir(s.source, s.cfg.model, s.dtype, s.chat.tokenizer)
-    max_len = s.cfg.data.max_prompt_length + s.cfg.rollout.max_new_tokens + 1
+    env = getattr(s.cfg, "env", None)
+    answer_room = env.max_tokens if env is not None and env.name else s.cfg.rollout.max_new_tokens
+    max_len = s.cfg.data.max_prompt_length + answer_room + 1
     merged = s.cfg.rollout.vllm.sync == "merged"
     engine = VLLMEngine.start(model_dir, s.chat, s.dtype, s.device, s.cfg.rollout.vllm,
                               out / "engine" / f"rank{rank}.log", max_len, None if merged else s.cfg.lora.r)

@@ -13,15 +13,19 @@ from llmft.judges import make_judge
 from llmft.maths.rl import RunningMoments
 
 REWARD_MODEL = "reward_model"
+ENV = "env"  # the part an environment scores (multi-turn rollouts)
 
 
 class Scorer:
-    def __init__(self, cfg: RewardSourcesConfig, records: list[Record]):
-        if not cfg.model and not cfg.judges:
+    def __init__(self, cfg: RewardSourcesConfig, records: list[Record], env: bool = False):
+        """`env`: the trajectories' scores come from an environment (the part "env"), not from these sources."""
+        if not cfg.model and not cfg.judges and not env:
             raise ConfigError("reward: name a reward model (reward.model) or at least one judge (reward.judges)")
         self.cfg = cfg
         self.judges = {name: make_judge(name, records, cfg.reference_column) for name in cfg.judges}
         self.weights = {**({REWARD_MODEL: cfg.model_weight} if cfg.model else {}), **cfg.judges}
+        if env:
+            self.weights = {ENV: 1.0}
         self.moments = RunningMoments()
 
     def parts(self, prompts: list[str], answers: list[str], rows: list[dict],

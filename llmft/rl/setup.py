@@ -29,6 +29,7 @@ class RLSetup(loop.Setup):
     share_reward: bool = False  # the reward checkpoint was trained on the policy's own base weights
     external_reward: RewardScorer | None = None  # the reward model when it cannot share the base
     engine: Any = None  # rl.engine.HFEngine | VLLMPolicyEngine: what samples the answers (made by rl_stage)
+    conversations: Any = None  # rl.multi_turn.Conversations: the environment of multi-turn rollouts (env.name)
 
     def close(self) -> None:
         """The rollout engine ends with the run (vLLM: its process), not at the interpreter's exit."""

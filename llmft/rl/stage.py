@@ -17,6 +17,7 @@ from llmft.errors import TrainingAborted
 from llmft.maths.rl import rollout_correction
 from llmft.rl.actor_critic import ActorCritic
 from llmft.rl.engine import gap_tolerance
+from llmft.rl.multi_turn import sample_trajectories, trajectory_metrics
 from llmft.rl.setup import RLSetup
 from llmft.rollout.experience import Experience, pack
 from llmft.run import loop
@@ -79,10 +80,16 @@ def check_logprob_gap(s: RLSetup, exp: Experience, step: int, tolerance: float |
 @torch.no_grad()
 def evaluate(model: ActorCritic, s: RLSetup) -> dict[str, float]:
     """Greedy answers to the held-out prompts, scored by the same sources (no penalty shaping, no KL)."""
-    sampling = dataclasses.replace(s.cfg.rollout, temperature=0.0)
-    exp = pack(s.engine.sample(model, s.eval.ids, sampling), s.chat.pad_id, s.device)
-    parts, score = score_rollout(model, s, exp, [r.row for r in s.eval.records])
+    env = {}
+    if s.conversations:  # whole conversations with the environment, greedy
+        exp, parts, score, trajectories = sample_trajectories(s.conversations, model, s, s.eval.records, 0, True)
+        env = {f"eval/{k}": v for k, v in trajectory_metrics(trajectories).items()}
+    else:
+        sampling = dataclasses.replace(s.cfg.rollout, temperature=0.0)
+        exp = pack(s.engine.sample(model, s.eval.ids, sampling), s.chat.pad_id, s.device)
+        parts, score = score_rollout(model, s, exp, [r.row for r in s.eval.records])
     out = {"eval/reward": float(score.mean()), **{f"eval/rewards/{k}/mean": float(v.mean()) for k, v in parts.items()},
+           **env,
            "eval/completions/mean_length": float(exp.lengths().mean()),
            "eval/completions/clipped_ratio": no_eos_share(exp)}
     if "constraints" in parts:

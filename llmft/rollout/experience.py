@@ -23,7 +23,8 @@ from llmft.rollout.generation import Answer
 class Experience:
     input_ids: torch.Tensor  # [B, P + R] long: prompts left-padded to P, answers right-padded to R
     attention_mask: torch.Tensor  # [B, P + R] long
-    mask: torch.Tensor  # [B, R] fp32: 1 on each answer's tokens through its first stop id, 0 after
+    mask: torch.Tensor  # [B, R] fp32: 1 on each answer's tokens through its first stop id, 0 after (multi-turn: 1
+    #                     on the policy's tokens only, 0 on what the environment added between its turns)
     prompt_width: int  # P
     answers: list[Answer]  # the answers as generated (host lists, decoded text)
     sampler_logps: torch.Tensor  # [B, R] fp32: the sampler's own log-prob of each drawn token (0 on padding)
@@ -70,7 +71,7 @@ def pack(gens: list[Answer], pad: int, device: torch.device) -> Experience:
         p, r = g.prompt_ids, g.answer_ids
         ids[i, p_width - len(p):p_width], ids[i, p_width:p_width + len(r)] = torch.tensor(p), torch.tensor(r)
         attention[i, p_width - len(p):p_width + len(r)] = 1
-        mask[i, :len(r)] = 1
+        mask[i, :len(r)] = torch.tensor(g.mask, dtype=mask.dtype) if g.mask is not None else 1
         if g.logprobs is not None:
             sampled[i, :len(r)] = torch.tensor(g.logprobs)
     return Experience(ids.to(device), attention.to(device), mask.to(device), p_width, gens, sampled.to(device))
@@ -95,7 +96,7 @@ class MicroBatch:
 def micro_batch(exp: Experience, idx: list[int]) -> MicroBatch:
     attention, mask = exp.attention_mask[idx], exp.mask[idx]
     first = int(attention.argmax(-1).min())  # the earliest real prompt token of these rows
-    r = int(mask.sum(-1).max())  # their longest answer
+    r = int(attention[:, exp.prompt_width:].sum(-1).max())  # their longest answer (with what an environment added)
     cols = slice(first, exp.prompt_width + r)
     ids, attention, p = exp.input_ids[idx, cols], attention[:, cols], exp.prompt_width - first
     return MicroBatch(ids, attention, mask[:, :r], p, mask.shape[1], prompt_owners(ids[:, :p], attention[:, :p]))

@@ -33,8 +33,7 @@ class Answer:
     text: str  # the answer decoded without special tokens
     finished: bool  # ended with a stop id rather than running into max_new_tokens
     logprobs: list[float] | None = None  # the sampler's log-prob of each answer token (when asked)
-
-
+    mask: list[int] | None = None  # multi-turn: 1 on the policy's tokens, 0 on the environment's; None = all 1
 
 
 @torch.no_grad()

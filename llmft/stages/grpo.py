@@ -37,6 +37,7 @@ from llmft.models.loading import resolve_model
 from llmft.rl import setup as rl_setup
 from llmft.rl import stage as rl_stage
 from llmft.rl.actor_critic import POLICY, REFERENCE, ActorCritic
+from llmft.rl.multi_turn import Conversations, check_env_config, sample_trajectories, trajectory_metrics
 from llmft.rl.scoring import Scorer
 from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, reward_rollout_rows
 from llmft.rl.stage import (
@@ -65,26 +66,32 @@ class Group:
     answers: list[Answer]  # G
     parts: dict[str, torch.Tensor]  # each source's scores [G]
     scores: torch.Tensor  # [G] their combined score (before normalising)
+    trajectories: list | None = None  # multi-turn: the G conversations (`rl.multi_turn.Trajectory`)
 
 
 # --------------------------------------------------------------------------------------------- setup
 def setup(cfg: GRPOConfig) -> RLSetup:
     check_config(cfg)
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
-    train = load_prompts(cfg.data.train, cfg, chat)
-    evals = load_prompts(cfg.data.eval, cfg, chat) if cfg.data.eval else None
+    env = Conversations(cfg, chat) if cfg.env.name else None
+    prompts = (lambda path: env.prompts(path, cfg.data.split, cfg.data.max_prompt_length)) if env else (
+        lambda path: load_prompts(path, cfg, chat))
+    train = prompts(cfg.data.train)
+    evals = prompts(cfg.data.eval) if cfg.data.eval else None
     share = check_reward_model(cfg, source, chat, dtype)
-    scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []))
+    scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []), env=env is not None)
     per_step = prompts_per_process(cfg) * distributed.world().size
     if len(train.ids) < per_step:
         raise ConfigError(f"data.train has {len(train.ids)} prompts, fewer than one step's {per_step} (answers per "
                           f"process / grpo.num_generations × processes)")
     plan = plan_steps(len(train.ids), per_step, 1, cfg.train.epochs, cfg.train.max_steps, cfg.seed, per_step)
-    return RLSetup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None)
+    return RLSetup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, conversations=env)
 
 
 def check_config(cfg: GRPOConfig) -> None:
     check_sampling_config(cfg, "grpo")
+    if cfg.env.name:
+        check_env_config(cfg)
     G, answers = cfg.grpo.num_generations, answers_per_process(cfg)
     if answers % G:
         raise ConfigError(f"train.batch_size × train.grad_accum × grpo.num_minibatches = {answers} answers per "
@@ -162,6 +169,11 @@ def grpo_step(model: ActorCritic, s: RLSetup, prompt_idx: list[int], update, ste
     metrics.update(logprob_gap=gap[0], logprob_gap_mean=gap[1])
     rows = [s.train.records[grp.prompt].row for grp in groups for _ in grp.answers]
     samples = sample_rows(exp, rows, {k: torch.cat([grp.parts[k] for grp in groups]) for k in groups[0].parts}, score)
+    if s.conversations:
+        trajectories = [t for grp in groups for t in grp.trajectories]
+        metrics.update(trajectory_metrics(trajectories))
+        for row, t in zip(samples, trajectories, strict=False):
+            row.update(t.sample_row())
     return {**metrics, "refilled_groups": distributed.global_sum(refilled)}, samples
 
 
@@ -197,11 +209,16 @@ def rollout(model: ActorCritic, s: RLSetup, prompt_idx: list[int], step: int) ->
 
 
 def sample_groups(model: ActorCritic, s: RLSetup, prompt_idx: list[int], seed_: int) -> list[Group]:
-    G = s.cfg.grpo.num_generations
-    exp = sample(model, s, [s.train.ids[i] for i in prompt_idx for _ in range(G)], seed_)
-    parts, scores = score_rollout(model, s, exp, [s.train.records[i].row for i in prompt_idx for _ in range(G)])
+    G, trajectories = s.cfg.grpo.num_generations, None
+    if s.conversations:  # multi-turn: each answer is a whole conversation with the environment
+        exp, parts, scores, trajectories = sample_trajectories(
+            s.conversations, model, s, [s.train.records[i] for i in prompt_idx for _ in range(G)], seed_)
+    else:
+        exp = sample(model, s, [s.train.ids[i] for i in prompt_idx for _ in range(G)], seed_)
+        parts, scores = score_rollout(model, s, exp, [s.train.records[i].row for i in prompt_idx for _ in range(G)])
     return [Group(p, exp.answers[k * G:(k + 1) * G], {n: v[k * G:(k + 1) * G] for n, v in parts.items()},
-                  scores[k * G:(k + 1) * G]) for k, p in enumerate(prompt_idx)]
+                  scores[k * G:(k + 1) * G], trajectories[k * G:(k + 1) * G] if trajectories else None)
+            for k, p in enumerate(prompt_idx)]
 
 
 def advantages(scores: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
@@ -271,7 +288,7 @@ def loss_normaliser(s: RLSetup, loss_mask: torch.Tensor, idx: list[int]) -> floa
         return float(loss_mask[idx].sum())
     if agg == "sequence_mean":
         return float((loss_mask[idx].sum(-1) > 0).sum())
-    return float(len(idx) * s.cfg.rollout.max_new_tokens)
+    return float(len(idx) * (s.cfg.env.max_tokens if s.conversations else s.cfg.rollout.max_new_tokens))
 
 
 def micro_update(model: ActorCritic, s: RLSetup, exp: Experience, loss_mask: torch.Tensor, idx: list[int],
