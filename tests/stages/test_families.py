@@ -316,3 +316,36 @@ def test_eval_and_generate_run_on_the_family(family, chain, capsys, monkeypatch)
     assert code == 0, err
     report = json.loads((d / "report.json").read_text())["models"]
     assert report[str(d / "sft")]["eos_share"] >= 0.75 and report[str(d / "sft")]["kl_to_reference"] == 0
+
+
+def test_multi_turn_grpo_samples_the_distribution_it_trains(family, chain):
+    """A two-turn environment on the family's SFT model: the sampler's log-probs equal the trainer's over the policy's
+    tokens of both turns, and what the environment added is exactly the context SFT gives the same conversation.
+    Qwen3's template drops the earlier turns' think blocks once a user turn follows: refused at start."""
+    from llmft.rl.multi_turn import sample_trajectories
+
+    f, _ = family
+    d = chain["dir"]
+    cfg = {"model": {"name": str(d / "sft")}, "data": {"train": str(d / "prompts.jsonl")},
+           "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "rollout": {"max_new_tokens": 24, "temperature": 1.0},
+           "reward": {}, "env": {"name": "tests.helpers.envs:TwoTurns", "max_tokens": 96},
+           "train": {"batch_size": 4, "grad_accum": 2, "max_steps": 1}, "grpo": {"num_generations": 4},
+           "output_dir": str(d / "grpo-env"), "seed": 0}
+    (d / "grpo-env.yaml").write_text(yaml.safe_dump(cfg))
+    config = load_config("grpo", d / "grpo-env.yaml")
+    if f.name == "qwen3":
+        with pytest.raises(DataError, match="renders earlier turns differently"):
+            grpo.setup(config)
+        return
+    s = grpo.setup(config)
+    model = grpo.build_model(s)
+    metrics_, _ = grpo.grpo_step(model, s, [0, 1], lambda loss: 0.0, 1)
+    assert metrics_["logprob_gap"] < 1e-4 and metrics_["env/turns"] > 1.2, metrics_
+    _, _, _, trajectories = sample_trajectories(s.conversations, model, s, s.train.records[:4], 5)
+    two = [t for t in trajectories if t.turns == 2]
+    assert two
+    for t in two:
+        pieces = s.chat.conversation(t.messages, "trajectory")
+        context = [ids for ids, answer in pieces if not answer]
+        between = [t.ids[i] for i, m in enumerate(t.mask) if m == 0]
+        assert t.prompt_ids == context[0] and between == context[1]
