@@ -48,11 +48,6 @@ def assistant_content(chat: Chat, ids: list[int], finished: bool) -> str:
     return text[len(lead):] if lead and text.startswith(lead) else text
 
 
-def turn_text(chat: Chat, content: str) -> str:
-    """The text the template writes for an assistant turn after its generation prompt, through its terminator."""
-    return chat.answer_text(content)
-
-
 def following_ids(chat: Chat, before: str, rendered: str, where: str) -> list[int]:
     """The ids of what `rendered` adds after `before` (the text already in the sequence), tokenised in its context.
     The template must keep `before` as it was: else one clear error."""
@@ -84,7 +79,7 @@ def prefix_self_test(chat: Chat, opening: list[dict], tools: list[dict] | None, 
     messages = list(opening)
     text = render(chat, messages, tools, where)
     for content, added in ((first, [observation]), ("Done.", [{"role": "user", "content": "Thanks."}])):
-        text += turn_text(chat, content)
+        text += chat.answer_text(content)
         messages += [{"role": "assistant", "content": content}, *added]
         following_ids(chat, text, render(chat, messages, tools, where), where)
         text = render(chat, messages, tools, where)

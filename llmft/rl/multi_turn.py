@@ -61,7 +61,7 @@ class Trajectory:
     def score(self) -> float:
         return 0.0 if self.failed else sum(self.rewards)
 
-    def answer(self, chat) -> Answer:
+    def answer(self) -> Answer:
         final = next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
         return Answer(self.prompt_ids, self.ids, final.strip(), self.finished and not self.cut, self.logprobs,
                       self.mask)
@@ -145,7 +145,7 @@ class Conversations:
         if not t.finished:  # ran into max_new_tokens or the budget: no turn end to go on from
             t.cut, t.over = len(ids) < len(a.answer_ids) or len(t.ids) >= self.cfg.max_tokens, True
             return
-        t.text += conv.turn_text(self.chat, content)
+        t.text += self.chat.answer_text(content)
         try:
             observations, done = self.respond(t, content)
         except EnvError as e:
@@ -197,7 +197,7 @@ def sample_trajectories(conversations: Conversations, model, s, records: list[Re
     """(Experience [B], the parts of the score {"env": [B]}, the combined score [B], the trajectories)."""
     sampling = dataclasses.replace(s.cfg.rollout, seed=seed, **({"temperature": 0.0} if greedy else {}))
     trajectories = conversations.rollout(s.engine, model, records, sampling)
-    exp = pack([t.answer(s.chat) for t in trajectories], s.chat.pad_id, s.device)
+    exp = pack([t.answer() for t in trajectories], s.chat.pad_id, s.device)
     parts = {"env": torch.tensor([t.score for t in trajectories], dtype=torch.float32)}
     finished = torch.tensor([a.finished for a in exp.answers])
     return exp, parts, s.scorer.combine(parts, finished), trajectories

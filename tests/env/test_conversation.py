@@ -118,7 +118,7 @@ def test_the_token_budget_cuts_a_trajectory(tmp_path, tiny_tokenizer):
     assert len(first) < 6 and t.cut and t.over and t.ids == first  # the observation did not fit
     conv = conversations(tmp_path, tiny_tokenizer, max_tokens=2)
     [t] = conv.rollout(Scripted(chat, [[first]]), None, [Record({"prompt": "hi"}, "row 1")], _sampling())
-    assert t.ids == first[:2] and t.cut and not t.finished and t.answer(chat).finished is False
+    assert t.ids == first[:2] and t.cut and not t.finished and t.answer().finished is False
 
 
 def test_max_turns_ends_a_trajectory(tmp_path, tiny_tokenizer):

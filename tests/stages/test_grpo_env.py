@@ -41,7 +41,7 @@ def test_multi_turn_step_sampler_equals_trainer_and_masks_the_environment(env_co
     assert samples[0]["turns"][0]["role"] == "assistant" and "turn_rewards" in samples[0]
     flat = [t for g in groups for t in g.trajectories]
     assert [float(x) for x in torch.cat([g.scores for g in groups])] == pytest.approx(
-        [t.score - (0.0 if t.answer(s.chat).finished else 1.0) for t in flat])
+        [t.score - (0.0 if t.answer().finished else 1.0) for t in flat])
 
 
 def test_multi_turn_resume_equals_uninterrupted(env_config, monkeypatch, tmp_path):
