@@ -358,6 +358,9 @@ class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bfloat16 on CUDA, else float32.")
     kernels: bool = opt(False, "Hub kernels for the models it loads (as model.kernels in a stage); off by default.")
+    env: EnvConfig = field(default_factory=EnvConfig, metadata={
+        "help": "A multi-turn environment (env.name, as in grpo): each prompt row becomes a whole conversation, "
+                "scored by the environment (the judges and reward model are not used then)."})
 
 
 @dataclass

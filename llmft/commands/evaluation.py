@@ -41,6 +41,8 @@ class PolicyRun:
     answers: list[Answer]
     scores: dict[str, list[float]]  # judge → one score per prompt (constraints: share met; 1.0 = passed)
     logps: torch.Tensor  # [n] summed answer log-probs under the policy itself
+    env: dict[str, float] | None = None  # with an environment: its counts (`rl.multi_turn.trajectory_metrics`)
+    trajectories: list[dict] | None = None  # with an environment: each row's turns and turn rewards
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -49,7 +51,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     check_config(cfg)
     records = read_records(cfg.prompts)[: cfg.limit] if cfg.models else []
     judges = {name: make_judge(name, records, cfg.reference_column)
-              for name in cfg.judges if name != "reward" and cfg.models}
+              for name in cfg.judges if name != "reward" and cfg.models and not cfg.env.name}
     chats = check_tokenizers(cfg)  # before any generation: a mismatch must not cost minutes
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -61,7 +63,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.preferences:
         report["reward_model"] = preference_accuracy(scorer, cfg.preferences)
     if cfg.models:
-        runs = [run_policy(name, chats[name], records, judges, scorer, cfg.sampling, device, dtype, cfg.kernels)
+        runs = [run_env(name, chats[name], records, cfg, device, dtype) if cfg.env.name else
+                run_policy(name, chats[name], records, judges, scorer, cfg.sampling, device, dtype, cfg.kernels)
                 for name in cfg.models]
         ref_logps = reference_logps(cfg, chats[cfg.reference], runs, device, dtype) if cfg.reference else None
         report.update(summarize(runs, ref_logps, records))
@@ -85,7 +88,12 @@ def check_config(cfg: EvalConfig) -> None:
                           "the reward model's pairwise accuracy")
     if cfg.models and not cfg.prompts:
         raise ConfigError("eval: 'prompts' is required to evaluate models (a file of held-out prompts)")
-    if "reward" in cfg.judges and not cfg.reward_model:
+    if cfg.env.name and cfg.sampling.engine != "hf":
+        raise ConfigError("eval: env runs on sampling.engine: hf for now (a multi-turn rollout keeps its engine "
+                          "between turns)")
+    if cfg.env.name and cfg.reward_model:
+        raise ConfigError("eval: with env.name the environment scores each conversation; leave reward_model empty")
+    if "reward" in cfg.judges and not cfg.reward_model and not cfg.env.name:
         raise ConfigError("judge 'reward' needs reward_model: the path of an llmft reward output")
     if cfg.preferences and not cfg.reward_model:
         raise ConfigError("eval: 'preferences' measures a reward model's pairwise accuracy; set reward_model")
@@ -139,15 +147,43 @@ def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge],
     return PolicyRun(name, gens, scores, logps)
 
 
+class HFSampler:
+    """The rollout engine's interface (`sample`) over a plain model: what a multi-turn rollout samples with."""
+
+    def __init__(self, chat):
+        self.chat = chat
+
+    def sample(self, model, prompts: list[list[int]], sampling: SamplingConfig, logprobs: bool = False) -> list[Answer]:
+        return generate(model, self.chat, prompts, sampling, logprobs=logprobs)
+
+
+def run_env(name: str, chat, records: list[Record], cfg: EvalConfig, device, dtype) -> PolicyRun:
+    """Each row a whole conversation with the environment (greedy unless sampling says otherwise), scored by it."""
+    from llmft.rl.multi_turn import Conversations, trajectory_metrics
+
+    console.print(f"[bold]{name}[/]: {len(records)} conversations with {cfg.env.name}")
+    conversations = Conversations(cfg, chat)
+    if records:
+        conversations.prompts_of(records[:1])  # the template's prefix self-test, before the model loads
+    model = load_model(resolve_source(name), dtype, device, ModelConfig(name=name, kernels=cfg.kernels))
+    check_lm_head(model)
+    trajectories = conversations.rollout(HFSampler(chat), model, records, cfg.sampling)
+    gens = [t.answer() for t in trajectories]
+    logps = summed_answer_logps(model, gens, chat.pad_id, cfg.sampling, device)
+    return PolicyRun(name, gens, {"env": [t.score for t in trajectories]}, logps, trajectory_metrics(trajectories),
+                     [t.sample_row() for t in trajectories])
+
+
 def summed_answer_logps(model, gens: list[Answer], pad: int, sampling: SamplingConfig, device) -> torch.Tensor:
-    """log π(y | x) of each generated answer at the sampling temperature (1 for greedy), fp32: [n]."""
+    """log π(y | x) of each generated answer at the sampling temperature (1 for greedy), fp32: [n] (multi-turn: of
+    the policy's tokens, not the environment's)."""
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     out = []
     with torch.no_grad():
         for i in range(0, len(gens), sampling.batch_size):
             chunk = gens[i:i + sampling.batch_size]
-            batch = collate([Example(g.prompt_ids + g.answer_ids, [-100] * len(g.prompt_ids) + g.answer_ids)
-                             for g in chunk], pad)
+            batch = collate([Example(g.prompt_ids + g.answer_ids, [-100] * len(g.prompt_ids) + [
+                t if g.mask is None or g.mask[k] else -100 for k, t in enumerate(g.answer_ids)]) for g in chunk], pad)
             batch = {k: v.to(device) for k, v in batch.items()}
             out.append(sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                       temperature).cpu())
@@ -182,16 +218,24 @@ def summarize(runs: list[PolicyRun], ref_logps, records: list[Record]) -> dict[s
             m[f"{judge}/score" if judge == "constraints" else judge] = mean(scores)
         if ref_logps is not None:
             m["kl_to_reference"] = float((r.logps - ref_logps[i]).mean())
-        m["length"] = mean(len(g.answer_ids) for g in r.answers)
+        m.update({f"env/{k.removeprefix('env/')}": v for k, v in (r.env or {}).items()})
+        m["length"] = mean(sum(g.mask) if g.mask is not None else len(g.answer_ids) for g in r.answers)
         m["eos_share"] = mean(g.finished for g in r.answers)
         models[r.name] = m
     base = runs[0]
     wins = {f"{r.name} vs {base.name}": {j: win_rate(r.scores[j], base.scores[j]) for j in r.scores}
             for r in runs[1:]}
-    samples = {r.name: [{"prompt": prompt_messages(rec)[-1]["content"], "response": g.text, "finished": g.finished,
-                         **{j: s[k] for j, s in r.scores.items()}}
+    samples = {r.name: [{"prompt": prompt_of(rec), "response": g.text, "finished": g.finished,
+                         **{j: s[k] for j, s in r.scores.items()}, **(r.trajectories[k] if r.trajectories else {})}
                         for k, (rec, g) in enumerate(zip(records, r.answers, strict=True))] for r in runs}
     return {"models": models, "win_rates": wins, "samples": samples}
+
+
+def prompt_of(rec: Record) -> str:
+    """The prompt's last turn; an environment's row (no prompt: its reset builds one) as the row itself."""
+    if "prompt" in rec.row or "messages" in rec.row:
+        return prompt_messages(rec)[-1]["content"]
+    return json.dumps(rec.row, ensure_ascii=False)
 
 
 def show(report: dict[str, Any], out: Console | None = None) -> None:

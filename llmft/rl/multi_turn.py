@@ -87,19 +87,23 @@ class Conversations:
     def prompts(self, path, split: str, max_length: int) -> PromptSet:
         """Every row's opening rendered with the tools (each row reset by an instance of its own), too-long ones
         dropped and counted; the template's prefix self-test on the first."""
+        prompts = self.prompts_of(read_all(path, split), max_length)
+        if not prompts.ids:
+            raise DataError(f"{path}: no opening fits data.max_prompt_length={max_length} ({prompts.too_long} longer)")
+        return prompts
+
+    def prompts_of(self, rows: list[Record], max_length: int | None = None) -> PromptSet:
         records, ids, too_long = [], [], 0
-        for r in read_all(path, split):
+        for r in rows:
             opening = self.reset(make_environment(self.cls, self.cfg.args), r)
             if not records:
                 conv.prefix_self_test(self.chat, opening, self.tools, self.format, f"{r.where} (env self-test)")
             p = self.chat.ids(conv.render(self.chat, opening, self.tools, r.where))
-            if len(p) > max_length:
+            if max_length is not None and len(p) > max_length:
                 too_long += 1
                 continue
             records.append(r)
             ids.append(p)
-        if not ids:
-            raise DataError(f"{path}: no opening fits data.max_prompt_length={max_length} ({too_long} longer)")
         return PromptSet(records, ids, too_long)
 
     def reset(self, env, record: Record) -> list[dict]:

@@ -158,3 +158,43 @@ def test_the_eval_table_keeps_metric_names_whole_in_an_80_column_log():
         for m in [*metrics, "win rate (constraints)"]:
             assert text.count(f"│ {m} ") == text.count("┏")  # whole, once in each table
         assert text.count("-0.4938") == len(metrics) and ("-0.7407" in text) == (len(shown) == 7)  # every model
+
+
+def test_summed_answer_logps_count_the_policy_tokens_only(tiny_model_dir):
+    from llmft.commands.evaluation import summed_answer_logps
+    from llmft.config import SamplingConfig
+    from llmft.rollout.generation import Answer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompt, answer = [1, 5, 9], [14, 20, 21, 7]
+    turns = Answer(prompt, answer, "", True, mask=[1, 0, 0, 1])  # 20, 21: the environment's tokens
+    logp = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0].float(), -1)
+    by_hand = logp[2, 14] + logp[5, 7]  # position t predicts token t+1
+    whole = sum(logp[2 + k, t] for k, t in enumerate(answer))
+    got = summed_answer_logps(model, [turns, Answer(prompt, answer, "", True)], 0, SamplingConfig(), "cpu")
+    torch.testing.assert_close(got, torch.stack([by_hand, whole]), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_runs_an_environment_greedily_on_held_out_rows(capsys, monkeypatch, talking_dir, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hi", "tell me more", "a story"]))
+    out = tmp_path / "report.json"
+    args = ["eval", "--model", talking_dir, "--prompts", path, "--reference", talking_dir, "--out", out,
+            "--set", "env.name=tests.helpers.envs:TwoTurns", "--set", "env.max_tokens=48",
+            "--set", "sampling.max_new_tokens=12"]
+    code, _, err = llmft(capsys, monkeypatch, *args)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    m, samples = report["models"][str(talking_dir)], report["samples"][str(talking_dir)]
+    assert {"env", "env/turns", "env/tool_calls", "env/cut_ratio", "env/error_ratio", "kl_to_reference"} <= set(m)
+    assert m["kl_to_reference"] == 0.0 and "constraints/score" not in m
+    assert m["env/turns"] == pytest.approx(sum(len(s["turn_rewards"]) for s in samples) / 3)
+    assert m["env/turns"] > 1  # the environment's "go on" was answered
+    for s in samples:  # the score is the sum of the turns' rewards; the turns hold the observation between them
+        assert s["env"] == pytest.approx(0.0 if s["error"] else sum(s["turn_rewards"]))
+        assert s["turns"][0]["role"] == "assistant" and s["prompt"] in {"hi", "tell me more", "a story"}
+    assert any(t["role"] == "user" and t["content"] == "go on" for s in samples for t in s["turns"])
+    code, _, err = llmft(capsys, monkeypatch, *args)
+    assert code == 0 and json.loads(out.read_text())["samples"] == report["samples"]  # greedy: the same again
+    code, _, err = llmft(capsys, monkeypatch, *args, "--set", "reward_model=x")
+    assert_one_line_error(code, err, "the environment scores each conversation")
