@@ -282,6 +282,8 @@ class PPOConfig(RunConfig):
     reward: RewardSourcesConfig = field(default_factory=RewardSourcesConfig,
                                         metadata={"help": "What scores an answer."})
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig, metadata={"help": "The PPO update."})
+    env: EnvConfig = field(default_factory=EnvConfig, metadata={"help": "A multi-turn, tool-using environment "
+                                                                        "(env.name); none = single-turn answers."})
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
 

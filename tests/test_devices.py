@@ -85,14 +85,29 @@ def test_every_training_stage_keeps_its_tensors_on_one_device(stage_config, fake
         assert all(v == v for v in metrics.values() if isinstance(v, float)), name  # finite, not NaN
 
 
-def test_multi_turn_grpo_keeps_its_tensors_on_one_device(stage_config, talking_dir, fake_cuda):
-    cfg = stage_config("grpo", env={"name": "tests.helpers.envs:TwoTurns", "max_tokens": 48})
-    cfg.model.name, cfg.reward.model, cfg.reward.judges, cfg.reward.normalize = str(talking_dir), None, {}, False
+@pytest.mark.parametrize("module", [grpo, ppo], ids=["grpo", "ppo"])
+def test_multi_turn_rl_keeps_its_tensors_on_one_device(module, stage_config, talking_dir, fake_cuda):
+    name = module.__name__.rsplit(".", 1)[-1]
+    cfg = stage_config(name, env={"name": "tests.helpers.envs:TwoTurns", "max_tokens": 48})
+    cfg.model.name, cfg.reward.model, cfg.reward.judges = str(talking_dir), None, {}
+    cfg.reward.normalize = module is ppo  # ppo places each turn's reward scaled by the running std
     cfg.rollout.max_new_tokens = 12
-    grpo.run(cfg)
+    module.run(cfg)
     rows = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("env/turns", 0) for r in rows) > 1  # the environment's tokens went through, on the device
     assert any("eval/env/turns" in r for r in rows)
+
+
+def test_eval_with_an_environment_keeps_its_tensors_on_one_device(talking_dir, tmp_path, fake_cuda):
+    from llmft.config import EnvConfig, EvalConfig, SamplingConfig
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": "a story"}\n')
+    model = str(talking_dir)
+    report = evaluation.run(EvalConfig(models=[model], prompts=str(prompts), reference=model, device="cuda",
+                                       env=EnvConfig(name="tests.helpers.envs:TwoTurns", max_tokens=48),
+                                       sampling=SamplingConfig(max_new_tokens=12)))
+    assert report["models"][model]["env/turns"] > 1 and report["models"][model]["kl_to_reference"] == 0.0
 
 
 def test_generate_and_eval_keep_their_tensors_on_one_device(stage_config, tiny_model_dir, tmp_path, fake_cuda):

@@ -21,7 +21,7 @@ from llmft.data.chat import tokenizer_difference
 from llmft.data.examples import Example, collate
 from llmft.data.preferences import detect_format as detect_pair_format
 from llmft.data.preferences import tokenize_pairs
-from llmft.data.records import Record, prompt_messages, read_records
+from llmft.data.records import Record, prompt_messages, read_records, shown_prompt
 from llmft.errors import ConfigError, ModelError
 from llmft.judges import Judge, make_judge
 from llmft.maths.losses import pairwise_accuracy
@@ -225,17 +225,10 @@ def summarize(runs: list[PolicyRun], ref_logps, records: list[Record]) -> dict[s
     base = runs[0]
     wins = {f"{r.name} vs {base.name}": {j: win_rate(r.scores[j], base.scores[j]) for j in r.scores}
             for r in runs[1:]}
-    samples = {r.name: [{"prompt": prompt_of(rec), "response": g.text, "finished": g.finished,
+    samples = {r.name: [{"prompt": shown_prompt(rec), "response": g.text, "finished": g.finished,
                          **{j: s[k] for j, s in r.scores.items()}, **(r.trajectories[k] if r.trajectories else {})}
                         for k, (rec, g) in enumerate(zip(records, r.answers, strict=True))] for r in runs}
     return {"models": models, "win_rates": wins, "samples": samples}
-
-
-def prompt_of(rec: Record) -> str:
-    """The prompt's last turn; an environment's row (no prompt: its reset builds one) as the row itself."""
-    if "prompt" in rec.row or "messages" in rec.row:
-        return prompt_messages(rec)[-1]["content"]
-    return json.dumps(rec.row, ensure_ascii=False)
 
 
 def show(report: dict[str, Any], out: Console | None = None) -> None:

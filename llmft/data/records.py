@@ -261,6 +261,14 @@ def prompt_messages(rec: Record) -> list[dict]:
     raise DataError(f"{where}: the prompt must be a non-empty string or a list of chat messages")
 
 
+def shown_prompt(rec: Record) -> str:
+    """The prompt's last turn, for a person reading samples; a row without a prompt (an environment's: its reset
+    builds one) as the row itself."""
+    if "prompt" in rec.row or "messages" in rec.row:
+        return prompt_messages(rec)[-1]["content"]
+    return json.dumps(rec.row, ensure_ascii=False)
+
+
 def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):

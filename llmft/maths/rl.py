@@ -62,11 +62,32 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
         r_t = −β · KL_t                 for every answer token
         r_T += score                    at the last real token T of each answer only
 
-    scores [B]; kl, mask [B, R]. Padding positions get 0.
+    scores [B], or [B, R] already placed on their tokens (multi-turn: `turn_rewards`); kl, mask [B, R]. Padding
+    positions get 0.
     """
     rewards = -beta * kl * mask
+    if scores.dim() == 2:
+        return rewards + scores * mask
     last = mask.sum(-1).long().clamp(min=1) - 1  # [B]: index of each answer's last real token
     return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
+
+
+def turn_rewards(turn_scores: torch.Tensor, ends: torch.Tensor, scores: torch.Tensor, scale: float,
+                 width: int) -> torch.Tensor:
+    """A multi-turn trajectory's rewards on its tokens [B, R]: each policy turn's reward where that turn ends,
+
+        r_{e_k} = c · s_k                   at the last policy token e_k of turn k
+        r_{e_K} += S − c · Σ_k s_k          at the last turn's: the rest of the score optimised, S
+
+    so that Σ_t r_t = S (with γ = 1 the return of the first token is the trajectory's score). c is the scale of
+    the reward normalisation (1 without), and the rest is its shift, the penalty for a missing stop id and any
+    clipping. turn_scores [B, K] (0-padded), ends [B, K] long (padded with the last turn's end), scores [B].
+    """
+    placed = torch.zeros(len(scores), width, dtype=torch.float32, device=scores.device)
+    rows = torch.arange(len(scores), device=scores.device)[:, None].expand_as(ends)
+    placed = placed.index_put((rows, ends), scale * turn_scores, accumulate=True)
+    rest = scores - scale * turn_scores.sum(-1)
+    return placed.index_put((rows[:, 0], ends[:, -1]), rest, accumulate=True)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -77,17 +98,21 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         A_t = δ_t + γ λ A_{t+1}
         R_t = A_t + V_t                       (the value targets, before any whitening)
 
-    rewards, values, mask [B, R] → (advantages, returns), both [B, R] and 0 on padding.
+    over the positions where mask is 1 only: t + 1 is the next such position, so in a multi-turn trajectory the
+    environment's tokens between two policy turns (mask 0) are skipped, not an episode's end.
+    rewards, values, mask [B, R] → (advantages, returns), both [B, R] and 0 where mask is 0.
     """
     values, rewards = values * mask, rewards * mask
     advantages = torch.zeros_like(rewards)
     next_adv = torch.zeros_like(rewards[:, 0])
     next_value = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
+        policy = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        advantages[:, t] = next_adv
-        next_value = values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = adv * mask[:, t]
+        next_adv = torch.where(policy, adv, next_adv)
+        next_value = torch.where(policy, values[:, t], next_value)
     return advantages, (advantages + values) * mask
 
 

@@ -130,8 +130,7 @@ def rollout_engine(s, model: ActorCritic):
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     model_dir = engine_model_dir(s.source, s.cfg.model, s.dtype, s.chat.tokenizer)
-    env = getattr(s.cfg, "env", None)
-    answer_room = env.max_tokens if env is not None and env.name else s.cfg.rollout.max_new_tokens
+    answer_room = s.cfg.env.max_tokens if s.cfg.env.name else s.cfg.rollout.max_new_tokens
     max_len = s.cfg.data.max_prompt_length + answer_room + 1
     merged = s.cfg.rollout.vllm.sync == "merged"
     engine = VLLMEngine.start(model_dir, s.chat, s.dtype, s.device, s.cfg.rollout.vllm,

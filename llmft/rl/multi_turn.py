@@ -46,6 +46,7 @@ class Trajectory:
     mask: list[int] = field(default_factory=list)  # 1 on the policy's tokens
     logprobs: list[float] = field(default_factory=list)  # the sampler's log-prob of each policy token, 0 elsewhere
     rewards: list[float] = field(default_factory=list)  # one per policy turn (0 where none)
+    ends: list[int] = field(default_factory=list)  # one per policy turn: the index in ids of its last token
     tool_calls: int = 0
     tool_errors: int = 0
     finished: bool = True  # the last policy turn ended with a stop id
@@ -58,8 +59,12 @@ class Trajectory:
         return len(self.rewards)
 
     @property
+    def turn_scores(self) -> list[float]:
+        return [0.0] * self.turns if self.failed else self.rewards
+
+    @property
     def score(self) -> float:
-        return 0.0 if self.failed else sum(self.rewards)
+        return sum(self.turn_scores)
 
     def answer(self) -> Answer:
         final = next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
@@ -68,8 +73,8 @@ class Trajectory:
 
     def sample_row(self) -> dict:
         """The whole trajectory for samples.jsonl: its turns (tool calls, observations) and per-turn rewards."""
-        return {"turns": self.messages[self.opening:], "turn_rewards": self.rewards, "cut": self.cut,
-                "error": self.failed}
+        return {"prompt": self.messages[self.opening - 1]["content"], "turns": self.messages[self.opening:],
+                "turn_rewards": self.rewards, "cut": self.cut, "error": self.failed}
 
 
 class Conversations:
@@ -143,6 +148,7 @@ class Conversations:
         t.ids += ids
         t.mask += [1] * len(ids)
         t.logprobs += logprobs
+        t.ends.append(len(t.ids) - 1)
         content = conv.assistant_content(self.chat, ids, t.finished)
         t.messages.append({"role": "assistant", "content": content})
         t.rewards.append(0.0)
@@ -205,6 +211,15 @@ def sample_trajectories(conversations: Conversations, model, s, records: list[Re
     parts = {"env": torch.tensor([t.score for t in trajectories], dtype=torch.float32)}
     finished = torch.tensor([a.finished for a in exp.answers])
     return exp, parts, s.scorer.combine(parts, finished), trajectories
+
+
+def turn_tensors(trajectories: list[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each trajectory's turn scores [B, K] (0-padded) and the index of each turn's last token [B, K] (padded with
+    the last turn's): what `maths.rl.turn_rewards` places."""
+    k = max(t.turns for t in trajectories)
+    scores = torch.tensor([t.turn_scores + [0.0] * (k - t.turns) for t in trajectories], dtype=torch.float32)
+    ends = torch.tensor([t.ends + [t.ends[-1]] * (k - t.turns) for t in trajectories], dtype=torch.long)
+    return scores, ends
 
 
 def trajectory_metrics(trajectories: list[Trajectory]) -> dict:

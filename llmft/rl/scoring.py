@@ -51,3 +51,8 @@ class Scorer:
         if self.cfg.clip is not None:
             score = score.clamp(-self.cfg.clip, self.cfg.clip)
         return score
+
+    @property
+    def scale(self) -> float:
+        """The factor `shape` multiplies a score by (before its shift and clipping): 1 / the running std, or 1."""
+        return 1.0 / self.moments.std if self.cfg.normalize else 1.0

@@ -11,6 +11,7 @@ import torch
 from llmft.checkpoint import content_hash
 from llmft.console import console
 from llmft.data.chat import tokenizer_difference
+from llmft.data.prompts import PromptSet, load_prompts
 from llmft.errors import ConfigError, ModelError
 from llmft.models import quantization
 from llmft.models.adapters import add_lora, disable_dropout, require_dropout_off
@@ -19,6 +20,7 @@ from llmft.models.reward_model import RewardScorer
 from llmft.models.sources import resolve_source
 from llmft.rl.actor_critic import ActorCritic
 from llmft.rl.engine import rollout_engine
+from llmft.rl.multi_turn import Conversations, check_env_config
 from llmft.rl.scoring import Scorer
 from llmft.run import loop
 
@@ -35,6 +37,19 @@ class RLSetup(loop.Setup):
         """The rollout engine ends with the run (vLLM: its process), not at the interpreter's exit."""
         if self.engine is not None:
             self.engine.close()
+
+
+def prompt_sets(cfg, chat) -> tuple[Conversations | None, PromptSet, PromptSet | None]:
+    """The environment (env.name; else None) and the training and held-out prompts: with an environment, each
+    row's opening from its reset (the template's prefix self-test on the first)."""
+    env = Conversations(cfg, chat) if cfg.env.name else None
+
+    def load(path: str) -> PromptSet:
+        if env:
+            return env.prompts(path, cfg.data.split, cfg.data.max_prompt_length)
+        return load_prompts(path, cfg, chat)
+
+    return env, load(cfg.data.train), load(cfg.data.eval) if cfg.data.eval else None
 
 
 def build_model(s: RLSetup, critic: bool) -> ActorCritic:
@@ -58,6 +73,8 @@ def check_sampling_config(cfg, stage: str) -> None:
     belongs to the stage that starts from the base model), greedy or truncated sampling (the trainer's log-probs
     are those of softmax(z / T) over the whole vocabulary)."""
     require_dropout_off(cfg, stage, "ratios and KL compare outputs of the same network")
+    if cfg.env.name:
+        check_env_config(cfg)
     if cfg.model.chat_template:
         raise ConfigError(f"model.chat_template: give a model its chat template in the stage that starts from it "
                           f"(usually sft); {stage} keeps the template of the policy it starts from")
@@ -96,8 +113,14 @@ def reward_rollout_rows(t, s: RLSetup) -> None:
     """The plan table's rows for the reward sources and the sampling."""
     cfg, rm = s.cfg, s.cfg.reward.model
     roles = f"reward model {rm} ({'shares the base' if s.share_reward else 'own base'})" if rm else "no reward model"
-    t.add_row("reward", f"{roles}; judges {dict(cfg.reward.judges) or 'none'}; "
-                        f"no-stop penalty {cfg.reward.missing_eos_penalty}")
+    if s.conversations:
+        env, tools = cfg.env, s.conversations.tools
+        t.add_row("env", f"{env.name}: ≤ {env.max_turns} turns, ≤ {env.max_tokens} tokens after the opening; tools "
+                         f"{', '.join(x['function']['name'] for x in tools) or 'none'} "
+                         f"({s.conversations.format or 'no'} call format); on_error {env.on_error}")
+    else:
+        t.add_row("reward", f"{roles}; judges {dict(cfg.reward.judges) or 'none'}")
+    t.add_row("penalty", f"no stop id: −{cfg.reward.missing_eos_penalty}")
     t.add_row("rollout", f"temperature {cfg.rollout.temperature}, max_new_tokens {cfg.rollout.max_new_tokens}; "
                          f"stops at {stop_names(s.chat)}")
     t.add_row("engine", engine_row(cfg.rollout))

@@ -12,7 +12,7 @@ import torch
 
 from llmft import distributed
 from llmft.console import console
-from llmft.data.records import Record, prompt_messages
+from llmft.data.records import Record, shown_prompt
 from llmft.errors import TrainingAborted
 from llmft.maths.rl import rollout_correction
 from llmft.rl.actor_critic import ActorCritic
@@ -109,7 +109,7 @@ def correction_weights(s: RLSetup, exp: Experience, old_logps: torch.Tensor, idx
 
 
 def sample_rows(exp: Experience, rows: list[dict], parts: dict, score: torch.Tensor, n: int = 4) -> list[dict]:
-    return [{"prompt": prompt_messages(Record(row, "sample"))[-1]["content"], "response": g.text,
+    return [{"prompt": shown_prompt(Record(row, "sample")), "response": g.text,
              "finished": g.finished, "score": float(score[i]), **{k: float(v[i]) for k, v in parts.items()}}
             for i, (row, g) in enumerate(zip(rows[:n], exp.answers[:n], strict=False))]
 

@@ -29,7 +29,6 @@ import torch
 from llmft import distributed
 from llmft.config import GRPOConfig
 from llmft.console import console
-from llmft.data.prompts import load_prompts
 from llmft.errors import ConfigError
 from llmft.maths.losses import grpo_policy_loss
 from llmft.maths.rl import group_advantages, masked_var, rloo_advantages, zero_std_groups
@@ -37,9 +36,9 @@ from llmft.models.loading import resolve_model
 from llmft.rl import setup as rl_setup
 from llmft.rl import stage as rl_stage
 from llmft.rl.actor_critic import POLICY, REFERENCE, ActorCritic
-from llmft.rl.multi_turn import Conversations, check_env_config, sample_trajectories, trajectory_metrics
+from llmft.rl.multi_turn import sample_trajectories, trajectory_metrics
 from llmft.rl.scoring import Scorer
-from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, reward_rollout_rows
+from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, prompt_sets, reward_rollout_rows
 from llmft.rl.stage import (
     check_finite,
     check_logprob_gap,
@@ -73,11 +72,7 @@ class Group:
 def setup(cfg: GRPOConfig) -> RLSetup:
     check_config(cfg)
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
-    env = Conversations(cfg, chat) if cfg.env.name else None
-    prompts = (lambda path: env.prompts(path, cfg.data.split, cfg.data.max_prompt_length)) if env else (
-        lambda path: load_prompts(path, cfg, chat))
-    train = prompts(cfg.data.train)
-    evals = prompts(cfg.data.eval) if cfg.data.eval else None
+    env, train, evals = prompt_sets(cfg, chat)
     share = check_reward_model(cfg, source, chat, dtype)
     scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []), env=env is not None)
     per_step = prompts_per_process(cfg) * distributed.world().size
@@ -90,8 +85,6 @@ def setup(cfg: GRPOConfig) -> RLSetup:
 
 def check_config(cfg: GRPOConfig) -> None:
     check_sampling_config(cfg, "grpo")
-    if cfg.env.name:
-        check_env_config(cfg)
     G, answers = cfg.grpo.num_generations, answers_per_process(cfg)
     if answers % G:
         raise ConfigError(f"train.batch_size × train.grad_accum × grpo.num_minibatches = {answers} answers per "

@@ -10,6 +10,7 @@
                 forwards   old log-probs, reference log-probs, values, entropy                      [B, R]
                            (old vs the sampler's: `logprob_gap`, checked at step 1)
                 advantage  r_t = −β·k1_t, + score at the last real token → GAE(γ, λ) → whiten        [B, R]
+                           (env: each turn's reward at its last policy token; GAE over policy tokens only)
                 update     ppo.epochs × shuffled minibatches: clipped policy loss + vf_coef · clipped value loss
     save      → the policy adapter at the top level (a policy for `llmft eval` or a later stage), value/ and
                 value_head.safetensors for resuming; samples.jsonl holds decoded samples with their scores
@@ -25,16 +26,16 @@ import torch
 from llmft import distributed
 from llmft.config import PPOConfig
 from llmft.console import console
-from llmft.data.prompts import load_prompts
 from llmft.errors import ConfigError
 from llmft.maths.losses import ppo_policy_loss, ppo_value_loss
-from llmft.maths.rl import KLController, explained_variance, gae, kl_per_token, shaped_rewards, whiten
+from llmft.maths.rl import KLController, explained_variance, gae, kl_per_token, shaped_rewards, turn_rewards, whiten
 from llmft.models.loading import resolve_model
 from llmft.rl import setup as rl_setup
 from llmft.rl import stage as rl_stage
 from llmft.rl.actor_critic import POLICY, REFERENCE, VALUE, ActorCritic
+from llmft.rl.multi_turn import sample_trajectories, trajectory_metrics, turn_tensors
 from llmft.rl.scoring import Scorer
-from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, reward_rollout_rows
+from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, prompt_sets, reward_rollout_rows
 from llmft.rl.stage import (
     check_finite,
     check_logprob_gap,
@@ -62,10 +63,9 @@ class Setup(RLSetup):
 def setup(cfg: PPOConfig) -> Setup:
     check_config(cfg)
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
-    train = load_prompts(cfg.data.train, cfg, chat)
-    evals = load_prompts(cfg.data.eval, cfg, chat) if cfg.data.eval else None
+    env, train, evals = prompt_sets(cfg, chat)
     share = check_reward_model(cfg, source, chat, dtype)
-    scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []))
+    scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []), env=env is not None)
     per_step = rollout_size(cfg) * distributed.world().size  # each process samples its own share of a step
     if len(train.ids) < per_step:
         raise ConfigError(f"data.train has {len(train.ids)} prompts, fewer than one rollout batch ({per_step} = "
@@ -73,7 +73,7 @@ def setup(cfg: PPOConfig) -> Setup:
     # only whole rollout batches: every process then runs the same minibatches (and collectives) every step
     plan = plan_steps(len(train.ids), per_step, 1, cfg.train.epochs, cfg.train.max_steps, cfg.seed, per_step)
     kl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-    return Setup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, kl=kl)
+    return Setup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, conversations=env, kl=kl)
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -139,11 +139,10 @@ PPO_STATS = {"loss/policy_avg": "policy_loss", "loss/value_avg": "value_loss", "
 
 def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: int) -> tuple[dict, list[dict]]:
     cfg, times = s.cfg, {}
+    rows = [s.train.records[i].row for i in prompt_idx]
     with phase(times, "generation", s.device):
-        exp = sample(model, s, [s.train.ids[i] for i in prompt_idx], rollout_seed(s, step))
+        exp, parts, score, trajectories = rollout(model, s, prompt_idx, step)
     with phase(times, "scoring", s.device):
-        rows = [s.train.records[i].row for i in prompt_idx]
-        parts, score = score_rollout(model, s, exp, rows)
         check_finite(step, "score", score)
         exp.put(scores=s.scorer.shape(score))
     with phase(times, "forwards", s.device):
@@ -151,7 +150,7 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
         gap, gap_mean = check_logprob_gap(s, exp, step, cfg.ppo.logprob_gap_tolerance, "ppo.logprob_gap_tolerance")
     with phase(times, "advantages", s.device):
         kl = kl_per_token(exp.old_logps, exp.ref_logps) * exp.mask  # k1 [B, R]
-        rewards = shaped_rewards(exp.scores, kl, exp.mask, s.kl.value)
+        rewards = shaped_rewards(placed_scores(s, exp, trajectories), kl, exp.mask, s.kl.value)
         advantages, returns = gae(rewards, exp.values, exp.mask, cfg.ppo.gamma, cfg.ppo.lam)
         if cfg.ppo.whiten_advantages:
             advantages = whiten(advantages, exp.mask, global_sum=distributed.global_sum_tensor)  # global batch moments
@@ -175,7 +174,34 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
     }
     n = distributed.global_sum(len(prompt_idx))
     s.kl.update(distributed.global_sum(float(seq_kl.sum())) / n, n)
-    return metrics, sample_rows(exp, rows, parts, score)
+    samples = sample_rows(exp, rows, parts, score)
+    if trajectories:
+        metrics.update(trajectory_metrics(trajectories))
+        for row, t in zip(samples, trajectories, strict=False):
+            row.update(t.sample_row())
+    return metrics, samples
+
+
+# ------------------------------------------------------------------------------------------- rollout
+def rollout(model: ActorCritic, s: Setup, prompt_idx: list[int], step: int):
+    """One answer to each prompt (with an environment: one trajectory), scored: (Experience, each source's scores
+    {name: [B]}, their combined score [B], the trajectories or None)."""
+    seed = rollout_seed(s, step)
+    if s.conversations:
+        return sample_trajectories(s.conversations, model, s, [s.train.records[i] for i in prompt_idx], seed)
+    exp = sample(model, s, [s.train.ids[i] for i in prompt_idx], seed)
+    parts, score = score_rollout(model, s, exp, [s.train.records[i].row for i in prompt_idx])
+    return exp, parts, score, None
+
+
+def placed_scores(s: Setup, exp: Experience, trajectories) -> torch.Tensor:
+    """The optimised scores as PPO's reward sees them: [B], at each answer's last token; multi-turn [B, R], each
+    turn's reward at its last policy token (`maths.rl.turn_rewards`)."""
+    if not trajectories:
+        return exp.scores
+    turn_scores, ends = turn_tensors(trajectories)
+    return turn_rewards(turn_scores.to(exp.device), ends.to(exp.device), exp.scores, s.scorer.scale,
+                        exp.mask.shape[1])
 
 
 # ------------------------------------------------------------------------------------------ forwards

@@ -58,3 +58,10 @@ class Slow(TwoTurns):
 class OffProtocol(TwoTurns):
     def step(self, messages):
         return "done"
+
+
+class Opening(TwoTurns):
+    """TwoTurns on rows without a prompt: its reset builds the opening from the row's word."""
+
+    def reset(self, row):
+        return [{"role": "user", "content": f"say {row['word']}"}]

@@ -17,6 +17,7 @@ from llmft.maths.rl import (
     kl_per_token,
     rloo_advantages,
     shaped_rewards,
+    turn_rewards,
     whiten,
     zero_std_groups,
 )
@@ -120,6 +121,31 @@ def test_gae_matches_a_naive_loop_and_ignores_padding():
         assert adv[row, :length].tolist() == pytest.approx(expected, abs=1e-6)
     assert adv[1, 2] == 0 and ret[1, 2] == 0
     close(ret, adv + values * GAE_MASK)
+
+
+def test_gae_skips_the_environments_tokens_between_two_turns():
+    # policy tokens at 0, 1 and 4; the environment's at 2, 3 (mask 0): the same as 3 contiguous policy tokens,
+    # γ = 1, λ = 0.5, rewards (0, 0, 1), values (0.5, 0.25, 0.5) on them (by hand above: A = (0, 0.5, 0.5))
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
+    rewards = torch.tensor([[0.0, 0.0, 7.0, 7.0, 1.0]])  # whatever sits on the environment's tokens is not seen
+    values = torch.tensor([[0.5, 0.25, 9.0, 9.0, 0.5]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    close(adv, [[0.0, 0.5, 0.0, 0.0, 0.5]])
+    close(ret, [[0.5, 0.75, 0.0, 0.0, 1.0]])  # the last token of turn 1 bootstraps from turn 2's V = 0.5
+
+
+def test_turn_rewards_land_where_each_turn_ends_and_sum_to_the_score():
+    # trajectory 0: turns ending at 1 and 4, rewards 0.5 and 1; trajectory 1: one turn ending at 2, reward 2
+    turn_scores = torch.tensor([[0.5, 1.0], [2.0, 0.0]])
+    ends = torch.tensor([[1, 4], [2, 2]])
+    scores = torch.tensor([1.5 - 1.0, 2.0])  # trajectory 0 lost 1 for a missing stop id
+    close(turn_rewards(turn_scores, ends, scores, 1.0, 5), [[0.0, 0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0, 0.0]])
+    # normalised by c = 1/2 and shifted: S = (Σ s − μ) · c with μ = 1
+    placed = turn_rewards(turn_scores, ends, torch.tensor([0.25, 0.5]), 0.5, 5)
+    close(placed, [[0.0, 0.25, 0.0, 0.0, 0.5 - 0.5], [0.0, 0.0, 1.0 - 0.5, 0.0, 0.0]])
+    close(placed.sum(-1), [0.25, 0.5])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0, 0.0]])
+    close(shaped_rewards(placed, torch.ones(2, 5), mask, 0.1), placed - 0.1 * mask)
 
 
 def test_whitening_uses_valid_tokens_only():
