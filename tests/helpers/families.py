@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -76,6 +76,53 @@ PHI3 = ("{% for m in messages %}{% if m['role'] in ['system', 'user', 'assistant
         "{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 
+# Tool-using variants, written from each family's documented tool format: Llama-3.1 (system "Environment: ipython",
+# the tools' JSON in the first user turn, calls as {"name", "parameters"}, results in "ipython" turns), Qwen2.5 (its
+# default system prompt with the tools in <tools></tools>, calls in <tool_call>, consecutive results in one user turn
+# of <tool_response> blocks), Mistral v0.3 ([AVAILABLE_TOOLS] before the last user turn, [TOOL_CALLS], results in
+# [TOOL_RESULTS]: not prefix-preserving once a later user turn exists).
+LLAMA31_TOOLS = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}"
+    "{% set turns = messages[1:] %}{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\n' }}{% if tools %}{{ 'Environment: ipython\n' }}{% endif %}"
+    "{{ 'Cutting Knowledge Date: December 2023\n\n' + system + '<|eot_id|>' }}"
+    "{% for m in turns %}{% if loop.first and tools and m['role'] == 'user' %}"
+    "{{ '<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please respond with a JSON for "
+    "a function call with its proper arguments that best answers the given prompt.\n\nRespond in the format "
+    "{\"name\": function name, \"parameters\": dictionary of argument name and its value}.Do not use variables.\n\n' }}"
+    "{% for t in tools %}{{ t | tojson(indent=4) + '\n\n' }}{% endfor %}{{ m['content'] | trim + '<|eot_id|>' }}"
+    "{% elif m['role'] in ['tool', 'ipython'] %}"
+    "{{ '<|start_header_id|>ipython<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+    "{% else %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+QWEN25_TOOLS = (
+    "{% if tools %}{{ '<|im_start|>system\n' + (messages[0]['content'] if messages[0]['role'] == 'system' else "
+    "'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.') + '\n\n# Tools\n\nYou may call one or "
+    "more functions to assist with the user query.\n\nYou are provided with function signatures within "
+    "<tools></tools> XML tags:\n<tools>' }}{% for t in tools %}{{ '\n' + t | tojson }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call><|im_end|>\n' }}{% elif messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}{% for m in messages %}{% if m['role'] == 'system' and loop.first and tools %}"
+    "{% elif m['role'] == 'tool' %}"
+    "{% if messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + m['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+MISTRAL_TOOLS = (
+    "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}{{ bos_token }}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% if tools and m == users[-1] %}"
+    "{{ '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{% endif %}"
+    "{{ '[INST] ' + m['content'] + '[/INST]' }}{% elif m['role'] == 'tool' %}"
+    "{{ '[TOOL_RESULTS] {\"content\": ' + m['content'] | tojson + '}[/TOOL_RESULTS]' }}"
+    "{% elif m['role'] == 'assistant' and m['tool_calls'] is defined %}"
+    "{{ '[TOOL_CALLS] ' + m['tool_calls'] | map(attribute='function') | list | tojson + eos_token }}"
+    "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] | trim + eos_token }}{% endif %}{% endfor %}")
+MISTRAL_TOOL_TOKENS = ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -94,6 +141,8 @@ class Family:
     plain: tuple[str, ...] = ()  # added tokens that are not special (Qwen3's <think>)
     system: str = "native"  # native | folded | refused | last_user
     arch_kwargs: dict = field(default_factory=dict)
+    corpus: tuple[str, ...] = ()  # more text the BPE vocabulary is trained on (a tool template's phrases)
+    vocab: int = 320
 
 
 FAMILIES = [
@@ -135,6 +184,20 @@ FAMILIES = [
            arch_kwargs={"tie_word_embeddings": False, "sliding_window": None}),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
+# the families whose templates have tools, as their tool-using releases write them
+def tool_family(name: str, template: str, specials: tuple[str, ...] = ()) -> Family:
+    """A family with its tool template, its vocabulary trained on that template's text and on JSON calls too (as a
+    real tokenizer has words for them): prompts of a few hundred tokens, not thousands of single characters."""
+    f = BY_NAME[name]
+    phrases = (template.replace("{{", " ").replace("}}", " "), '{"name": "add", "arguments": {"a": 1, "b": 2}}',
+               '{"name": "add", "parameters": {"a": 3, "b": 4}}', '"type": "function", "function": "description": '
+               '"Add two integers." "properties": "integer" "required": "object" "The first." "The second."')
+    return replace(f, template=template, specials=f.specials + specials, corpus=phrases, vocab=1200,
+                   arch_kwargs={**f.arch_kwargs, "max_position_embeddings": 1024})
+
+
+TOOL_FAMILIES = {"llama3.1": tool_family("llama3", LLAMA31_TOOLS), "qwen2.5": tool_family("qwen2.5", QWEN25_TOOLS),
+                 "mistral": tool_family("mistral", MISTRAL_TOOLS, MISTRAL_TOOL_TOKENS)}
 
 
 def build_tokenizer(f: Family):
@@ -161,7 +224,9 @@ def build_tokenizer(f: Family):
         raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         raw.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, initial_alphabet=alphabet, special_tokens=[]))
+    raw.train_from_iterator(CORPUS + list(f.corpus) * 20, trainers.BpeTrainer(vocab_size=f.vocab,
+                                                                               initial_alphabet=alphabet,
+                                                                               special_tokens=[]))
     raw.add_special_tokens([AddedToken(t, special=t not in f.plain, rstrip=t in f.rstrip, normalized=False)
                             for t in f.specials])
     if f.add_bos:

@@ -26,7 +26,7 @@ from llmft.models.loading import load_chat
 from llmft.models.sources import resolve_source
 from llmft.rl.stage import sample
 from llmft.stages import dpo, grpo, kto, ppo, reward, sft
-from tests.helpers.families import BY_NAME, FAMILIES, build, lora_model
+from tests.helpers.families import BY_NAME, FAMILIES, TOOL_FAMILIES, build, lora_model
 from tests.helpers.tiny import PAIRS, ROWS
 
 U, A = {"role": "user", "content": "write two words about the sea"}, "the sea is blue"
@@ -349,3 +349,65 @@ def test_multi_turn_grpo_samples_the_distribution_it_trains(family, chain):
         context = [ids for ids, answer in pieces if not answer]
         between = [t.ids[i] for i, m in enumerate(t.mask) if m == 0]
         assert t.prompt_ids == context[0] and between == context[1]
+
+
+CALLS = {"llama3.1": lambda a, b: json.dumps({"name": "add", "parameters": {"a": a, "b": b}}),
+         "qwen2.5": lambda a, b: "<tool_call>\n" + json.dumps({"name": "add", "arguments": {"a": a, "b": b}})
+         + "\n</tool_call>",
+         "mistral": lambda a, b: "[TOOL_CALLS] " + json.dumps([{"name": "add", "arguments": {"a": a, "b": b}}])}
+
+
+@pytest.mark.parametrize("name", list(TOOL_FAMILIES))
+def test_tool_using_grpo_samples_the_distribution_it_trains(name, tmp_path):
+    """Each family whose template has tools, in its own call format: SFT on demonstrations of the tool in use (the
+    `tools` column), then a GRPO step with a calculator environment: the calls are parsed and run, the sampler's
+    log-probs equal the trainer's over both turns, and the tool's result sits in the sequence exactly as SFT's
+    context for the same conversation. Mistral's template moves the tools to the last user turn: refused at start."""
+    from transformers.utils import get_json_schema
+
+    from llmft.rl.multi_turn import sample_trajectories
+    from tests.helpers.envs import add
+
+    path = build(TOOL_FAMILIES[name], tmp_path / "base")
+    sums = [(a, b) for a in range(1, 7) for b in range(1, 5)]
+    demos = [{"tools": [get_json_schema(add)], "messages": [
+        {"role": "user", "content": f"what is {a} + {b}?"}, {"role": "assistant", "content": CALLS[name](a, b)},
+        {"role": "tool", "name": "add", "content": str(a + b)}, {"role": "assistant", "content": str(a + b)}]}
+        for a, b in sums]
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demos))
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps({"a": a, "b": b}) + "\n" for a, b in sums))
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump({
+        "model": {"name": str(path)}, "data": {"train": str(tmp_path / "demos.jsonl"), "max_length": 2048},
+        "lora": lora, "train": {"batch_size": 4, "max_steps": 80, "learning_rate": 2e-2, "warmup_ratio": 0.0,
+                                "scheduler": "constant", "save_every": 100},
+        "output_dir": str(tmp_path / "sft"), "seed": 0}))
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump({
+        "model": {"name": str(tmp_path / "sft")}, "data": {"train": str(tmp_path / "sums.jsonl"),
+                                                           "max_prompt_length": 2048},
+        "lora": lora, "rollout": {"max_new_tokens": 40, "temperature": 0.5}, "reward": {},
+        "env": {"name": "tests.helpers.envs:Calculator", "max_tokens": 160},
+        "train": {"batch_size": 4, "grad_accum": 2, "max_steps": 1}, "grpo": {"num_generations": 4},
+        "output_dir": str(tmp_path / "grpo"), "seed": 0}))
+    if name == "mistral":
+        cfg = load_config("grpo", tmp_path / "grpo.yaml")
+        cfg.model.name = str(path)
+        with pytest.raises(DataError, match="renders earlier turns differently"):
+            grpo.setup(cfg)
+        return
+    sft.run(load_config("sft", tmp_path / "sft.yaml"))
+    s = grpo.setup(load_config("grpo", tmp_path / "grpo.yaml"))
+    model = grpo.build_model(s)
+    metrics_, _ = grpo.grpo_step(model, s, [0, 1], lambda loss: 0.0, 1)
+    assert metrics_["logprob_gap"] < 1e-4 and metrics_["env/tool_calls"] > 0, metrics_
+    _, _, _, trajectories = sample_trajectories(s.conversations, model, s, s.train.records[:8], 5)
+    called = [t for t in trajectories if t.tool_calls]
+    assert called
+    for t in called:  # a tiny model's calls are often broken JSON: the error is the tool's result, read by the model
+        results = [m["content"] for m in t.messages if m["role"] == "tool"]
+        assert all(r == str(t.env.answer) or r.startswith("error: ") for r in results)
+        plain = [{k: v for k, v in m.items() if k != "tool_calls"} for m in t.messages]  # as an SFT row holds it
+        pieces = s.chat.conversation(plain, "trajectory", s.conversations.tools)
+        context = [ids for ids, answer in pieces if not answer]
+        between = [t.ids[i] for i, m in enumerate(t.mask) if m == 0]
+        assert t.prompt_ids == context[0] and between == [i for c in context[1:] for i in c]
