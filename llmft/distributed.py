@@ -78,6 +78,13 @@ def fsdp() -> bool:
     return launched() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
+def refuse_fsdp(what: str, why: str = "", other: str = "") -> None:
+    """One clear error for a feature not offered under FSDP (DDP is fine), before anything is loaded."""
+    if fsdp():
+        raise ConfigError(f"{what} is not offered under FSDP yet{f' ({why})' if why else ''}; launch without "
+                          f"--use_fsdp (DDP){f', or {other}' if other else ''}")
+
+
 def shard_model(model: torch.nn.Module, lm: torch.nn.Module, device: torch.device) -> int:
     """Under FSDP, shard the frozen weights of `lm` (the transformers model inside `model`) across ranks and move
     what stays whole (adapters, heads) to `device`; otherwise nothing. Every forward must then go through

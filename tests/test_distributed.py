@@ -265,3 +265,39 @@ def test_kto_two_processes_match_one_process_at_step_one_and_keep_going(tiny_mod
     ok(launch(2, "kto", config(2, "longer", 4)))
     rows = [json.loads(x) for x in (tmp_path / "longer" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) and r["kl_reference_point"] >= 0 for r in rows)
+
+
+def test_multi_turn_grpo_two_processes_match_one_process_with_twice_the_batch(talking_dir, tmp_path, monkeypatch):
+    """Each process rolls out its own groups' conversations (the same number of turns everywhere): 2 processes ×
+    1 prompt's 4 trajectories follow 1 process × 2 prompts' 8."""
+    import yaml
+
+    from llmft.rl import engine
+    from llmft.stages import grpo
+    from tests.helpers import grpo_row_sampler
+    from tests.helpers.tiny import ROWS
+
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+
+    def config(batch: int, name: str) -> Path:
+        cfg = {"model": {"name": str(talking_dir)}, "data": {"train": str(tmp_path / "prompts.jsonl")},
+               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "rollout": {"max_new_tokens": 8, "temperature": 1.0},
+               "reward": {}, "env": {"name": "tests.helpers.envs:TwoTurns", "max_tokens": 40},
+               "grpo": {"num_generations": 4, "scale_rewards": "batch"},
+               "train": {"batch_size": batch, "max_steps": 2, "learning_rate": 1e-2, "save_every": 10},
+               "output_dir": str(tmp_path / name), "seed": 0}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    monkeypatch.setattr(engine.HFEngine, "sample", grpo_row_sampler.engine_sample)
+    grpo.run(load_config("grpo", config(8, "one")))
+    rows = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("env/turns", 0) for r in rows) > 1
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests/helpers/grpo_row_sampler.py"), str(config(4, "two"))], env=env,
+                          text=True, capture_output=True, timeout=300)
+    ok(proc)
+    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+    same_adapter(tmp_path / "one", tmp_path / "two")

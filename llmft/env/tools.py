@@ -78,6 +78,11 @@ def read_call(body: str, arguments_key: str = "arguments") -> ToolCall:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return ToolCall("", {}, f"the tool call is not valid JSON ({e.msg} at character {e.pos})")
+    return call_from(obj, arguments_key)
+
+
+def call_from(obj, arguments_key: str = "arguments") -> ToolCall:
+    """A parsed call object {"name", "arguments" (or "parameters")} as a ToolCall, or the reason it is not one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return ToolCall("", {}, 'a tool call must be a JSON object with a "name"')
     args = obj.get(arguments_key, obj.get("arguments", obj.get("parameters", {})))
@@ -105,15 +110,15 @@ def mistral_calls(text: str) -> list[ToolCall]:
         calls = []
         for piece in text.split("[TOOL_CALLS]")[1:]:
             name, _, args = piece.partition("[ARGS]")
-            calls.append(read_call(json.dumps({"name": name.strip(), "arguments": json.loads(args)}))
-                         if valid_json(args) else ToolCall(name.strip(), {}, "the tool call's arguments are not JSON"))
+            calls.append(call_from({"name": name.strip(), "arguments": json.loads(args)}) if valid_json(args)
+                         else ToolCall(name.strip(), {}, "the tool call's arguments are not JSON"))
         return calls
     try:
         objs = json.loads(body)
     except json.JSONDecodeError as e:
         return [ToolCall("", {}, f"the tool calls are not valid JSON ({e.msg} at character {e.pos})")]
     objs = objs if isinstance(objs, list) else [objs]
-    return [read_call(json.dumps(o)) for o in objs]
+    return [call_from(o) for o in objs]
 
 
 def valid_json(text: str) -> bool:

@@ -151,8 +151,6 @@ def default_gap_tolerance(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def check_vllm_config(s) -> None:
-    if distributed.fsdp():
-        raise ConfigError("rollout.engine: vllm is not offered under FSDP yet (each process would need the whole "
-                          "adapter); launch without --use_fsdp (DDP), or use engine: hf")
+    distributed.refuse_fsdp("rollout.engine: vllm", "each process would need the whole adapter", "use engine: hf")
     if s.chat.added_ids:
         raise ConfigError("rollout.engine: vllm cannot hold the embedding rows a chat template added; use engine: hf")

@@ -237,5 +237,4 @@ def check_env_config(cfg) -> None:
     if cfg.reward.model or cfg.reward.judges:
         raise ConfigError("reward.model / reward.judges: with env.name the environment scores each trajectory "
                           "(its step rewards); leave the reward sources empty")
-    if distributed.fsdp():
-        raise ConfigError("env: multi-turn rollouts are not offered under FSDP yet; launch without --use_fsdp (DDP)")
+    distributed.refuse_fsdp("env: a multi-turn rollout")

@@ -55,6 +55,11 @@ def test_multi_turn_resume_equals_uninterrupted(env_config, monkeypatch, tmp_pat
     assert all("env/turns" in r and "env/tool_calls" in r for r in rows if "loss" in r)
 
 
-def test_env_config_errors(env_config):
+def test_env_config_errors(env_config, monkeypatch):
     with pytest.raises(ConfigError, match="the environment scores each trajectory"):
         grpo.setup(env_config(reward__judges={"lenjudge:fn": 1.0}))
+    from llmft import distributed
+
+    monkeypatch.setattr(distributed, "fsdp", lambda: True)
+    with pytest.raises(ConfigError, match=r"env: a multi-turn rollout is not offered under FSDP yet; launch without"):
+        grpo.setup(env_config())
