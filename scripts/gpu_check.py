@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Every stage and command on CUDA, in bf16, on a random-init model of real size: did it run, its peak CUDA memory,
-its tokens/s, and PPO's and GRPO's sampler-vs-trainer log-prob gaps; reward and DPO with packed batches, an export
+its tokens/s, and PPO's and GRPO's sampler-vs-trainer log-prob gaps (single-turn, and multi-turn with a two-turn
+environment); reward and DPO with packed batches, an export
 of the DPO run, QLoRA (SFT and GRPO on an nf4 base, needs bitsandbytes; the export de-quantised), and GRPO with
 the vLLM engine (rollout.engine: vllm, merged sync, sleep mode; where vLLM is installed: the lent machines' image has
 none and its CUDA build is larger than what travels, so there it is reported as not run, not failed). Not part of CI
@@ -87,6 +88,10 @@ def stage_configs(model: Path, runs: Path, device: str, steps: int) -> dict[str,
     }
     configs["grpo-nf4"] = {**configs["grpo"], "model": {"name": str(runs / "sft-nf4"), "quantization": "nf4"},
                            "output_dir": str(runs / "grpo-nf4")}
+    env = {"name": "tests.helpers.envs:TwoTurns", "max_turns": 2, "max_tokens": 96}  # multi-turn: policy, env, policy
+    for stage in ("ppo", "grpo"):
+        configs[f"{stage}-env"] = {**configs[stage], "output_dir": str(runs / f"{stage}-env"), "reward": {}, "env": env,
+                                   "rollout": {**configs[stage]["rollout"], "max_new_tokens": 32}}
     configs["grpo-vllm"] = {**configs["grpo"], "output_dir": str(runs / "grpo-vllm"),  # the same GRPO, sampled by vLLM
                             "rollout": {**configs["grpo"]["rollout"], "engine": "vllm",
                                         "vllm": {"gpu_memory_utilization": 0.3, "sleep": True}}}
@@ -144,7 +149,7 @@ def main() -> None:
     rows = [measure("build model", lambda: str(build_model(args.size, work / "model")))]
     configs = stage_configs(work / "model", work / "runs", args.device, args.steps)
     for name, module in (("sft", sft), ("reward", reward), ("dpo", dpo), ("ppo", ppo), ("grpo", grpo),
-                         ("sft-nf4", sft), ("grpo-nf4", grpo)):
+                         ("ppo-env", ppo), ("grpo-env", grpo), ("sft-nf4", sft), ("grpo-nf4", grpo)):
         (work / f"{name}.yaml").write_text(yaml.safe_dump(configs[name]))
         stage = module.__name__.rsplit(".", 1)[-1]
         rows.append(measure(name, lambda m=module, n=name, st=stage: m.run(load_config(st, work / f"{n}.yaml"))))
@@ -214,7 +219,7 @@ def report(rows: list[dict], args, runs: Path) -> None:
         print(json.dumps(row), flush=True)
     device = torch.device(args.device)
     dtype = resolve_dtype("auto", device)
-    for stage in ("ppo", "grpo", "grpo-nf4", "grpo-vllm"):  # step 1: what the stage checks against its tolerance
+    for stage in ("ppo", "grpo", "ppo-env", "grpo-env", "grpo-nf4", "grpo-vllm"):  # step 1: what the stage checks against its tolerance
         if (runs / stage / "metrics.jsonl").is_file():
             first = json.loads((runs / stage / "metrics.jsonl").read_text().splitlines()[0])
             figures[f"{stage}_step1_logprob_gap"] = {k: first[k] for k in ("logprob_gap", "logprob_gap_mean")}

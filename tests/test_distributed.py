@@ -281,8 +281,8 @@ def test_multi_turn_grpo_two_processes_match_one_process_with_twice_the_batch(ta
 
     def config(batch: int, name: str) -> Path:
         cfg = {"model": {"name": str(talking_dir)}, "data": {"train": str(tmp_path / "prompts.jsonl")},
-               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "rollout": {"max_new_tokens": 8, "temperature": 1.0},
-               "reward": {}, "env": {"name": "tests.helpers.envs:TwoTurns", "max_tokens": 40},
+               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "rollout": {"max_new_tokens": 12, "temperature": 1.0},
+               "reward": {}, "env": {"name": "tests.helpers.envs:TwoTurns", "max_tokens": 48},
                "grpo": {"num_generations": 4, "scale_rewards": "batch"},
                "train": {"batch_size": batch, "max_steps": 2, "learning_rate": 1e-2, "save_every": 10},
                "output_dir": str(tmp_path / name), "seed": 0}

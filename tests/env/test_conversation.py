@@ -182,3 +182,26 @@ def test_an_sft_demonstration_is_the_token_sequence_a_rollout_of_it_makes(tmp_pa
     assert t.prompt_ids + t.ids == example.input_ids
     assert [0] * len(t.prompt_ids) + t.mask == [int(label != -100) for label in example.labels]
     assert t.messages[2]["content"] == str(48213 + 90577) and t.score == 1.0
+
+
+def test_the_documented_example_environment_runs_as_written(tmp_path, monkeypatch):
+    """docs/environments.md's complete example, copied from the page into my_env.py as a user would: its tool is
+    offered, called, fed back, and its score (with the bonus for using the tool) is the trajectory's."""
+    import re
+
+    from tests.helpers import ROOT
+    from tests.helpers.tiny import build_tokenizer
+
+    page = (ROOT / "docs" / "environments.md").read_text()
+    code = re.search(r"`my_env\.py` in the working directory:\n\n```python\n(.*?)```", page, re.S).group(1)
+    (tmp_path / "my_env.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tok = build_tokenizer(HERMES)
+    conv = conversations(tmp_path, tok, name="my_env:Calculator", args={"bonus": 0.5})
+    chat, end = conv.chat, tok.convert_tokens_to_ids("<|im_end|>")
+    call = chat.ids('<tool_call>\n{"name": "add", "arguments": {"a": 48213, "b": 90577}}\n</tool_call>') + [end]
+    final = chat.ids("138790") + [end]
+    [t] = conv.rollout(Scripted(chat, [[call], [final]]), None, [Record({"a": 48213, "b": 90577}, "row 1")],
+                       _sampling())
+    assert t.messages[2] == {"role": "tool", "name": "add", "content": "138790"}
+    assert t.rewards == [0.0, 1.5] and t.score == 1.5 and t.tool_calls == 1
