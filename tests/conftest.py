@@ -145,12 +145,16 @@ def grpo_config(tiny_model_dir, tmp_path, monkeypatch):
 def talking_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model after 40 SFT steps on short answers: it ends some of its turns within a few tokens (what a
     multi-turn rollout needs to go on)."""
+    return teach_to_end_turns(tiny_model_dir, tmp_path_factory.mktemp("talking"))
+
+
+def teach_to_end_turns(model, d: Path) -> Path:
+    """40 SFT steps of `model` on short answers (ROWS), into d / "sft"."""
     from llmft.stages import sft
 
-    d = tmp_path_factory.mktemp("talking")
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     sft.run(load_config("sft", save_config(d, "sft", {
-        "model": {"name": str(tiny_model_dir)}, "data": {"train": str(d / "rows.jsonl"), "max_length": 64},
+        "model": {"name": str(model)}, "data": {"train": str(d / "rows.jsonl"), "max_length": 64},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "train": {"batch_size": 4, "max_steps": 40,
                                                                   "learning_rate": 3e-2, "save_every": 100},
         "output_dir": str(d / "sft"), "seed": 0})))

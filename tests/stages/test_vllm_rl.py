@@ -180,3 +180,23 @@ def test_engine_errors_are_one_line(config, tmp_path, capsys, monkeypatch, tiny_
     unsupported = set_keys(yaml_of(config()), {"model__name": str(tiny_model_dir), "overwrite": True})
     code, _, err = llmft(capsys, monkeypatch, "grpo", save_config(tmp_path, "head8", unsupported))
     assert_one_line_error(code, err, "cannot run vLLM on this model", "head_dim=8")
+
+
+@pytest.fixture(scope="module")
+def vllm_talking(vllm_model, tmp_path_factory):
+    from tests.conftest import teach_to_end_turns
+
+    return teach_to_end_turns(vllm_model, tmp_path_factory.mktemp("vllm-talking"))
+
+
+@pytest.mark.parametrize("module", [grpo, ppo], ids=["grpo", "ppo"])
+def test_multi_turn_rollouts_on_vllm_sample_what_the_trainer_trains(module, config, vllm_talking, tmp_path):
+    """Token ids in, token ids out over several turns: the engine continues each trajectory from the policy's own
+    ids and the environment's suffix, and its log-probs equal the trainer's over every policy turn."""
+    stage = module.__name__.rsplit(".", 1)[-1]
+    module.run(config(stage, **{"model__name": str(vllm_talking), "reward__judges": {}, "rollout__max_new_tokens": 12,
+                                "env__name": "tests.helpers.envs:TwoTurns", "env__max_tokens": 48,
+                                "train__max_steps": 2}))
+    rows = metrics(tmp_path / stage)
+    assert max(r["env/turns"] for r in rows) > 1
+    assert all(r["logprob_gap"] < 1e-4 for r in rows)
