@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from llmft.rl.alarms import AlarmConfig  # noqa: F401 (the configs name it here)
 from llmft.sampling import EnvConfig, RolloutConfig, SamplingConfig, VLLMConfig  # noqa: F401 (the configs name them here)
 from llmft.schema import REQUIRED, apply_override, build, opt, read_yaml
 
@@ -284,6 +285,8 @@ class PPOConfig(RunConfig):
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig, metadata={"help": "The PPO update."})
     env: EnvConfig = field(default_factory=EnvConfig, metadata={"help": "A multi-turn, tool-using environment "
                                                                         "(env.name); none = single-turn answers."})
+    alarm: AlarmConfig = field(default_factory=AlarmConfig, metadata={"help": "The reward-hacking alarm "
+                                                                              "(docs/metrics.md#the-alarm)."})
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
 
@@ -337,6 +340,8 @@ class GRPOConfig(RunConfig):
     grpo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig, metadata={"help": "The GRPO-family update."})
     env: EnvConfig = field(default_factory=EnvConfig, metadata={"help": "A multi-turn, tool-using environment "
                                                                         "(env.name); none = single-turn answers."})
+    alarm: AlarmConfig = field(default_factory=AlarmConfig, metadata={"help": "The reward-hacking alarm "
+                                                                              "(docs/metrics.md#the-alarm)."})
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
 

@@ -75,6 +75,9 @@ def check_sampling_config(cfg, stage: str) -> None:
     require_dropout_off(cfg, stage, "ratios and KL compare outputs of the same network")
     if cfg.env.name:
         check_env_config(cfg)
+    if cfg.alarm.independent and not (cfg.data.eval and cfg.alarm.independent.startswith("eval/")):
+        raise ConfigError("alarm.independent names a held-out score (an eval/… metric, e.g. "
+                          "eval/constraints/pass_rate): it needs data.eval (held-out prompts) and train.eval_every")
     if cfg.model.chat_template:
         raise ConfigError(f"model.chat_template: give a model its chat template in the stage that starts from it "
                           f"(usually sft); {stage} keeps the template of the policy it starts from")

@@ -16,6 +16,7 @@ from llmft.data.records import Record, shown_prompt
 from llmft.errors import TrainingAborted
 from llmft.maths.rl import rollout_correction
 from llmft.rl.actor_critic import ActorCritic
+from llmft.rl.alarms import Alarm, Keys
 from llmft.rl.engine import gap_tolerance
 from llmft.rl.multi_turn import sample_trajectories, trajectory_metrics
 from llmft.rl.setup import RLSetup
@@ -53,7 +54,15 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
         return {"score_moments": dataclasses.asdict(s.scorer.moments), **extra_state()}
 
     return loop.Stage(name, s.cfg, s.plan, s.device, step, (lambda: evaluate(model, s)) if s.eval else None,
-                      shown=shown, state=state, resume=resume)
+                      shown=shown, state=state, resume=resume, alarm=alarm_of(name, s))
+
+
+def alarm_of(name: str, s: RLSetup) -> Alarm | None:
+    """The run's reward-hacking alarm, reading this stage's metric names (ppo's KL per answer is objective/kl;
+    grpo logs no KL per answer)."""
+    if s.cfg.alarm.on_alarm == "off":
+        return None
+    return Alarm(s.cfg.alarm, Keys(kl="objective/kl" if name == "ppo" else None), s.cfg.rollout.max_new_tokens)
 
 
 def check_logprob_gap(s: RLSetup, exp: Experience, step: int, tolerance: float | None, key: str) -> tuple[float, float]:

@@ -107,6 +107,7 @@ class Stage:
     shown: tuple[str, ...] = ("loss", "lr", "tokens_per_s")  # metrics in the progress line
     state: Callable[[], dict] | None = None
     resume: Callable[[dict | None], None] | None = None
+    alarm: Any = None  # rl.alarms.Alarm: observe(step, values) → {signal: reason} fired now; .stops; .resume(rows)
 
 
 S = TypeVar("S", bound=Setup)
@@ -262,12 +263,17 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
     if stage.resume:
         stage.resume(state)
     log = MetricsLog(run_dir, start if last_ckpt else None, cfg.tensorboard)
+    if stage.alarm and start:
+        stage.alarm.resume(log.rows())
     speed = Throughput()
     final: dict = {}
     # rank 0 evaluates and logs; under FSDP every rank must join the forwards (they gather sharded weights)
     evaluate = stage.evaluate if main or distributed.fsdp() else None
     if evaluate and start == 0:  # the starting point, so the curve shows what training changed
-        log.log(0, evaluate())
+        evaluated = evaluate()
+        log.log(0, evaluated)
+        if stage.alarm:
+            stage.alarm.baseline(evaluated)
     model.train()
     with progress_bar() as bar:
         task = bar.add_task(stage.name, total=plan.num_steps, completed=start, info="")
@@ -300,8 +306,26 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
             if not console.is_terminal and (step % max(1, plan.num_steps // 20) == 0 or step == plan.num_steps):
                 # a log, not a terminal: ~20 lines
                 console.print(f"step {step}/{plan.num_steps}  {shown}", highlight=False)
+            if stage.alarm and sound_alarm(stage.alarm, step, values, log, final):
+                break
     log.close()
     return final
+
+
+def sound_alarm(alarm, step: int, values: dict, log: MetricsLog, final: dict) -> bool:
+    """The reward-hacking alarm after a step: each signal that fires is a warning and an `alarms` row in
+    metrics.jsonl; True when the run stops here (alarm.on_alarm: stop, on every process alike)."""
+    fired = alarm.observe(step, values)
+    for name, reason in fired.items():
+        console.print(f"[bold red]alarm at step {step}[/] ({name}): {reason}")
+    if fired:
+        log.log(step, {"alarms": fired})
+    stop = distributed.any_rank(bool(fired) and alarm.stops)
+    if stop:
+        final["alarm/stopped_at"] = step
+        console.print(f"[bold red]stopped at step {step} by the alarm[/] (alarm.on_alarm: stop); the policy is saved "
+                      f"as it is now")
+    return stop
 
 
 def run_step(stage: Stage, step: int, model, optimizer, scheduler, last_ckpt: Path | None):
