@@ -219,7 +219,8 @@ def report(rows: list[dict], args, runs: Path) -> None:
         print(json.dumps(row), flush=True)
     device = torch.device(args.device)
     dtype = resolve_dtype("auto", device)
-    for stage in ("ppo", "grpo", "ppo-env", "grpo-env", "grpo-nf4", "grpo-vllm"):  # step 1: what the stage checks against its tolerance
+    # step 1: what the stage checks against its tolerance
+    for stage in ("ppo", "grpo", "ppo-env", "grpo-env", "grpo-nf4", "grpo-vllm"):
         if (runs / stage / "metrics.jsonl").is_file():
             first = json.loads((runs / stage / "metrics.jsonl").read_text().splitlines()[0])
             figures[f"{stage}_step1_logprob_gap"] = {k: first[k] for k in ("logprob_gap", "logprob_gap_mean")}
