@@ -367,7 +367,7 @@ class EvalConfig:
     kernels: bool = opt(False, "Hub kernels for the models it loads (as model.kernels in a stage); off by default.")
     env: EnvConfig = field(default_factory=EnvConfig, metadata={
         "help": "A multi-turn environment (env.name, as in grpo): each prompt row becomes a whole conversation, "
-                "scored by the environment (the judges and reward model are not used then)."})
+                "scored by the environment (the judges are not used then; a reward_model is refused)."})
 
 
 @dataclass

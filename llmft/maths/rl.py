@@ -68,7 +68,7 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
     rewards = -beta * kl * mask
     if scores.dim() == 2:
         return rewards + scores * mask
-    last = mask.sum(-1).long().clamp(min=1) - 1  # [B]: index of each answer's last real token
+    last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # [B]: index of each answer's last token with mask 1
     return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
 
 

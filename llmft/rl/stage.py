@@ -123,6 +123,13 @@ def sample_rows(exp: Experience, rows: list[dict], parts: dict, score: torch.Ten
             for i, (row, g) in enumerate(zip(rows[:n], exp.answers[:n], strict=False))]
 
 
+def add_trajectories(metrics: dict, samples: list[dict], trajectories) -> None:
+    """Multi-turn: the env/… counts into the step's metrics, each sample row's whole trajectory into it."""
+    metrics.update(trajectory_metrics(trajectories))
+    for row, t in zip(samples, trajectories, strict=False):
+        row.update(t.sample_row())
+
+
 def no_eos_share(exp: Experience) -> float:
     return 1 - sum(g.finished for g in exp.answers) / exp.size
 

@@ -36,10 +36,11 @@ from llmft.models.loading import resolve_model
 from llmft.rl import setup as rl_setup
 from llmft.rl import stage as rl_stage
 from llmft.rl.actor_critic import POLICY, REFERENCE, ActorCritic
-from llmft.rl.multi_turn import sample_trajectories, trajectory_metrics
+from llmft.rl.multi_turn import sample_trajectories
 from llmft.rl.scoring import Scorer
 from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, prompt_sets, reward_rollout_rows
 from llmft.rl.stage import (
+    add_trajectories,
     check_finite,
     check_logprob_gap,
     correction_weights,
@@ -163,10 +164,7 @@ def grpo_step(model: ActorCritic, s: RLSetup, prompt_idx: list[int], update, ste
     rows = [s.train.records[grp.prompt].row for grp in groups for _ in grp.answers]
     samples = sample_rows(exp, rows, {k: torch.cat([grp.parts[k] for grp in groups]) for k in groups[0].parts}, score)
     if s.conversations:
-        trajectories = [t for grp in groups for t in grp.trajectories]
-        metrics.update(trajectory_metrics(trajectories))
-        for row, t in zip(samples, trajectories, strict=False):
-            row.update(t.sample_row())
+        add_trajectories(metrics, samples, [t for grp in groups for t in grp.trajectories])
     return {**metrics, "refilled_groups": distributed.global_sum(refilled)}, samples
 
 

@@ -33,10 +33,11 @@ from llmft.models.loading import resolve_model
 from llmft.rl import setup as rl_setup
 from llmft.rl import stage as rl_stage
 from llmft.rl.actor_critic import POLICY, REFERENCE, VALUE, ActorCritic
-from llmft.rl.multi_turn import sample_trajectories, trajectory_metrics, turn_tensors
+from llmft.rl.multi_turn import sample_trajectories, turn_tensors
 from llmft.rl.scoring import Scorer
 from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, prompt_sets, reward_rollout_rows
 from llmft.rl.stage import (
+    add_trajectories,
     check_finite,
     check_logprob_gap,
     correction_weights,
@@ -176,9 +177,7 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
     s.kl.update(distributed.global_sum(float(seq_kl.sum())) / n, n)
     samples = sample_rows(exp, rows, parts, score)
     if trajectories:
-        metrics.update(trajectory_metrics(trajectories))
-        for row, t in zip(samples, trajectories, strict=False):
-            row.update(t.sample_row())
+        add_trajectories(metrics, samples, trajectories)
     return metrics, samples
 
 

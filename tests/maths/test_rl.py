@@ -161,6 +161,8 @@ def test_kl_reward_puts_the_score_at_the_last_real_token_only():
     kl = torch.tensor([[0.5, -0.5, 1.0], [1.0, 2.0, 9.0]])
     r = shaped_rewards(torch.tensor([3.0, 5.0]), kl, GAE_MASK, beta=0.1)
     close(r, [[-0.05, 0.05, -0.1 + 3.0], [-0.1, -0.2 + 5.0, 0.0]])
+    holes = torch.tensor([[1.0, 0.0, 1.0, 0.0]])  # a mask with a hole: the last 1 is at 2, not at sum − 1 = 1
+    close(shaped_rewards(torch.tensor([3.0]), torch.zeros(1, 4), holes, beta=0.1), [[0.0, 0.0, 3.0, 0.0]])
 
 
 def test_kl_estimators():

@@ -360,7 +360,8 @@ CALLS = {"llama3.1": lambda a, b: json.dumps({"name": "add", "parameters": {"a":
 @pytest.mark.parametrize("name", list(TOOL_FAMILIES))
 def test_tool_using_grpo_samples_the_distribution_it_trains(name, tmp_path):
     """Each family whose template has tools, in its own call format: SFT on demonstrations of the tool in use (the
-    `tools` column), then a GRPO step with a calculator environment: the calls are parsed and run, the sampler's
+    `tools` column), then a GRPO step with a calculator environment: the calls are parsed in the family's format and
+run (a tiny model's are mostly broken JSON, whose error is the result it reads), the sampler's
     log-probs equal the trainer's over both turns, and the tool's result sits in the sequence exactly as SFT's
     context for the same conversation. Mistral's template moves the tools to the last user turn: refused at start."""
     from transformers.utils import get_json_schema

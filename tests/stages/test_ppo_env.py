@@ -1,7 +1,7 @@
 """PPO with a multi-turn environment (`talking_dir`: a tiny model that ends its turns): each turn's reward sits on
-its last policy token and the placed rewards sum to the optimised score, GAE skips the environment's tokens, the
+its last policy token (scaled by the reward normalisation) and the placed rewards sum to the optimised score, the
 sampler's log-probs equal the trainer's over every turn, rows without a prompt (the environment builds it), and
-resume equals the uninterrupted run."""
+resume equals the uninterrupted run. GAE over policy tokens only is checked by hand in tests/maths/test_rl.py."""
 
 from __future__ import annotations
 
@@ -30,21 +30,24 @@ def env_config(ppo_config, talking_dir, tmp_path):
     return write
 
 
-def test_each_turn_reward_lands_on_its_last_policy_token(env_config):
-    s = ppo.setup(env_config())
+@pytest.mark.parametrize("normalize", [False, True])
+def test_each_turn_reward_lands_on_its_last_policy_token(env_config, normalize):
+    s = ppo.setup(env_config(reward__normalize=normalize))
     model = ppo.build_model(s)
     exp, parts, score, trajectories = ppo.rollout(model, s, [0, 1, 2, 3], 1)
     exp.put(scores=s.scorer.shape(score))
     placed = ppo.placed_scores(s, exp, trajectories)  # [B, R]
-    assert any(t.turns == 2 for t in trajectories)
+    c = 1 / s.scorer.moments.std if normalize else 1.0  # the normalisation's scale, after this batch's update
+    assert any(t.turns == 2 for t in trajectories) and (c != 1.0) == normalize
     torch.testing.assert_close(placed.sum(-1), exp.scores)  # the return of the first token is the score (γ = 1)
     mask = exp.mask.cpu()
     for b, t in enumerate(trajectories):
         assert t.ends == [k for k in range(len(t.ids)) if t.mask[k] and (k + 1 == len(t.ids) or not t.mask[k + 1])]
         expected = torch.zeros(mask.shape[1])
         for end, r in zip(t.ends, t.turn_scores, strict=True):
-            expected[end] += r
-        expected[t.ends[-1]] += float(exp.scores[b]) - sum(t.turn_scores)  # the penalty for no stop id, if any
+            expected[end] += c * r
+        # the rest at the last turn's end: the penalty for no stop id, the normalisation's shift
+        expected[t.ends[-1]] += float(exp.scores[b]) - c * sum(t.turn_scores)
         torch.testing.assert_close(placed[b].cpu(), expected)
         assert all(mask[b, e] == 1 for e in t.ends)
 
