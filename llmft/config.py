@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from llmft.rl.alarms import AlarmConfig  # noqa: F401 (the configs name it here)
+from llmft.rl.alarms import AlarmConfig, HeldOutConfig  # noqa: F401 (the configs name them here)
 from llmft.sampling import EnvConfig, RolloutConfig, SamplingConfig, VLLMConfig  # noqa: F401 (the configs name them here)
 from llmft.schema import REQUIRED, apply_override, build, opt, read_yaml
 
@@ -287,6 +287,8 @@ class PPOConfig(RunConfig):
                                                                         "(env.name); none = single-turn answers."})
     alarm: AlarmConfig = field(default_factory=AlarmConfig, metadata={"help": "The reward-hacking alarm "
                                                                               "(docs/metrics.md#the-alarm)."})
+    eval: HeldOutConfig = field(default_factory=HeldOutConfig, metadata={"help": "What the held-out answers "
+                                                                                 "(data.eval) are measured by."})
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
 
@@ -342,6 +344,8 @@ class GRPOConfig(RunConfig):
                                                                         "(env.name); none = single-turn answers."})
     alarm: AlarmConfig = field(default_factory=AlarmConfig, metadata={"help": "The reward-hacking alarm "
                                                                               "(docs/metrics.md#the-alarm)."})
+    eval: HeldOutConfig = field(default_factory=HeldOutConfig, metadata={"help": "What the held-out answers "
+                                                                                 "(data.eval) are measured by."})
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
 

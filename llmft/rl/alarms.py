@@ -29,6 +29,13 @@ from llmft.schema import opt
 
 
 @dataclass
+class HeldOutConfig:  # here, beside the alarm that watches them (import-light: the configs import it)
+    judges: list[str] = opt([], "Judges of the held-out answers that are not the training reward (constraints, bleu, "
+                                "rouge_l, meteor, module:function): eval/<judge>; what alarm.independent can watch.")
+    reference_column: str = opt("completion", "The held-out rows' reference text column (bleu, rouge_l, meteor).")
+
+
+@dataclass
 class AlarmConfig:
     on_alarm: Literal["warn", "stop", "off"] = opt(
         "warn", "What a fired signal does: warn (a console warning and an `alarms` entry in metrics.jsonl), stop "

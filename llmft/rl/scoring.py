@@ -1,5 +1,6 @@
 """The reward of a sampled answer: program judges and/or a reward model, combined with weights, a penalty
-for an answer that reached no stop id, and optional running normalisation and clipping."""
+for an answer that reached no stop id, and optional running normalisation and clipping; `score_rollout` scores a
+batch of answers with them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from llmft.data.records import Record
 from llmft.errors import ConfigError
 from llmft.judges import make_judge
 from llmft.maths.rl import RunningMoments
+from llmft.rollout.experience import Experience
+from llmft.run.plan import chunks
 
 REWARD_MODEL = "reward_model"
 ENV = "env"  # the part an environment scores (multi-turn rollouts)
@@ -56,3 +59,22 @@ class Scorer:
     def scale(self) -> float:
         """The factor `shape` multiplies a score by (before its shift and clipping): 1 / the running std, or 1."""
         return 1.0 / self.moments.std if self.cfg.normalize else 1.0
+
+
+def score_rollout(model, s, exp: Experience, rows: list[dict]):
+    """Every source's scores and their combined score [B] (before normalisation), on the host (model: the
+    ActorCritic, s: the RLSetup; not imported here, which the setup imports)."""
+    model_scores = None
+    if s.share_reward:
+        model_scores = torch.cat([model.rewards(exp.input_ids[r], exp.attention_mask[r])
+                                  for r in chunks(range(exp.size), s.cfg.train.batch_size)])
+    elif s.external_reward:
+        model_scores = s.external_reward.score_ids([g.prompt_ids + g.answer_ids for g in exp.answers])
+    prompts = [s.chat.decode(g.prompt_ids) for g in exp.answers]
+    parts = s.scorer.parts(prompts, [g.text for g in exp.answers], rows, model_scores)
+    finished = torch.tensor([g.finished for g in exp.answers])
+    return parts, s.scorer.combine(parts, finished)
+
+
+def no_eos_share(exp: Experience) -> float:
+    return 1 - sum(g.finished for g in exp.answers) / exp.size

@@ -3,7 +3,7 @@ sources, the sampling (config checks, per-step seeds, one answer per prompt into
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from llmft.models.reward_model import RewardScorer
 from llmft.models.sources import resolve_source
 from llmft.rl.actor_critic import ActorCritic
 from llmft.rl.engine import rollout_engine
+from llmft.rl.held_out import make_judges
 from llmft.rl.multi_turn import Conversations, check_env_config
 from llmft.rl.scoring import Scorer
 from llmft.run import loop
@@ -32,6 +33,7 @@ class RLSetup(loop.Setup):
     external_reward: RewardScorer | None = None  # the reward model when it cannot share the base
     engine: Any = None  # rl.engine.HFEngine | VLLMPolicyEngine: what samples the answers (made by rl_stage)
     conversations: Any = None  # rl.multi_turn.Conversations: the environment of multi-turn rollouts (env.name)
+    judges: dict = field(default_factory=dict)  # eval.judges: the held-out answers' independent judges
 
     def close(self) -> None:
         """The rollout engine ends with the run (vLLM: its process), not at the interpreter's exit."""
@@ -50,6 +52,13 @@ def prompt_sets(cfg, chat) -> tuple[Conversations | None, PromptSet, PromptSet |
         return load_prompts(path, cfg, chat)
 
     return env, load(cfg.data.train), load(cfg.data.eval) if cfg.data.eval else None
+
+
+def held_out_judges(cfg, evals: PromptSet | None) -> dict:
+    """eval.judges, checked against every held-out row before anything loads."""
+    if cfg.eval.judges and not evals:
+        raise ConfigError("eval.judges score the held-out answers: set data.eval (held-out prompts)")
+    return make_judges(cfg.eval, evals.records) if evals else {}
 
 
 def build_model(s: RLSetup, critic: bool) -> ActorCritic:

@@ -15,15 +15,16 @@ from llmft.console import console
 from llmft.data.records import Record, shown_prompt
 from llmft.errors import TrainingAborted
 from llmft.maths.rl import rollout_correction
+from llmft.rl import held_out
 from llmft.rl.actor_critic import ActorCritic
 from llmft.rl.alarms import Alarm, Keys
 from llmft.rl.engine import gap_tolerance
-from llmft.rl.multi_turn import sample_trajectories, trajectory_metrics
+from llmft.rl.multi_turn import trajectory_metrics
+from llmft.rl.scoring import no_eos_share, score_rollout  # noqa: F401 (the stages import them from here)
 from llmft.rl.setup import RLSetup
 from llmft.rollout.experience import Experience, pack
 from llmft.run import loop
 from llmft.run.metrics import MetricsLog, stopwatch
-from llmft.run.plan import chunks
 
 
 def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[str, ...],
@@ -34,8 +35,10 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
     checkpoint keeps the score normaliser's moments and whatever `extra_state` returns (`load_extra` restores
     it)."""
     samples: dict[str, MetricsLog] = {}
+    current = {"step": 0}  # the step an evaluation follows
 
     def step(micro_batches: list[list[int]], ctx: loop.StepContext) -> tuple[dict, dict]:
+        current["step"] = ctx.number
         metrics, rows = rl_step(micro_batches[0], ctx.update, ctx.number)
         metrics.update(s.engine.metrics())
         if ctx.number % s.cfg.samples_every == 0 or ctx.number == 1:
@@ -44,8 +47,10 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
         return metrics, {"episodes": metrics.pop("episodes"), "tokens": metrics.pop("tokens")}
 
     def resume(state: dict | None) -> None:
-        samples["log"] = MetricsLog(Path(s.cfg.output_dir), state["step"] if state else None, False,
-                                    name="samples.jsonl")
+        start = state["step"] if state else None
+        samples["log"] = MetricsLog(Path(s.cfg.output_dir), start, False, name="samples.jsonl")
+        samples["eval"] = held_out.samples_log(s, start)
+        current["step"] = start or 0
         if state:
             s.scorer.moments = dataclasses.replace(s.scorer.moments, **state["score_moments"])
             load_extra(state)
@@ -53,7 +58,10 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
     def state() -> dict:
         return {"score_moments": dataclasses.asdict(s.scorer.moments), **extra_state()}
 
-    return loop.Stage(name, s.cfg, s.plan, s.device, step, (lambda: evaluate(model, s)) if s.eval else None,
+    def evaluate() -> dict[str, float]:
+        return held_out.evaluate(model, s, s.judges, samples.get("eval"), current["step"])
+
+    return loop.Stage(name, s.cfg, s.plan, s.device, step, evaluate if s.eval else None,
                       shown=shown, state=state, resume=resume, alarm=alarm_of(name, s))
 
 
@@ -86,27 +94,6 @@ def check_logprob_gap(s: RLSetup, exp: Experience, step: int, tolerance: float |
     return gap, gap_mean
 
 
-@torch.no_grad()
-def evaluate(model: ActorCritic, s: RLSetup) -> dict[str, float]:
-    """Greedy answers to the held-out prompts, scored by the same sources (no penalty shaping, no KL)."""
-    env = {}
-    if s.conversations:  # whole conversations with the environment, greedy
-        exp, parts, score, trajectories = sample_trajectories(s.conversations, model, s, s.eval.records, 0, True)
-        env = {f"eval/{k}": v for k, v in trajectory_metrics(trajectories).items()}
-    else:
-        sampling = dataclasses.replace(s.cfg.rollout, temperature=0.0)
-        exp = pack(s.engine.sample(model, s.eval.ids, sampling), s.chat.pad_id, s.device)
-        parts, score = score_rollout(model, s, exp, [r.row for r in s.eval.records])
-    out = {"eval/reward": float(score.mean()), **{f"eval/rewards/{k}/mean": float(v.mean()) for k, v in parts.items()},
-           **env,
-           "eval/completions/mean_length": float(exp.lengths().mean()),
-           "eval/completions/clipped_ratio": no_eos_share(exp)}
-    if "constraints" in parts:
-        out["eval/constraints/pass_rate"] = float((parts["constraints"] == 1.0).float().mean())
-    model.train()
-    return out
-
-
 def correction_weights(s: RLSetup, exp: Experience, old_logps: torch.Tensor, idx: list[int] | None = None
                        ) -> torch.Tensor:
     """rollout.correction's per-token weights [b, R] of the rows `idx` (all by default): 1 on answer tokens when
@@ -128,10 +115,6 @@ def add_trajectories(metrics: dict, samples: list[dict], trajectories) -> None:
     metrics.update(trajectory_metrics(trajectories))
     for row, t in zip(samples, trajectories, strict=False):
         row.update(t.sample_row())
-
-
-def no_eos_share(exp: Experience) -> float:
-    return 1 - sum(g.finished for g in exp.answers) / exp.size
 
 
 def token_weighted(parts: list[dict]) -> dict:
@@ -156,20 +139,6 @@ def phase(times: dict, name: str, device: torch.device):
     with stopwatch(device) as watch:
         yield
     times[name] = watch.seconds
-
-
-def score_rollout(model: ActorCritic, s: RLSetup, exp: Experience, rows: list[dict]):
-    """Every source's scores and their combined score [B] (before normalisation), on the host."""
-    model_scores = None
-    if s.share_reward:
-        model_scores = torch.cat([model.rewards(exp.input_ids[r], exp.attention_mask[r])
-                                  for r in chunks(range(exp.size), s.cfg.train.batch_size)])
-    elif s.external_reward:
-        model_scores = s.external_reward.score_ids([g.prompt_ids + g.answer_ids for g in exp.answers])
-    prompts = [s.chat.decode(g.prompt_ids) for g in exp.answers]
-    parts = s.scorer.parts(prompts, [g.text for g in exp.answers], rows, model_scores)
-    finished = torch.tensor([g.finished for g in exp.answers])
-    return parts, s.scorer.combine(parts, finished)
 
 
 def rollout_seed(s: RLSetup, step: int, round_: int = 0) -> int:

@@ -33,12 +33,20 @@ from llmft.errors import ConfigError
 from llmft.maths.losses import grpo_policy_loss
 from llmft.maths.rl import group_advantages, masked_var, rloo_advantages, zero_std_groups
 from llmft.models.loading import resolve_model
+from llmft.rl import held_out
 from llmft.rl import setup as rl_setup
 from llmft.rl import stage as rl_stage
 from llmft.rl.actor_critic import POLICY, REFERENCE, ActorCritic
 from llmft.rl.multi_turn import sample_trajectories
 from llmft.rl.scoring import Scorer
-from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, prompt_sets, reward_rollout_rows
+from llmft.rl.setup import (
+    RLSetup,
+    check_reward_model,
+    check_sampling_config,
+    held_out_judges,
+    prompt_sets,
+    reward_rollout_rows,
+)
 from llmft.rl.stage import (
     add_trajectories,
     check_finite,
@@ -74,6 +82,7 @@ def setup(cfg: GRPOConfig) -> RLSetup:
     check_config(cfg)
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
     env, train, evals = prompt_sets(cfg, chat)
+    judges = held_out_judges(cfg, evals)
     share = check_reward_model(cfg, source, chat, dtype)
     scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []), env=env is not None)
     per_step = prompts_per_process(cfg) * distributed.world().size
@@ -81,7 +90,8 @@ def setup(cfg: GRPOConfig) -> RLSetup:
         raise ConfigError(f"data.train has {len(train.ids)} prompts, fewer than one step's {per_step} (answers per "
                           f"process / grpo.num_generations × processes)")
     plan = plan_steps(len(train.ids), per_step, 1, cfg.train.epochs, cfg.train.max_steps, cfg.seed, per_step)
-    return RLSetup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, conversations=env)
+    return RLSetup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, conversations=env,
+                   judges=judges)
 
 
 def check_config(cfg: GRPOConfig) -> None:
@@ -124,6 +134,7 @@ def show_plan(s: RLSetup) -> None:
                         f"1 + {algo.epsilon_high}] per {algo.importance_sampling}; {algo.loss_aggregation}; "
                         f"β {algo.beta}; dynamic sampling {algo.dynamic_sampling}")
     reward_rollout_rows(t, s)
+    held_out.plan_row(t, s, answers_per_process(cfg) * procs)
     console.print(t)
 
 

@@ -30,12 +30,20 @@ from llmft.errors import ConfigError
 from llmft.maths.losses import ppo_policy_loss, ppo_value_loss
 from llmft.maths.rl import KLController, explained_variance, gae, kl_per_token, shaped_rewards, turn_rewards, whiten
 from llmft.models.loading import resolve_model
+from llmft.rl import held_out
 from llmft.rl import setup as rl_setup
 from llmft.rl import stage as rl_stage
 from llmft.rl.actor_critic import POLICY, REFERENCE, VALUE, ActorCritic
 from llmft.rl.multi_turn import sample_trajectories, turn_tensors
 from llmft.rl.scoring import Scorer
-from llmft.rl.setup import RLSetup, check_reward_model, check_sampling_config, prompt_sets, reward_rollout_rows
+from llmft.rl.setup import (
+    RLSetup,
+    check_reward_model,
+    check_sampling_config,
+    held_out_judges,
+    prompt_sets,
+    reward_rollout_rows,
+)
 from llmft.rl.stage import (
     add_trajectories,
     check_finite,
@@ -65,6 +73,7 @@ def setup(cfg: PPOConfig) -> Setup:
     check_config(cfg)
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
     env, train, evals = prompt_sets(cfg, chat)
+    judges = held_out_judges(cfg, evals)
     share = check_reward_model(cfg, source, chat, dtype)
     scorer = Scorer(cfg.reward, train.records + (evals.records if evals else []), env=env is not None)
     per_step = rollout_size(cfg) * distributed.world().size  # each process samples its own share of a step
@@ -74,7 +83,8 @@ def setup(cfg: PPOConfig) -> Setup:
     # only whole rollout batches: every process then runs the same minibatches (and collectives) every step
     plan = plan_steps(len(train.ids), per_step, 1, cfg.train.epochs, cfg.train.max_steps, cfg.seed, per_step)
     kl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-    return Setup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, conversations=env, kl=kl)
+    return Setup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, conversations=env,
+                 judges=judges, kl=kl)
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -110,6 +120,7 @@ def show_plan(s: Setup) -> None:
     kl = f"adaptive, target {pp.kl_target}" if pp.kl_target else "fixed"
     t.add_row("KL", f"k1 in the reward, β={pp.kl_coef} ({kl})")
     reward_rollout_rows(t, s)
+    held_out.plan_row(t, s, per_step)
     console.print(t)
 
 
