@@ -33,6 +33,11 @@ class HeldOutConfig:  # here, beside the alarm that watches them (import-light: 
     judges: list[str] = opt([], "Judges of the held-out answers that are not the training reward (constraints, bleu, "
                                 "rouge_l, meteor, module:function): eval/<judge>; what alarm.independent can watch.")
     reference_column: str = opt("completion", "The held-out rows' reference text column (bleu, rouge_l, meteor).")
+    select_by: str | None = opt(
+        None, "An eval/… metric to keep the best policy by (e.g. eval/constraints/pass_rate; an independent one, not "
+              "eval/reward): the policy at the evaluation where it was best is written to output_dir/best/, a stage "
+              "output like the final one, and named in llmft.json (best/step, best/value).")
+    select_mode: Literal["max", "min"] = opt("max", "Whether higher (max) or lower (min) select_by is better.")
 
 
 @dataclass

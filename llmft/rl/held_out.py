@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 from llmft.data.records import Record, shown_prompt
+from llmft.errors import ConfigError
 from llmft.judges import Judge, make_judge
 from llmft.rl.actor_critic import POLICY, REFERENCE, ActorCritic
 from llmft.rl.alarms import HeldOutConfig
 from llmft.rl.multi_turn import sample_trajectories, trajectory_metrics
 from llmft.rl.scoring import no_eos_share, score_rollout
 from llmft.rollout.experience import Experience, answer_logps, pack
+from llmft.run import loop
 from llmft.run.metrics import MetricsLog
 from llmft.run.plan import chunks
 
@@ -89,6 +91,25 @@ def summed_kl(model: ActorCritic, s, exp: Experience) -> torch.Tensor:
             ref, _ = answer_logps(model.lm, model.hidden, exp, idx, 1.0, s.dtype)
         out.append(((logps - ref) * exp.mask[idx]).sum(-1))
     return torch.cat(out)
+
+
+def keep_best(stage: str, s, model: ActorCritic, step: int, metrics: dict, best: dict) -> dict:
+    """eval.select_by: when this evaluation is the best so far, the policy as it is now → output_dir/best/ (a stage
+    output). Returns best/step and best/value (logged, and recorded in the run's llmft.json)."""
+    key, mode = s.cfg.eval.select_by, s.cfg.eval.select_mode
+    if not key:
+        return {}
+    if key not in metrics:
+        raise ConfigError(f"eval.select_by: the held-out evaluation logs no {key}; it logs "
+                          f"{', '.join(sorted(k for k in metrics if k.startswith('eval/')))}")
+    value = metrics[key]
+    if best.get("value") is None or (value > best["value"] if mode == "max" else value < best["value"]):
+        best.update(step=step, value=value)
+        out = Path(s.cfg.output_dir) / "best"
+        out.mkdir(exist_ok=True)
+        loop.write_output(out, s, stage, model, {"best/step": step, "best/value": value, key: value},
+                          loop.data_files(s.cfg))
+    return {"best/step": best["step"], "best/value": best["value"]}
 
 
 def plan_row(t, s, answers_per_step: int) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from llmft import distributed
 from llmft.checkpoint import content_hash
 from llmft.console import console
 from llmft.data.chat import tokenizer_difference
@@ -56,8 +57,10 @@ def prompt_sets(cfg, chat) -> tuple[Conversations | None, PromptSet, PromptSet |
 
 def held_out_judges(cfg, evals: PromptSet | None) -> dict:
     """eval.judges, checked against every held-out row before anything loads."""
-    if cfg.eval.judges and not evals:
-        raise ConfigError("eval.judges score the held-out answers: set data.eval (held-out prompts)")
+    if (cfg.eval.judges or cfg.eval.select_by) and not evals:
+        raise ConfigError("eval.judges and eval.select_by need held-out answers: set data.eval (held-out prompts)")
+    if cfg.eval.select_by:
+        distributed.refuse_fsdp("eval.select_by", "the best policy is written by one process")
     return make_judges(cfg.eval, evals.records) if evals else {}
 
 

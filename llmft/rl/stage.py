@@ -36,6 +36,7 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
     it)."""
     samples: dict[str, MetricsLog] = {}
     current = {"step": 0}  # the step an evaluation follows
+    best: dict = {"step": None, "value": None}  # eval.select_by's best evaluation so far
 
     def step(micro_batches: list[list[int]], ctx: loop.StepContext) -> tuple[dict, dict]:
         current["step"] = ctx.number
@@ -53,13 +54,15 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
         current["step"] = start or 0
         if state:
             s.scorer.moments = dataclasses.replace(s.scorer.moments, **state["score_moments"])
+            best.update(state.get("best", {}))
             load_extra(state)
 
     def state() -> dict:
-        return {"score_moments": dataclasses.asdict(s.scorer.moments), **extra_state()}
+        return {"score_moments": dataclasses.asdict(s.scorer.moments), "best": dict(best), **extra_state()}
 
     def evaluate() -> dict[str, float]:
-        return held_out.evaluate(model, s, s.judges, samples.get("eval"), current["step"])
+        metrics = held_out.evaluate(model, s, s.judges, samples.get("eval"), current["step"])
+        return {**metrics, **held_out.keep_best(name, s, model, current["step"], metrics, best)}
 
     return loop.Stage(name, s.cfg, s.plan, s.device, step, evaluate if s.eval else None,
                       shown=shown, state=state, resume=resume, alarm=alarm_of(name, s))

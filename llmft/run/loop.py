@@ -181,17 +181,24 @@ def train(s: Setup, recipe: Recipe, resume_from: Path | None, data: list[dict]) 
     state, resume_from = restore(resume_from, model, optimizer, scheduler, s.plan.num_steps, explicit)
     metrics = fit(recipe.stage(s, model), model, optimizer, scheduler, state, resume_from)
     if distributed.world().main:
-        record = manifest.describe(recipe.name, cfg, s.source, metrics, data)
-        record["model"]["embedding_rows"] = embedding_rows(unwrap(getattr(model, "lm", model)))
-        if quantized := quantization.record(cfg.model.quantization, s.dtype):
-            record["model"]["quantization"] = quantized
-        try:
-            record["files"] = save_final(run_dir, model, s.chat.tokenizer, s.chat.generation_ids(),
-                                         before_move=lambda names: rundir.record_final_files(run_dir, names))
-            manifest.write(run_dir, record)
-        except OSError as e:
-            raise RunError(write_failure(e, run_dir, latest_checkpoint(run_dir))) from None
+        write_output(run_dir, s, recipe.name, model, metrics, data,
+                     before_move=lambda names: rundir.record_final_files(run_dir, names))
     return metrics
+
+
+def write_output(out: Path, s: Setup, stage: str, model, metrics: dict, data: list[dict],
+                 before_move: Callable[[list[str]], None] | None = None) -> None:
+    """A stage output in `out` (the adapter, tokenizer, generation config, then the manifest naming them): what a
+    later stage or `llmft eval` loads. The run's final output, or an RL run's best policy (out = run_dir/best)."""
+    record = manifest.describe(stage, s.cfg, s.source, metrics, data)
+    record["model"]["embedding_rows"] = embedding_rows(unwrap(getattr(model, "lm", model)))
+    if quantized := quantization.record(s.cfg.model.quantization, s.dtype):
+        record["model"]["quantization"] = quantized
+    try:
+        record["files"] = save_final(out, model, s.chat.tokenizer, s.chat.generation_ids(), before_move=before_move)
+        manifest.write(out, record)
+    except OSError as e:
+        raise RunError(write_failure(e, out, latest_checkpoint(rundir.run_dir_of(s.cfg)))) from None
 
 
 def plan_table(name: str, s: Any) -> Table:

@@ -50,7 +50,8 @@ except ImportError:  # not POSIX: no lock
 MARKER = ".llmft-run"  # {"llmft": version, "stage": ..., "data": [{role, path, sha256}], "files": [final files]}
 LOCK = ".llmft-lock"
 # what a run writes besides its final files (listed in the marker and manifest) and its checkpoint-N/ folders
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "samples.jsonl", MANIFEST, "tensorboard", "engine")
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", MANIFEST, "tensorboard", "engine",
+               "best")
 # the final files of runs written before the marker listed them
 LEGACY_FINAL = ("adapter_config.json", "adapter_model.safetensors", "README.md", "reward_head.safetensors", "value",
                 "value_head.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from llmft.errors import ConfigError, DataError
 from llmft.judges.text import rouge_l
@@ -53,7 +54,7 @@ def test_ppo_watches_the_same_way(ppo_config, tmp_path):
 
 
 def test_held_out_errors(held_out, grpo_config):
-    with pytest.raises(ConfigError, match="eval.judges score the held-out answers: set data.eval"):
+    with pytest.raises(ConfigError, match="eval.judges and eval.select_by need held-out answers: set data.eval"):
         grpo.setup(grpo_config(eval__judges=["rouge_l"]))
     with pytest.raises(DataError, match="the bleu judge needs a text column 'answer'"):
         grpo.setup(held_out(eval__judges=["bleu"], eval__reference_column="answer"))
@@ -68,3 +69,35 @@ def test_the_plan_states_the_evaluation_and_its_cost(held_out, capsys):
     out = " ".join(capsys.readouterr().err.replace("│", " ").split())  # the table's cells, wrapped, as one text
     # 8 prompts × 3 evaluations against 2 steps × 8 answers: 24 / (24 + 16)
     assert "8 prompts, greedy, at step 0 and every step (3 times); judges rouge_l, constraints; about 60%" in out
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_the_best_policy_by_an_independent_score_is_kept_and_loads(mode, held_out, talking_dir, tmp_path):
+    """GRPO on a length judge moves away from the references, so ROUGE-L falls: the best by max is the start (the
+    fresh adapter, B = 0), by min a later step (the weights the same run stopped there writes); either is a stage
+    output a later stage names."""
+    from safetensors.torch import load_file
+
+    from llmft.models.loading import load_chat
+    from llmft.models.sources import resolve_source
+
+    common = {"model__name": str(talking_dir), "train__learning_rate": 3e-2, "train__scheduler": "constant",
+              "rollout__max_new_tokens": 12}
+    grpo.run(held_out(eval__select_by="eval/rouge_l", eval__select_mode=mode, train__max_steps=4, **common))
+    run = tmp_path / "grpo"
+    rows = [r for r in lines(run / "metrics.jsonl") if "eval/rouge_l" in r]
+    values = [r["eval/rouge_l"] for r in rows]
+    pick = max(values) if mode == "max" else min(values)
+    best_step = rows[values.index(pick)]["step"]
+    assert len(set(values)) > 1 and (best_step == 0) == (mode == "max")  # the start is the best by ROUGE-L
+    manifest = json.loads((run / "llmft.json").read_text())
+    assert manifest["metrics"]["best/step"] == best_step and manifest["metrics"]["best/value"] == pick
+    assert json.loads((run / "best" / "llmft.json").read_text())["metrics"]["best/step"] == best_step
+    assert load_chat(resolve_source(str(run / "best"))).tokenizer is not None
+    best = load_file(run / "best" / "adapter_model.safetensors")
+    if best_step == 0:
+        assert all(not t.any() for k, t in best.items() if "lora_B" in k)
+    else:  # the same run stopped at that step wrote the same weights
+        grpo.run(held_out(train__max_steps=best_step, output_dir=str(tmp_path / "short"), **common))
+        short = load_file(tmp_path / "short" / "adapter_model.safetensors")
+        assert all(torch.equal(best[k], short[k]) for k in best)
