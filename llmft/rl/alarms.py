@@ -6,10 +6,10 @@ the steps that evaluated) and returns a one-line reason, or None. With W = alarm
     reward_vs_held_out   the training reward's mean over the last W steps is above its mean over the W before, while
                          the independent held-out score (alarm.independent, e.g. eval/constraints/pass_rate) has
                          fallen by alarm.held_out_drop or more from its best so far
-    kl_budget            KL to the reference (nats per answer) above alarm.kl_budget
+    kl_budget            KL to the reference (nats per answer: ppo's objective/kl, grpo's eval/kl) above alarm.kl_budget
     length               the mean answer length over the last W steps below alarm.length_collapse × its first W's
-                         mean (answers collapsing), or above alarm.near_limit × max_new_tokens while the share cut
-                         there rises (running to the limit)
+                         mean (answers collapsing), or above alarm.near_limit × max_new_tokens (env.max_tokens with
+                         an environment) while the share cut there rises (running to the limit)
     no_stop              the share of answers without a stop id over the last W steps above its first W's by
                          alarm.no_stop_rise or more
     entropy              the mean token entropy over the last W steps below alarm.entropy_collapse × its first W's
@@ -48,8 +48,9 @@ class AlarmConfig:
     window: int = opt(4, "Steps each signal averages over (its last W steps against the W before, or the first W).",
                       ge=1)
     independent: str | None = opt(
-        None, "A held-out score that is not the training reward (an eval/… metric, e.g. eval/constraints/pass_rate "
-              "or eval/rouge_l; needs data.eval): the alarm fires when the reward rises while it falls.")
+        None, "A held-out score that is not the training reward, higher = better (an eval/… metric, e.g. "
+              "eval/constraints/pass_rate or eval/rouge_l; needs data.eval and train.eval_every): the alarm fires "
+              "when the reward rises while it falls.")
     held_out_drop: float = opt(0.05, "How far `independent` must fall below its best so far.", ge=0)
     kl_budget: float | None = opt(None, "KL to the reference, nats per answer, beyond which the alarm fires; "
                                         "null = no budget.", gt=0)
@@ -136,24 +137,17 @@ SIGNALS: dict[str, Callable[[list[dict], AlarmConfig, Keys, int], str | None]] =
 
 class Alarm:
     """The signals of one run. `observe(step, values)` after each step (its training metrics and any eval/… of that
-    step) returns the signals that fire for the first time; `resume(rows)` takes back what metrics.jsonl holds up
-    to the step a run resumes from (its metrics and the signals that already fired)."""
+    step) returns the signals that fire for the first time. `history` and `fired` go into every checkpoint, so a
+    resumed run goes on from them."""
 
-    def __init__(self, cfg: AlarmConfig, keys: Keys, max_new_tokens: int, fired: list[str] | None = None):
+    def __init__(self, cfg: AlarmConfig, keys: Keys, max_new_tokens: int):
         self.cfg, self.keys, self.max_new_tokens = cfg, keys, max_new_tokens
-        self.fired = list(fired or [])
+        self.fired: list[str] = []
         self.history: list[dict] = []
 
     @property
     def stops(self) -> bool:
         return self.cfg.on_alarm == "stop"
-
-    def resume(self, rows: list[dict]) -> None:
-        by_step: dict[int, dict] = {}
-        for row in rows:  # step 0: the evaluation before training
-            by_step.setdefault(row["step"], {}).update(row)
-        self.history = [by_step[k] for k in sorted(by_step)]
-        self.fired = [name for row in self.history for name in row.get("alarms", {})]
 
     def baseline(self, evaluated: dict) -> None:
         """The evaluation before the first step (step 0)."""

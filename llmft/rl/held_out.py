@@ -14,10 +14,13 @@ the held-out prompts, measured by what the policy is trained on and by what it i
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import torch
 
+from llmft import manifest
+from llmft.console import console
 from llmft.data.records import Record, shown_prompt
 from llmft.errors import ConfigError
 from llmft.judges import Judge, make_judge
@@ -110,6 +113,38 @@ def keep_best(stage: str, s, model: ActorCritic, step: int, metrics: dict, best:
         loop.write_output(out, s, stage, model, {"best/step": step, "best/value": value, key: value},
                           loop.data_files(s.cfg))
     return {"best/step": best["step"], "best/value": best["value"]}
+
+
+def resumed_best(s, best: dict, step: int) -> dict:
+    """The best so far as the checkpoint knew it. A best/ written after that checkpoint (by the stretch of the run a
+    kill discarded) is removed: the resumed run writes its own."""
+    out = Path(s.cfg.output_dir) / "best"
+    written = (manifest.read(out) or {}).get("metrics", {}).get("best/step")
+    if isinstance(written, int) and written > step:
+        console.print(f"[yellow]best/ was written at step {written}, after the checkpoint of step {step} this run "
+                      f"resumes from: removed (the resumed run keeps its own best)")
+        shutil.rmtree(out)
+        return {"step": None, "value": None}
+    return best
+
+
+def logged_keys(cfg, reward_sources: list[str]) -> set[str]:
+    """The eval/… metrics a held-out evaluation of this config logs (env/… aside)."""
+    keys = {"eval/reward", "eval/kl", "eval/completions/mean_length", "eval/completions/clipped_ratio",
+            *(f"eval/rewards/{k}/mean" for k in reward_sources)}
+    for name in cfg.eval.judges:
+        keys |= {"eval/constraints/score", "eval/constraints/pass_rate"} if name == "constraints" else {f"eval/{name}"}
+    if "constraints" in reward_sources:
+        keys.add("eval/constraints/pass_rate")
+    return keys
+
+
+def check_watched(cfg, reward_sources: list[str]) -> None:
+    """alarm.independent and eval.select_by name metrics the evaluation logs: checked before the run starts."""
+    keys = logged_keys(cfg, reward_sources)
+    for name, key in (("alarm.independent", cfg.alarm.independent), ("eval.select_by", cfg.eval.select_by)):
+        if key and key not in keys and not (cfg.env.name and key.startswith("eval/env/")):
+            raise ConfigError(f"{name}: the held-out evaluation logs no {key}; it logs {', '.join(sorted(keys))}")
 
 
 def plan_row(t, s, answers_per_step: int) -> None:

@@ -21,7 +21,7 @@ from llmft.models.reward_model import RewardScorer
 from llmft.models.sources import resolve_source
 from llmft.rl.actor_critic import ActorCritic
 from llmft.rl.engine import rollout_engine
-from llmft.rl.held_out import make_judges
+from llmft.rl.held_out import check_watched, make_judges
 from llmft.rl.multi_turn import Conversations, check_env_config
 from llmft.rl.scoring import Scorer
 from llmft.run import loop
@@ -61,6 +61,8 @@ def held_out_judges(cfg, evals: PromptSet | None) -> dict:
         raise ConfigError("eval.judges and eval.select_by need held-out answers: set data.eval (held-out prompts)")
     if cfg.eval.select_by:
         distributed.refuse_fsdp("eval.select_by", "the best policy is written by one process")
+    sources = ["env"] if cfg.env.name else [*(["reward_model"] if cfg.reward.model else []), *cfg.reward.judges]
+    check_watched(cfg, sources)
     return make_judges(cfg.eval, evals.records) if evals else {}
 
 
@@ -87,7 +89,7 @@ def check_sampling_config(cfg, stage: str) -> None:
     require_dropout_off(cfg, stage, "ratios and KL compare outputs of the same network")
     if cfg.env.name:
         check_env_config(cfg)
-    if cfg.alarm.independent and not (cfg.data.eval and cfg.alarm.independent.startswith("eval/")):
+    if cfg.alarm.independent and not (cfg.data.eval and cfg.train.eval_every):
         raise ConfigError("alarm.independent names a held-out score (an eval/… metric, e.g. "
                           "eval/constraints/pass_rate): it needs data.eval (held-out prompts) and train.eval_every")
     if cfg.model.chat_template:

@@ -37,6 +37,7 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
     samples: dict[str, MetricsLog] = {}
     current = {"step": 0}  # the step an evaluation follows
     best: dict = {"step": None, "value": None}  # eval.select_by's best evaluation so far
+    alarm = alarm_of(name, s)
 
     def step(micro_batches: list[list[int]], ctx: loop.StepContext) -> tuple[dict, dict]:
         current["step"] = ctx.number
@@ -54,26 +55,30 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
         current["step"] = start or 0
         if state:
             s.scorer.moments = dataclasses.replace(s.scorer.moments, **state["score_moments"])
-            best.update(state.get("best", {}))
+            best.update(held_out.resumed_best(s, state.get("best", {}), state["step"]))
+            if alarm and "alarm" in state:
+                alarm.history, alarm.fired = state["alarm"]["history"], state["alarm"]["fired"]
             load_extra(state)
 
     def state() -> dict:
-        return {"score_moments": dataclasses.asdict(s.scorer.moments), "best": dict(best), **extra_state()}
+        watched = {"alarm": {"history": alarm.history, "fired": alarm.fired}} if alarm else {}
+        return {"score_moments": dataclasses.asdict(s.scorer.moments), "best": dict(best), **watched, **extra_state()}
 
     def evaluate() -> dict[str, float]:
         metrics = held_out.evaluate(model, s, s.judges, samples.get("eval"), current["step"])
         return {**metrics, **held_out.keep_best(name, s, model, current["step"], metrics, best)}
 
     return loop.Stage(name, s.cfg, s.plan, s.device, step, evaluate if s.eval else None,
-                      shown=shown, state=state, resume=resume, alarm=alarm_of(name, s))
+                      shown=shown, state=state, resume=resume, alarm=alarm)
 
 
 def alarm_of(name: str, s: RLSetup) -> Alarm | None:
-    """The run's reward-hacking alarm, reading this stage's metric names (ppo's KL per answer is objective/kl;
-    grpo logs no KL per answer)."""
+    """The run's reward-hacking alarm, reading this stage's metric names (the KL per answer: ppo's objective/kl of
+    its samples, grpo's eval/kl of the held-out answers)."""
     if s.cfg.alarm.on_alarm == "off":
         return None
-    return Alarm(s.cfg.alarm, Keys(kl="objective/kl" if name == "ppo" else None), s.cfg.rollout.max_new_tokens)
+    limit = s.cfg.env.max_tokens if s.cfg.env.name else s.cfg.rollout.max_new_tokens  # an answer's longest
+    return Alarm(s.cfg.alarm, Keys(kl="objective/kl" if name == "ppo" else "eval/kl"), limit)
 
 
 def check_logprob_gap(s: RLSetup, exp: Experience, step: int, tolerance: float | None, key: str) -> tuple[float, float]:

@@ -270,12 +270,13 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
     if stage.resume:
         stage.resume(state)
     log = MetricsLog(run_dir, start if last_ckpt else None, cfg.tensorboard)
-    if stage.alarm and start:
-        stage.alarm.resume(log.rows())
     speed = Throughput()
     final: dict = {}
-    # rank 0 evaluates and logs; under FSDP every rank must join the forwards (they gather sharded weights)
-    evaluate = stage.evaluate if main or distributed.fsdp() else None
+    # rank 0 evaluates and logs, every rank gets its figures (and its error, if it raised one); under FSDP every rank
+    # joins the forwards (they gather sharded weights)
+    evaluate = None
+    if stage.evaluate:
+        evaluate = stage.evaluate if distributed.fsdp() else (lambda: distributed.on_main(stage.evaluate))
     if evaluate and start == 0:  # the starting point, so the curve shows what training changed
         evaluated = evaluate()
         log.log(0, evaluated)
@@ -300,7 +301,8 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
                 evaluated = evaluate()
                 values.update(evaluated)
                 log.log(step, evaluated)
-            if step % tr.save_every == 0 and step < plan.num_steps and main:
+            stop = bool(stage.alarm) and sound_alarm(stage.alarm, step, values, log, final)  # before the checkpoint
+            if step % tr.save_every == 0 and step < plan.num_steps and main and not stop:
                 extra = {"processes": distributed.world().size, **(stage.state() if stage.state else {})}
                 try:
                     last_ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler,
@@ -313,7 +315,7 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
             if not console.is_terminal and (step % max(1, plan.num_steps // 20) == 0 or step == plan.num_steps):
                 # a log, not a terminal: ~20 lines
                 console.print(f"step {step}/{plan.num_steps}  {shown}", highlight=False)
-            if stage.alarm and sound_alarm(stage.alarm, step, values, log, final):
+            if stop:
                 break
     log.close()
     return final
@@ -322,7 +324,7 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
 def sound_alarm(alarm, step: int, values: dict, log: MetricsLog, final: dict) -> bool:
     """The reward-hacking alarm after a step: each signal that fires is a warning and an `alarms` row in
     metrics.jsonl; True when the run stops here (alarm.on_alarm: stop, on every process alike)."""
-    fired = alarm.observe(step, values)
+    fired = distributed.on_main(lambda: alarm.observe(step, values))  # rank 0's history decides for every rank
     for name, reason in fired.items():
         console.print(f"[bold red]alarm at step {step}[/] ({name}): {reason}")
     if fired:

@@ -52,12 +52,6 @@ class MetricsLog:
                 if isinstance(v, (int, float)):  # not the alarms' reasons
                     self.writer.add_scalar(k, v, step)
 
-    def rows(self) -> list[dict]:
-        """What the file holds (rank 0; [] elsewhere)."""
-        if self.path is None or not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
     def close(self) -> None:
         if self.writer:
             self.writer.close()

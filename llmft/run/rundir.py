@@ -269,6 +269,8 @@ def delete_run(run_dir: Path) -> list[str]:
     doomed = set(RUN_ENTRIES) | set(final_files(run_dir))
     for p in run_dir.iterdir():
         checkpoint = CHECKPOINT_RE.match(p.name.removesuffix(".damaged")) and p.is_dir()
+        if p.name == "best" and not (p / MANIFEST).is_file():  # not an RL run's best policy: the user's own
+            continue
         if p.name in doomed or p.name.startswith(TMP_PREFIX) or checkpoint:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     (run_dir / MARKER).unlink(missing_ok=True)

@@ -64,12 +64,14 @@ def test_alarm_config_errors(hackable):
         grpo.setup(hackable(alarm__independent="eval/rouge_l"))
 
 
-def test_a_resumed_run_remembers_what_fired(hackable, tmp_path, monkeypatch):
+@pytest.mark.parametrize("before", [True, False], ids=["killed-before-it-fires", "killed-after-it-fired"])
+def test_a_resumed_run_fires_where_the_uninterrupted_one_did(before, hackable, tmp_path, monkeypatch):
     from tests.helpers.runs import crash_then_resume
 
     grpo.run(hackable(output_dir=str(tmp_path / "full")))
     fired = [r["step"] for r in rows(tmp_path / "full") if "alarms" in r]
     crashed = hackable(output_dir=str(tmp_path / "crashed"))
-    crash_then_resume(grpo.run, crashed, monkeypatch, at_step=2 * fired[0] - 3)  # in the step before it fires
-    # as uninterrupted: the windows before the kill are read back from metrics.jsonl at the resume
+    at = 2 * fired[0] - 3 if before else 2 * fired[0] + 3  # 2 optimizer steps a step: inside the step before / after
+    crash_then_resume(grpo.run, crashed, monkeypatch, at_step=at)
+    # the checkpoint holds the alarm's windows and what fired: once, at the same step, whichever side of the kill
     assert [r["step"] for r in rows(tmp_path / "crashed") if "alarms" in r] == fired
