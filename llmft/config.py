@@ -270,6 +270,17 @@ class PPOAlgoConfig:
               "0.05 on CUDA or in 16-bit.", gt=0)
 
 
+RL_SECTIONS = {  # the sections ppo and grpo share, declared once
+    "env": (EnvConfig, "A multi-turn, tool-using environment (env.name); none = single-turn answers."),
+    "alarm": (AlarmConfig, "The reward-hacking alarm (docs/metrics.md#the-alarm)."),
+    "eval": (HeldOutConfig, "What the held-out answers (data.eval) are measured by.")}
+
+
+def rl_section(name: str):
+    cls, text = RL_SECTIONS[name]
+    return field(default_factory=cls, metadata={"help": text})
+
+
 @dataclass
 class PPOConfig(RunConfig):
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0),
@@ -283,12 +294,9 @@ class PPOConfig(RunConfig):
     reward: RewardSourcesConfig = field(default_factory=RewardSourcesConfig,
                                         metadata={"help": "What scores an answer."})
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig, metadata={"help": "The PPO update."})
-    env: EnvConfig = field(default_factory=EnvConfig, metadata={"help": "A multi-turn, tool-using environment "
-                                                                        "(env.name); none = single-turn answers."})
-    alarm: AlarmConfig = field(default_factory=AlarmConfig, metadata={"help": "The reward-hacking alarm "
-                                                                              "(docs/metrics.md#the-alarm)."})
-    eval: HeldOutConfig = field(default_factory=HeldOutConfig, metadata={"help": "What the held-out answers "
-                                                                                 "(data.eval) are measured by."})
+    env: EnvConfig = rl_section("env")
+    alarm: AlarmConfig = rl_section("alarm")
+    eval: HeldOutConfig = rl_section("eval")
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
 
@@ -340,12 +348,9 @@ class GRPOConfig(RunConfig):
     reward: RewardSourcesConfig = field(default_factory=RewardSourcesConfig,
                                         metadata={"help": "What scores an answer (judges, a reward model)."})
     grpo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig, metadata={"help": "The GRPO-family update."})
-    env: EnvConfig = field(default_factory=EnvConfig, metadata={"help": "A multi-turn, tool-using environment "
-                                                                        "(env.name); none = single-turn answers."})
-    alarm: AlarmConfig = field(default_factory=AlarmConfig, metadata={"help": "The reward-hacking alarm "
-                                                                              "(docs/metrics.md#the-alarm)."})
-    eval: HeldOutConfig = field(default_factory=HeldOutConfig, metadata={"help": "What the held-out answers "
-                                                                                 "(data.eval) are measured by."})
+    env: EnvConfig = rl_section("env")
+    alarm: AlarmConfig = rl_section("alarm")
+    eval: HeldOutConfig = rl_section("eval")
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
 
