@@ -13,9 +13,13 @@ Per item, over every annotator's judgements in force (the latest of each kind):
                         (--pairs best-worst: best and worst by votes won, then mean rating), or every decided pair
                         (--pairs all); and edited ≻ original
     --to ranked         {prompt, responses: [best, ..., worst]} where the answers are in a strict order (for reward)
-    --to kto            {prompt, completion, label}: rated answers, desirable when the mean rating ≥ threshold; an
-                        edit desirable and its original undesirable
-    --to sft            {prompt, completion}: edits, and answers whose mean rating ≥ threshold
+    --to kto            {prompt, completion, label}: one label per answer text: an answer someone edited is
+                        undesirable whatever its rating (someone found it worth fixing), an edit desirable, any other
+                        rated answer desirable when its mean rating ≥ threshold
+    --to sft            {prompt, completion}: edits, and answers whose mean rating ≥ threshold that nobody edited
+
+A tie takes back the person's votes and ratings of the item (no answer is better: their ratings must not decide a
+pair either); a skip does the same.
 
 Other columns of the candidates file (constraints, a reference) are kept in every row.
 """
@@ -49,9 +53,9 @@ class Verdicts:
         a, b = min(winner, loser), max(winner, loser)
         self.votes.setdefault((a, b), {})[annotator] = 1 if winner == a else -1
 
-    def forget(self, annotator: str, ratings: bool) -> None:
-        """Drop a person's votes (a tie: no answer is better), and ratings too (a skip: no judgement)."""
-        for table in (self.votes, self.ratings) if ratings else (self.votes,):
+    def forget(self, annotator: str) -> None:
+        """Drop a person's votes and ratings of the item (a tie: no answer is better; a skip: no judgement)."""
+        for table in (self.votes, self.ratings):
             for key in list(table):
                 table[key].pop(annotator, None)
                 if not table[key]:
@@ -85,7 +89,7 @@ def verdicts(store: Store) -> list[Verdicts]:
         v, who, line = by_item[j.item], j.annotator, j.line
         k = len(v.item.candidates)
         if j.action in ("tie", "skip"):  # takes back what this person said before on the item
-            v.forget(who, ratings=j.action == "skip")
+            v.forget(who)
         elif j.action == "rate":
             v.ratings.setdefault(line["candidate"], {})[who] = line["rating"]
         elif j.action == "rank":
@@ -125,13 +129,23 @@ def rows_for(target: str, found: list[Verdicts], pairs: str = "best-worst", min_
             if (order := strict_order(v, min_gap)) is not None:
                 out.append(base | {"responses": [text[c] for c in order]})
         elif target == "kto":
-            out += [base | {"completion": text[c], "label": v.mean_rating(c) >= threshold} for c in v.ratings]
-            for c, t in v.edits:
-                out += [base | {"completion": t, "label": True}, base | {"completion": text[c], "label": False}]
+            out += [base | {"completion": t, "label": label} for t, label in kto_labels(v, threshold).items()]
         else:  # sft
+            edited = {text[c] for c, _ in v.edits}
             out += [base | {"completion": t} for _, t in v.edits]
-            out += [base | {"completion": text[c]} for c in v.ratings if v.mean_rating(c) >= threshold]
+            out += [base | {"completion": text[c]} for c in v.ratings
+                    if v.mean_rating(c) >= threshold and text[c] not in edited]
     return out
+
+
+def kto_labels(v: Verdicts, threshold: float) -> dict[str, bool]:
+    """One label per answer text, never both: by mean rating, then an edit desirable, then an answer someone edited
+    undesirable (the later rule wins)."""
+    text = [c.text for c in v.item.candidates]
+    labels = {text[c]: v.mean_rating(c) >= threshold for c in v.ratings}
+    labels.update({t: True for _, t in v.edits})
+    labels.update({text[c]: False for c, _ in v.edits})
+    return labels
 
 
 def strict_order(v: Verdicts, min_gap: float) -> list[int] | None:

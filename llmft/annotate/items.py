@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmft.checkpoint import atomic_write_text
-from llmft.data.records import Record, as_turns, read_records
+from llmft.data.records import Record, as_turns, prompt_messages, read_records
 from llmft.errors import DataError
 
 
@@ -118,11 +118,11 @@ def from_generations(paths: list[str], out: str | Path) -> Items:
     lines = []
     for i in range(n):
         first = outputs[0][i]
-        prompt = first.row.get("prompt", first.row.get("messages"))
+        prompt = item_prompt(first)
         merged: dict[str, list[str]] = {}
         for name, rows in zip(names, outputs, strict=True):
             rec = rows[i]
-            if rec.row.get("prompt", rec.row.get("messages")) != prompt:
+            if item_prompt(rec) != prompt:
                 raise DataError(f"{rec.where}: its prompt differs from {first.where}: the outputs must answer the "
                                 f"same prompts in the same order")
             text = rec.row.get("response")
@@ -138,6 +138,13 @@ def from_generations(paths: list[str], out: str | Path) -> Items:
         raise DataError("every prompt got the same answer from every output: nothing to compare")
     atomic_write_text(Path(out), "".join(json.dumps(ln, ensure_ascii=False) + "\n" for ln in kept))
     return read_items(out)
+
+
+def item_prompt(rec: Record) -> str | list[dict]:
+    """The prompt as `llmft generate` answered it: a `prompt` as written; `messages` without an ending assistant
+    turn (an SFT eval set's reference answer: never shown beside the candidates, never an earlier turn of an
+    exported row)."""
+    return rec.row["prompt"] if "prompt" in rec.row else prompt_messages(rec)
 
 
 def source_names(paths: list[str]) -> list[str]:

@@ -177,10 +177,55 @@ def test_exports_by_hand(items, tmp_path):
     assert [r["responses"] for r in X.rows_for("ranked", list(found.values()))] == [
         ["Red.", "Blue.", "A colour."], ["Hi!", "Hello."]]
     kto = X.rows_for("kto", list(found.values()), threshold=4)  # means: a 3, 4.5, 1; b 5, 1
-    assert [(r["completion"], r["label"]) for r in kto] == [
-        ("Blue.", False), ("Red.", True), ("A colour.", False), ("Green.", True), ("A colour.", False),
-        ("Hi!", True), ("Hello.", False)]
+    assert [(r["completion"], r["label"]) for r in kto] == [  # "A colour." rated 1 and edited: once, undesirable
+        ("Blue.", False), ("Red.", True), ("A colour.", False), ("Green.", True), ("Hi!", True), ("Hello.", False)]
     assert [r["completion"] for r in X.rows_for("sft", list(found.values()))] == ["Green.", "Red.", "Hi!"]
+
+
+def test_an_edited_answer_is_never_also_desirable(items, tmp_path):
+    """Rated 5 by one person and edited by another: kto labels it undesirable (someone found it worth fixing) and
+    its edit desirable, each once; sft takes the edit, not the answer that needed it."""
+    store = Store(tmp_path / "ann.jsonl", items, writable=True)
+    store.append("ann", "a", "rate", {"candidate": 1, "rating": 5})
+    store.append("bob", "a", "edit", {"candidate": 1, "text": "Red, like a cherry."})
+    store.close()
+    found = X.verdicts(store)
+    assert [(r["completion"], r["label"]) for r in X.rows_for("kto", found)] == [
+        ("Red.", False), ("Red, like a cherry.", True)]
+    assert [r["completion"] for r in X.rows_for("sft", found)] == ["Red, like a cherry."]
+
+
+def test_a_tie_takes_back_the_persons_ratings_too(items, tmp_path):
+    """Rate A 5 and B 2, then tie: the person says no answer is better, so no pair comes from their ratings."""
+    store = Store(tmp_path / "ann.jsonl", items, writable=True)
+    store.append("ann", "b", "rate", {"candidate": 0, "rating": 5})
+    store.append("ann", "b", "rate", {"candidate": 1, "rating": 2})
+    store.append("ann", "b", "tie", {})
+    store.close()
+    assert X.rows_for("dpo", X.verdicts(store)) == []
+    store = Store(tmp_path / "bob.jsonl", items, writable=True)  # ratings after the tie count again
+    store.append("bob", "b", "tie", {})
+    store.append("bob", "b", "rate", {"candidate": 0, "rating": 5})
+    store.append("bob", "b", "rate", {"candidate": 1, "rating": 2})
+    store.close()
+    assert [(r["chosen"], r["margin"]) for r in X.rows_for("dpo", X.verdicts(store))] == [("Hi!", 3.0)]
+
+
+def test_the_reference_answer_of_a_messages_prompt_never_reaches_the_items(tmp_path):
+    """An SFT eval set's rows end with the reference answer: generate answers without it, and the items (what
+    annotators see, what every export carries) are built the same way."""
+    turns = [{"role": "user", "content": "Name a colour."}]
+    rows = [{"messages": turns + [{"role": "assistant", "content": "THE REFERENCE"}], "constraints": []}]
+    a = write_jsonl(tmp_path / "a.jsonl", [r | {"response": "Blue.", "finished": True} for r in rows])
+    b = write_jsonl(tmp_path / "b.jsonl", [r | {"response": "Red.", "finished": True} for r in rows])
+    items = from_generations([str(a), str(b)], tmp_path / "c.jsonl")
+    assert items.items[0].prompt == turns and "THE REFERENCE" not in (tmp_path / "c.jsonl").read_text()
+    store = Store(tmp_path / "ann.jsonl", items, writable=True)
+    store.append("ann", "1", "rate", {"candidate": 0, "rating": 5})
+    store.append("ann", "1", "edit", {"candidate": 1, "text": "Green."})
+    store.close()
+    for target in X.TARGETS:
+        assert "THE REFERENCE" not in json.dumps(X.rows_for(target, X.verdicts(store)))
 
 
 def test_agreement_position_bias_and_win_rates_by_hand(items, tmp_path):
