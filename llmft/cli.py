@@ -216,6 +216,8 @@ def env() -> None:
 @app.command()
 def schema(stage: str = typer.Argument("sft", help="Stage whose config keys to list.")) -> None:
     """List every config key of a stage with its type, range, default and meaning."""
+    from rich.markup import escape
+
     from llmft.config import STAGE_CONFIGS
     from llmft.schema import schema_rows
 
@@ -226,7 +228,7 @@ def schema(stage: str = typer.Argument("sft", help="Stage whose config keys to l
     for col in ("type", "default", "meaning"):
         t.add_column(col, overflow="fold")
     for row in schema_rows(STAGE_CONFIGS[stage]):
-        t.add_row(*row)
+        t.add_row(*map(escape, row))  # help text is plain: [tensorboard] is not markup
     Console().print(t)
 
 

@@ -125,6 +125,7 @@ def test_dry_run_prints_plan_and_config_without_training(capsys, monkeypatch, go
 def test_schema_lists_keys(capsys, monkeypatch):
     code, out, _ = llmft(capsys, monkeypatch, "schema", "sft")
     assert code == 0 and "train.learning_rate" in out and "lora.target_modules" in out
+    assert "[tensorboard]" in " ".join(out.replace("│", " ").split())  # help text is shown as written, not as markup
 
 
 # ------------------------------------------------------------------------------------ real processes
