@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from llmft.rl.alarms import AlarmConfig, HeldOutConfig  # noqa: F401 (the configs name them here)
+from llmft.rl.alarms import AlarmConfig  # noqa: F401 (the configs name them here)
+from llmft.rl.algo_config import GRPOAlgoConfig, PPOAlgoConfig  # noqa: F401 (the configs name them here)
+from llmft.run.eval_config import AnswersConfig, HeldOutConfig  # noqa: F401 (the configs name them here)
 from llmft.sampling import EnvConfig, RolloutConfig, SamplingConfig, VLLMConfig  # noqa: F401 (the configs name them here)
 from llmft.schema import REQUIRED, apply_override, build, opt, read_yaml
 
@@ -111,13 +113,23 @@ class RunConfig:
                                          "(the run then trains on two datasets); off: such a resume is refused.")
     seed: int = opt(42, "Seed for data order, LoRA init and dropout.", ge=0)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu.")
-    tensorboard: bool = opt(False, "Also log to TensorBoard (needs the tensorboard package).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = opt(
+        [], "Also log every metric, under metrics.jsonl's names, to these trackers (each an extra: pip install "
+            "'llmft[wandb]'); W&B online or offline as WANDB_MODE says, MLflow to MLFLOW_TRACKING_URI or a file "
+            "store in output_dir/mlruns, trackio to its local database (docs/metrics.md#trackers).")
+    report_project: str = opt("llmft", "The W&B and trackio project, the MLflow experiment; the run is named after "
+                                       "output_dir.")
+    tensorboard: bool = opt(False, "The same as report_to: [tensorboard] (kept for older configs).")
+
+
+ANSWERS = "Greedy answers to held-out prompts during training, judged (eval.prompts; docs/metrics.md)."
 
 
 @dataclass
 class SFTConfig(RunConfig):
     output_dir: str = opt("runs/sft", "Where the adapter, checkpoints, metrics and manifest go.")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset."})
+    eval: AnswersConfig = field(default_factory=AnswersConfig, metadata={"help": ANSWERS})
 
 
 @dataclass
@@ -182,6 +194,7 @@ class DPOConfig(RunConfig):
     output_dir: str = opt("runs/dpo", "Where the adapter, checkpoints, metrics and manifest go.")
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig, metadata={"help": "Preferences."})
     loss: DPOLossConfig = field(default_factory=DPOLossConfig, metadata={"help": "Preference objective."})
+    eval: AnswersConfig = field(default_factory=AnswersConfig, metadata={"help": ANSWERS})
 
 
 @dataclass
@@ -219,6 +232,7 @@ class KTOConfig(RunConfig):
     output_dir: str = opt("runs/kto", "Where the adapter, checkpoints, metrics and manifest go.")
     data: LabelledDataConfig = field(default_factory=LabelledDataConfig, metadata={"help": "Labelled answers."})
     loss: KTOLossConfig = field(default_factory=KTOLossConfig, metadata={"help": "KTO objective."})
+    eval: AnswersConfig = field(default_factory=AnswersConfig, metadata={"help": ANSWERS})
 
 
 @dataclass
@@ -237,37 +251,16 @@ class RewardSourcesConfig:
     model: str | None = opt(None, "A reward model (an llmft reward output). Trained on the policy's own base "
                                   "weights it shares them; else it is loaded on its own.")
     model_weight: float = opt(1.0, "Weight of the reward model's score in the combined score.")
-    judges: dict[str, float] = opt({}, "Program judges and their weights, added to the score: constraints, "
-                                       "bleu, rouge_l, meteor, or module:function taking (prompts, answers, rows).")
+    judges: dict[str, float] = opt({}, "Program judges and their weights: constraints, substance, bleu, rouge_l, "
+                                       "meteor, or module:function taking (prompts, answers, rows).")
+    combine: Literal["sum", "min"] = opt(
+        "sum", "How the sources' weighted scores make one: their sum, or their minimum (conservative: an answer "
+               "scores as well as its weakest side, so gaming one source pays nothing).")
     reference_column: str = opt("completion", "Column with the reference text for bleu, rouge_l and meteor.")
     missing_eos_penalty: float = opt(1.0, "Subtracted from the score of an answer that never reaches a stop token "
                                           "(EOS or the chat template's turn end).", ge=0)
     normalize: bool = opt(False, "Normalise scores by the running mean and std of every score seen so far.")
     clip: float | None = opt(None, "Clip scores (after normalising) to ±clip; null = no clipping.", gt=0)
-
-
-@dataclass
-class PPOAlgoConfig:
-    epochs: int = opt(2, "PPO epochs over each rollout batch.", ge=1)
-    num_minibatches: int = opt(1, "Minibatches (optimizer steps) per PPO epoch; the rollout batch is "
-                                  "train.batch_size × train.grad_accum × num_minibatches episodes.", ge=1)
-    clip_range: float = opt(0.2, "ε of the clipped policy objective.", gt=0)
-    value_clip_range: float = opt(0.2, "ε_v of the clipped value loss.", gt=0)
-    vf_coef: float = opt(0.1, "Weight of the value loss.", ge=0)
-    gamma: float = opt(1.0, "Discount γ of GAE.", ge=0, le=1)
-    lam: float = opt(0.95, "λ of GAE.", ge=0, le=1)
-    whiten_advantages: bool = opt(True, "Whiten advantages over the valid tokens of the rollout batch.")
-    kl_coef: float = opt(0.05, "β of the per-token KL penalty (the starting value when kl_target is set).", ge=0)
-    kl_estimator: Literal["k1", "k3"] = opt(
-        "k1", "The KL estimate in the per-token reward: k1 = log π − log π_ref, the one estimator whose use as a "
-              "reward gives the gradient of KL(π‖ref); k3 is refused (as a reward its gradient is biased).")
-    kl_target: float | None = opt(None, "Adaptive β: the KL (summed per answer) to steer towards; null = "
-                                        "fixed β.", gt=0)
-    kl_horizon: int = opt(10_000, "Adaptive β: horizon in episodes.", ge=1)
-    logprob_gap_tolerance: float | None = opt(
-        None, "Largest mean |log π_sampler − log π_trainer| per token allowed at step 1 (the run stops above it: the "
-              "trainer would not be computing the distribution it samples from); null = 1e-3 for fp32 on the CPU, "
-              "0.05 on CUDA or in 16-bit.", gt=0)
 
 
 RL_SECTIONS = {  # the sections ppo and grpo share, declared once
@@ -299,41 +292,6 @@ class PPOConfig(RunConfig):
     eval: HeldOutConfig = rl_section("eval")
     samples_every: int = opt(10, "Write a few decoded samples with their scores to samples.jsonl every N steps.",
                              ge=1)
-
-
-@dataclass
-class GRPOAlgoConfig:
-    num_generations: int = opt(8, "G: answers sampled per prompt (one batched generation); a group never spans "
-                                  "processes.", ge=2)
-    advantage: Literal["group", "rloo"] = opt(
-        "group", "group: r − the mean score of the prompt's answers, scaled by scale_rewards (GRPO); rloo: r − the "
-                 "mean of the *other* answers (REINFORCE leave-one-out), not scaled.")
-    scale_rewards: Literal["group", "batch", "none"] = opt(
-        "group", "advantage group: divide by the std of the prompt's answers (GRPO), of the whole batch, or not at "
-                 "all (Dr. GRPO).")
-    epsilon_low: float = opt(0.2, "ε_low: the ratio's lower clip, 1 − ε_low.", gt=0, lt=1)
-    epsilon_high: float = opt(0.2, "ε_high: the upper clip, 1 + ε_high (DAPO's clip-higher: 0.28).", gt=0)
-    importance_sampling: Literal["token", "sequence"] = opt(
-        "token", "The importance ratio per token (GRPO), or per answer, exp(mean token log-ratio) (GSPO: use "
-                 "ε_low 3e-4, ε_high 4e-4).")
-    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = opt(
-        "token_mean", "token_mean: every token of the batch weighs the same (DAPO); sequence_mean: each answer's mean "
-                      "then the mean over answers (the original GRPO: favours short answers); constant: the sum over "
-                      "tokens / (answers × rollout.max_new_tokens) (Dr. GRPO).")
-    iterations: int = opt(1, "μ: passes over each rollout batch (μ = 1 with one minibatch needs no separate "
-                             "old-policy forward: the ratio is exactly 1).", ge=1)
-    num_minibatches: int = opt(1, "Optimizer steps per pass; the rollout batch is train.batch_size × "
-                                  "train.grad_accum × num_minibatches answers per process.", ge=1)
-    beta: float = opt(0.0, "β of the KL to the reference, as k3 in the loss (with its gradient); 0 = no KL and no "
-                           "reference forward.", ge=0)
-    dynamic_sampling: Literal["off", "skip", "refill"] = opt(
-        "off", "Groups whose answers all scored the same carry no signal: keep them (off), leave them out of the "
-               "update (skip), or replace them by groups of fresh prompts (refill, DAPO), max_refills rounds at most.")
-    max_refills: int = opt(2, "dynamic_sampling refill: refill rounds per step at most, after the first sampling "
-                              "(0 = as skip).", ge=0)
-    logprob_gap_tolerance: float | None = opt(
-        None, "Largest mean |log π_sampler − log π_trainer| per token allowed at step 1; null = 1e-3 for fp32 on the "
-              "CPU, 0.05 on CUDA or in 16-bit.", gt=0)
 
 
 @dataclass
@@ -399,8 +357,8 @@ STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo
                                   "generate": GenerateConfig}
 
 # Keys that do not change what a run computes: a resumed run may differ from the original in these.
-RESUME_NEUTRAL_KEYS = {"resume", "overwrite", "allow_data_change", "tensorboard", "train.log_every", "train.save_every",
-                       "train.keep_checkpoints"}
+RESUME_NEUTRAL_KEYS = {"resume", "overwrite", "allow_data_change", "tensorboard", "report_to", "report_project",
+                       "train.log_every", "train.save_every", "train.keep_checkpoints"}
 
 
 # ----------------------------------------------------------------------------------------------- loading

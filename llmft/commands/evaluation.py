@@ -18,7 +18,6 @@ from llmft.checkpoint import atomic_write_text
 from llmft.config import EvalConfig, ModelConfig, SamplingConfig
 from llmft.console import console
 from llmft.data.chat import tokenizer_difference
-from llmft.data.examples import Example, collate
 from llmft.data.preferences import detect_format as detect_pair_format
 from llmft.data.preferences import tokenize_pairs
 from llmft.data.records import Record, prompt_messages, read_records, shown_prompt
@@ -27,11 +26,11 @@ from llmft.judges import Judge, make_judge
 from llmft.maths.losses import pairwise_accuracy
 from llmft.models.forward import check_lm_head
 from llmft.models.loading import load_chat, load_model, resolve_device, resolve_dtype
-from llmft.models.logprobs import sequence_logps
 from llmft.models.reward_model import RewardScorer
 from llmft.models.sources import resolve_source
 from llmft.rollout.engine_model import vllm_answers
 from llmft.rollout.generation import Answer, generate
+from llmft.run.held_out import answer_logps
 from llmft.schema import to_dict
 
 
@@ -143,7 +142,7 @@ def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge],
     scores = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}
     if scorer:  # the tokens as generated: an answer cut at max_new_tokens is scored without an EOS
         scores["reward"] = scorer.score_ids([g.prompt_ids + g.answer_ids for g in gens]).tolist()
-    logps = summed_answer_logps(model, gens, chat.pad_id, sampling, device)
+    logps = answer_logps(model, gens, chat.pad_id, sampling, device)
     return PolicyRun(name, gens, scores, logps)
 
 
@@ -169,32 +168,16 @@ def run_env(name: str, chat, records: list[Record], cfg: EvalConfig, device, dty
     check_lm_head(model)
     trajectories = conversations.rollout(HFSampler(chat), model, records, cfg.sampling)
     gens = [t.answer() for t in trajectories]
-    logps = summed_answer_logps(model, gens, chat.pad_id, cfg.sampling, device)
+    logps = answer_logps(model, gens, chat.pad_id, cfg.sampling, device)
     return PolicyRun(name, gens, {"env": [t.score for t in trajectories]}, logps, trajectory_metrics(trajectories),
                      [t.sample_row() for t in trajectories])
-
-
-def summed_answer_logps(model, gens: list[Answer], pad: int, sampling: SamplingConfig, device) -> torch.Tensor:
-    """log π(y | x) of each generated answer at the sampling temperature (1 for greedy), fp32: [n] (multi-turn: of
-    the policy's tokens, not the environment's)."""
-    temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(gens), sampling.batch_size):
-            chunk = gens[i:i + sampling.batch_size]
-            batch = collate([Example(g.prompt_ids + g.answer_ids, [-100] * len(g.prompt_ids) + [
-                t if g.mask is None or g.mask[k] else -100 for k, t in enumerate(g.answer_ids)]) for g in chunk], pad)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out.append(sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                      temperature).cpu())
-    return torch.cat(out)
 
 
 def reference_logps(cfg: EvalConfig, chat, runs: list[PolicyRun], device, dtype) -> list[torch.Tensor]:
     console.print(f"[bold]{cfg.reference}[/]: scoring the answers for the KL to the reference")
     model = load_model(resolve_source(cfg.reference), dtype, device, ModelConfig(name=cfg.reference,
                                                                                 kernels=cfg.kernels))
-    return [summed_answer_logps(model, r.answers, chat.pad_id, cfg.sampling, device) for r in runs]
+    return [answer_logps(model, r.answers, chat.pad_id, cfg.sampling, device) for r in runs]
 
 
 # -------------------------------------------------------------------------------------------- summary

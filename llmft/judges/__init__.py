@@ -17,7 +17,7 @@ from llmft.data.records import Record
 from llmft.errors import ConfigError, DataError
 
 Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, answers, rows) → scores
-NAMES = ("constraints", "bleu", "rouge_l", "meteor")
+NAMES = ("constraints", "substance", "bleu", "rouge_l", "meteor")
 
 
 def make_judge(name: str, records: list[Record], reference_column: str = "completion") -> Judge:
@@ -31,6 +31,10 @@ def make_judge(name: str, records: list[Record], reference_column: str = "comple
             constraints.validate(r.row["constraints"], r.where)
         return lambda prompts, answers, rows: [constraints.Verdict(constraints.check(row["constraints"], resp)).score
                                                  for resp, row in zip(answers, rows, strict=True)]
+    if name == "substance":
+        from llmft.judges.substance import substance
+
+        return lambda prompts, answers, rows: [substance(resp) for resp in answers]
     if name in ("bleu", "rouge_l", "meteor"):
         col = reference_column
         for r in records:

@@ -13,6 +13,9 @@ the steps that evaluated) and returns a one-line reason, or None. With W = alarm
     no_stop              the share of answers without a stop id over the last W steps above its first W's by
                          alarm.no_stop_rise or more
     entropy              the mean token entropy over the last W steps below alarm.entropy_collapse × its first W's
+    reward_model_range   a reward model's scores of the policy's answers outside the range of its scores on its own
+                         training answers (its 1st–99th percentile, recorded by `llmft reward`) for more than
+                         alarm.out_of_range of the answers over the last W steps: it is extrapolating
 
 A signal needs its metric (`length` its answer lengths, `kl_budget` a KL): where a stage does not log it, it is
 silent. Each fires once per run (the first step it holds), so a warning is not repeated every step.
@@ -26,18 +29,6 @@ from typing import Literal
 
 from llmft.errors import ConfigError
 from llmft.schema import opt
-
-
-@dataclass
-class HeldOutConfig:  # here, beside the alarm that watches them (import-light: the configs import it)
-    judges: list[str] = opt([], "Judges of the held-out answers that are not the training reward (constraints, bleu, "
-                                "rouge_l, meteor, module:function): eval/<judge>; what alarm.independent can watch.")
-    reference_column: str = opt("completion", "The held-out rows' reference text column (bleu, rouge_l, meteor).")
-    select_by: str | None = opt(
-        None, "An eval/… metric to keep the best policy by (e.g. eval/constraints/pass_rate; an independent one, not "
-              "eval/reward): the policy at the evaluation where it was best is written to output_dir/best/, a stage "
-              "output like the final one, and named in llmft.json (best/step, best/value).")
-    select_mode: Literal["max", "min"] = opt("max", "Whether higher (max) or lower (min) select_by is better.")
 
 
 @dataclass
@@ -60,6 +51,8 @@ class AlarmConfig:
                                  "max_new_tokens while the share cut there rises.", gt=0, le=1)
     no_stop_rise: float = opt(0.25, "The share of answers without a stop id rising this much above the first W "
                                     "steps' share.", gt=0, le=1)
+    out_of_range: float = opt(0.5, "The share of answers a reward model scores outside the range it gave its own "
+                                   "training answers (1st–99th percentile) beyond which the alarm fires.", gt=0, le=1)
     entropy_collapse: float = opt(0.2, "The mean token entropy below this share of the first W steps' mean.",
                                   gt=0, lt=1)
 
@@ -73,6 +66,7 @@ class Keys:
     length: str = "completions/mean_length"
     no_stop: str = "completions/clipped_ratio"
     entropy: str | None = "entropy"
+    out_of_range: str = "rewards/reward_model/out_of_range"
 
 
 def mean(xs: list[float]) -> float:
@@ -130,9 +124,17 @@ def entropy(history: list[dict], cfg: AlarmConfig, keys: Keys, max_new_tokens: i
     return f"the policy's entropy collapsed from {mean(h[:w]):.3g} to {mean(h[-w:]):.3g} nats per token"
 
 
+def reward_model_range(history: list[dict], cfg: AlarmConfig, keys: Keys, max_new_tokens: int) -> str | None:
+    share, w = series(history, keys.out_of_range), cfg.window
+    if len(share) < w or mean(share[-w:]) <= cfg.out_of_range:
+        return None
+    return (f"the reward model scores {mean(share[-w:]):.0%} of the answers over the last {w} steps outside the range "
+            f"it gave its own training answers: it is extrapolating, its scores no longer mean what they did")
+
+
 SIGNALS: dict[str, Callable[[list[dict], AlarmConfig, Keys, int], str | None]] = {
     "reward_vs_held_out": reward_vs_held_out, "kl_budget": kl_budget, "length": length, "no_stop": no_stop,
-    "entropy": entropy}
+    "entropy": entropy, "reward_model_range": reward_model_range}
 
 
 class Alarm:

@@ -14,29 +14,19 @@ the held-out prompts, measured by what the policy is trained on and by what it i
 from __future__ import annotations
 
 import dataclasses
-import shutil
-from pathlib import Path
 
 import torch
 
-from llmft import manifest
-from llmft.console import console
-from llmft.data.records import Record, shown_prompt
+from llmft.data.records import shown_prompt
 from llmft.errors import ConfigError
-from llmft.judges import Judge, make_judge
+from llmft.judges import Judge
 from llmft.rl.actor_critic import POLICY, REFERENCE, ActorCritic
-from llmft.rl.alarms import HeldOutConfig
 from llmft.rl.multi_turn import sample_trajectories, trajectory_metrics
 from llmft.rl.scoring import no_eos_share, score_rollout
 from llmft.rollout.experience import Experience, answer_logps, pack
-from llmft.run import loop
+from llmft.run.held_out import judge_scores, summary
 from llmft.run.metrics import MetricsLog
 from llmft.run.plan import chunks
-
-
-def make_judges(cfg: HeldOutConfig, records: list[Record]) -> dict[str, Judge]:
-    """The independent judges, each checked against every held-out row before the run starts."""
-    return {name: make_judge(name, records, cfg.reference_column) for name in cfg.judges}
 
 
 @torch.no_grad()
@@ -50,7 +40,8 @@ def evaluate(model: ActorCritic, s, judges: dict[str, Judge], log: MetricsLog | 
         sampling = dataclasses.replace(s.cfg.rollout, temperature=0.0)
         exp = pack(s.engine.sample(model, s.eval.ids, sampling), s.chat.pad_id, s.device)
         parts, score = score_rollout(model, s, exp, [r.row for r in records])
-    scores = judge_scores(judges, s.chat, exp, records)
+    scores = judge_scores(judges, [s.chat.decode(g.prompt_ids) for g in exp.answers], [g.text for g in exp.answers],
+                          records)
     kl = summed_kl(model, s, exp)  # [B]
     out = {"eval/reward": float(score.mean()), **{f"eval/rewards/{k}/mean": float(v.mean()) for k, v in parts.items()},
            **env, **summary(scores), "eval/kl": float(kl.mean()),
@@ -66,24 +57,6 @@ def evaluate(model: ActorCritic, s, judges: dict[str, Judge], log: MetricsLog | 
     return out
 
 
-def judge_scores(judges: dict[str, Judge], chat, exp: Experience, records: list[Record]) -> dict[str, list[float]]:
-    prompts, answers = [chat.decode(g.prompt_ids) for g in exp.answers], [g.text for g in exp.answers]
-    rows = [r.row for r in records]
-    return {name: [float(x) for x in judge(prompts, answers, rows)] for name, judge in judges.items()}
-
-
-def summary(scores: dict[str, list[float]]) -> dict[str, float]:
-    """eval/<judge>: the mean; the constraints judge as eval/constraints/score and /pass_rate (every one met)."""
-    out = {}
-    for name, xs in scores.items():
-        if name == "constraints":
-            out["eval/constraints/score"] = sum(xs) / len(xs)
-            out["eval/constraints/pass_rate"] = sum(x == 1.0 for x in xs) / len(xs)
-        else:
-            out[f"eval/{name}"] = sum(xs) / len(xs)
-    return out
-
-
 def summed_kl(model: ActorCritic, s, exp: Experience) -> torch.Tensor:
     """Σ_t log π(y_t) − log π_ref(y_t) over each answer's policy tokens, at temperature 1: [B] fp32."""
     out = []
@@ -94,38 +67,6 @@ def summed_kl(model: ActorCritic, s, exp: Experience) -> torch.Tensor:
             ref, _ = answer_logps(model.lm, model.hidden, exp, idx, 1.0, s.dtype)
         out.append(((logps - ref) * exp.mask[idx]).sum(-1))
     return torch.cat(out)
-
-
-def keep_best(stage: str, s, model: ActorCritic, step: int, metrics: dict, best: dict) -> dict:
-    """eval.select_by: when this evaluation is the best so far, the policy as it is now → output_dir/best/ (a stage
-    output). Returns best/step and best/value (logged, and recorded in the run's llmft.json)."""
-    key, mode = s.cfg.eval.select_by, s.cfg.eval.select_mode
-    if not key:
-        return {}
-    if key not in metrics:
-        raise ConfigError(f"eval.select_by: the held-out evaluation logs no {key}; it logs "
-                          f"{', '.join(sorted(k for k in metrics if k.startswith('eval/')))}")
-    value = metrics[key]
-    if best.get("value") is None or (value > best["value"] if mode == "max" else value < best["value"]):
-        best.update(step=step, value=value)
-        out = Path(s.cfg.output_dir) / "best"
-        out.mkdir(exist_ok=True)
-        loop.write_output(out, s, stage, model, {"best/step": step, "best/value": value, key: value},
-                          loop.data_files(s.cfg))
-    return {"best/step": best["step"], "best/value": best["value"]}
-
-
-def resumed_best(s, best: dict, step: int) -> dict:
-    """The best so far as the checkpoint knew it. A best/ written after that checkpoint (by the stretch of the run a
-    kill discarded) is removed: the resumed run writes its own."""
-    out = Path(s.cfg.output_dir) / "best"
-    written = (manifest.read(out) or {}).get("metrics", {}).get("best/step")
-    if isinstance(written, int) and written > step:
-        console.print(f"[yellow]best/ was written at step {written}, after the checkpoint of step {step} this run "
-                      f"resumes from: removed (the resumed run keeps its own best)")
-        shutil.rmtree(out)
-        return {"step": None, "value": None}
-    return best
 
 
 def logged_keys(cfg, reward_sources: list[str]) -> set[str]:
@@ -158,8 +99,3 @@ def plan_row(t, s, answers_per_step: int) -> None:
     t.add_row("held-out eval", f"{n} prompts, greedy, at step 0 and {when} ({evaluations} times); judges "
                                f"{', '.join(s.cfg.eval.judges) or 'none besides the reward'}; about {share:.0%} of the "
                                f"run's answers (eval_samples.jsonl)")
-
-
-def samples_log(s, start_step: int | None) -> MetricsLog:
-    """eval_samples.jsonl: kept through `start_step` on a resume, else begun afresh."""
-    return MetricsLog(Path(s.cfg.output_dir), start_step, False, name="eval_samples.jsonl")

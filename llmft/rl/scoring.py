@@ -12,6 +12,7 @@ from llmft.data.records import Record
 from llmft.errors import ConfigError
 from llmft.judges import make_judge
 from llmft.maths.rl import RunningMoments
+from llmft.models.sources import resolve_source
 from llmft.rollout.experience import Experience
 from llmft.run.plan import chunks
 
@@ -30,6 +31,15 @@ class Scorer:
         if env:
             self.weights = {ENV: 1.0}
         self.moments = RunningMoments()
+        self.range = trained_range(cfg.model) if cfg.model and not env else None  # (low, high) or None
+
+    def range_metrics(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """rewards/reward_model/out_of_range: the share of answers the reward model scores outside the range of its
+        scores on its own training answers (what the alarm's reward_model_range watches)."""
+        if self.range is None or REWARD_MODEL not in parts:
+            return {}
+        r, (low, high) = parts[REWARD_MODEL], self.range
+        return {"rewards/reward_model/out_of_range": float(((r < low) | (r > high)).float().mean())}
 
     def parts(self, prompts: list[str], answers: list[str], rows: list[dict],
               model_scores: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -41,8 +51,10 @@ class Scorer:
         return out
 
     def combine(self, parts: dict[str, torch.Tensor], finished: torch.Tensor) -> torch.Tensor:
-        """The weighted sum [B], with the penalty for answers that never emitted EOS."""
-        score = sum(self.weights[name] * parts[name] for name in self.weights)
+        """The weighted sum [B] (reward.combine: min, the weighted scores' minimum), with the penalty for answers
+        that never emitted EOS."""
+        weighted = [self.weights[name] * parts[name] for name in self.weights]
+        score = torch.stack(weighted).amin(0) if self.cfg.combine == "min" else sum(weighted)
         return score - self.cfg.missing_eos_penalty * (~finished).float()
 
     def shape(self, score: torch.Tensor) -> torch.Tensor:
@@ -74,6 +86,13 @@ def score_rollout(model, s, exp: Experience, rows: list[dict]):
     parts = s.scorer.parts(prompts, [g.text for g in exp.answers], rows, model_scores)
     finished = torch.tensor([g.finished for g in exp.answers])
     return parts, s.scorer.combine(parts, finished)
+
+
+def trained_range(path: str) -> tuple[float, float] | None:
+    """reward_range/low and /high from a reward run's manifest (None for a run written before llmft recorded them)."""
+    metrics = (resolve_source(path).manifest or {}).get("metrics", {})
+    low, high = metrics.get("reward_range/low"), metrics.get("reward_range/high")
+    return (float(low), float(high)) if isinstance(low, (int, float)) and isinstance(high, (int, float)) else None
 
 
 def no_eos_share(exp: Experience) -> float:

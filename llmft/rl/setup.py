@@ -21,10 +21,11 @@ from llmft.models.reward_model import RewardScorer
 from llmft.models.sources import resolve_source
 from llmft.rl.actor_critic import ActorCritic
 from llmft.rl.engine import rollout_engine
-from llmft.rl.held_out import check_watched, make_judges
+from llmft.rl.held_out import check_watched
 from llmft.rl.multi_turn import Conversations, check_env_config
 from llmft.rl.scoring import Scorer
 from llmft.run import loop
+from llmft.run.held_out import make_judges
 
 
 @dataclass
@@ -136,7 +137,8 @@ def reward_rollout_rows(t, s: RLSetup) -> None:
                          f"{', '.join(x['function']['name'] for x in tools) or 'none'} "
                          f"({s.conversations.format or 'no'} call format); on_error {env.on_error}")
     else:
-        t.add_row("reward", f"{roles}; judges {dict(cfg.reward.judges) or 'none'}")
+        t.add_row("reward", f"{roles}; judges {dict(cfg.reward.judges) or 'none'}"
+                  + ("; combined by their minimum" if cfg.reward.combine == "min" else ""))
     t.add_row("penalty", f"no stop id: −{cfg.reward.missing_eos_penalty}")
     t.add_row("rollout", f"temperature {cfg.rollout.temperature}, max_new_tokens {cfg.rollout.max_new_tokens}; "
                          f"stops at {stop_names(s.chat)}")

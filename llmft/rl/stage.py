@@ -24,6 +24,7 @@ from llmft.rl.scoring import no_eos_share, score_rollout  # noqa: F401 (the stag
 from llmft.rl.setup import RLSetup
 from llmft.rollout.experience import Experience, pack
 from llmft.run import loop
+from llmft.run.held_out import keep_best, resumed_best, samples_log
 from llmft.run.metrics import MetricsLog, stopwatch
 
 
@@ -50,12 +51,12 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
 
     def resume(state: dict | None) -> None:
         start = state["step"] if state else None
-        samples["log"] = MetricsLog(Path(s.cfg.output_dir), start, False, name="samples.jsonl")
-        samples["eval"] = held_out.samples_log(s, start)
+        samples["log"] = MetricsLog(Path(s.cfg.output_dir), start, name="samples.jsonl")
+        samples["eval"] = samples_log(s, start)
         current["step"] = start or 0
         if state:
             s.scorer.moments = dataclasses.replace(s.scorer.moments, **state["score_moments"])
-            best.update(held_out.resumed_best(s, state.get("best", {}), state["step"]))
+            best.update(resumed_best(s, state.get("best", {}), state["step"]))
             if alarm and "alarm" in state:
                 alarm.history, alarm.fired = state["alarm"]["history"], state["alarm"]["fired"]
             load_extra(state)
@@ -66,7 +67,7 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
 
     def evaluate() -> dict[str, float]:
         metrics = held_out.evaluate(model, s, s.judges, samples.get("eval"), current["step"])
-        return {**metrics, **held_out.keep_best(name, s, model, current["step"], metrics, best)}
+        return {**metrics, **keep_best(name, s, model, current["step"], metrics, best)}
 
     return loop.Stage(name, s.cfg, s.plan, s.device, step, evaluate if s.eval else None,
                       shown=shown, state=state, resume=resume, alarm=alarm)

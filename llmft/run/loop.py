@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -38,7 +38,7 @@ from llmft.models.adapters import parameter_counts, unwrap
 from llmft.models.forward import check_lm_head
 from llmft.models.loading import dry_build
 from llmft.models.sources import file_sha256
-from llmft.run import rundir
+from llmft.run import report, rundir
 from llmft.run.metrics import MetricsLog, Throughput
 from llmft.run.optim import (
     configure_backend,
@@ -49,7 +49,7 @@ from llmft.run.optim import (
     seed_everything,
 )
 from llmft.run.plan import StepPlan
-from llmft.schema import to_yaml
+from llmft.schema import to_dict, to_yaml
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Setup:
     plan: StepPlan
     device: torch.device
     dtype: torch.dtype
+    held_out: Any = None  # run.held_out.HeldOutPrompts: sft's, dpo's, kto's held-out prompts (eval.prompts)
+    data: list[dict] = field(default_factory=list)  # the data files (`data_files`), hashed once when the run starts
 
     def close(self) -> None:
         """Release what the setup holds beyond the model (the RL stages: their rollout engine), when the run ends."""
@@ -99,7 +101,7 @@ class Stage:
     """
 
     name: str
-    cfg: Any  # the stage config: output_dir, train, tensorboard
+    cfg: Any  # the stage config: output_dir, train, report_to
     plan: StepPlan
     device: torch.device
     step: StepFn
@@ -108,6 +110,7 @@ class Stage:
     state: Callable[[], dict] | None = None
     resume: Callable[[dict | None], None] | None = None
     alarm: Any = None  # rl.alarms.Alarm: observe(step, values) → {signal: reason} fired now; .stops; .resume(rows)
+    finish: Callable[[], dict[str, float]] | None = None  # figures of the final weights, recorded with the output
 
 
 S = TypeVar("S", bound=Setup)
@@ -142,6 +145,7 @@ def run_stage(cfg: Any, recipe: Recipe, dry_run: bool = False) -> dict | None:
         distributed.finish()
         return None
     rundir.check_output_dir(cfg)  # refuse early, before the model and data are loaded
+    report.check_installed(cfg)
     s = recipe.setup(cfg)
     recipe.show_plan(s)
     if dry_run:  # what the real run would refuse at its model, found without loading weights
@@ -149,7 +153,7 @@ def run_stage(cfg: Any, recipe: Recipe, dry_run: bool = False) -> dict | None:
         console.print(to_yaml(cfg), markup=False, highlight=False)
         distributed.finish()
         return None
-    data = data_files(cfg)
+    data = s.data = data_files(cfg)
     resume_from = distributed.on_main(lambda: rundir.prepare_output_dir(cfg, name, data))
     try:
         metrics = train(s, recipe, resume_from, data)
@@ -269,7 +273,8 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
     start = state["step"] if state else 0
     if stage.resume:
         stage.resume(state)
-    log = MetricsLog(run_dir, start if last_ckpt else None, cfg.tensorboard)
+    trackers = report.open_trackers(cfg, run_dir, bool(last_ckpt), to_dict(cfg)) if main else []
+    log = MetricsLog(run_dir, start if last_ckpt else None, trackers=trackers)
     speed = Throughput()
     final: dict = {}
     # rank 0 evaluates and logs, every rank gets its figures (and its error, if it raised one); under FSDP every rank
@@ -317,6 +322,10 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
                 console.print(f"step {step}/{plan.num_steps}  {shown}", highlight=False)
             if stop:
                 break
+    if stage.finish:  # on every process alike (under FSDP each joins the forwards)
+        finished = stage.finish()
+        log.log(plan.num_steps, finished)
+        final.update(finished)
     log.close()
     return final
 

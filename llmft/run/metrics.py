@@ -1,4 +1,4 @@
-"""What a run logs: metrics.jsonl (and TensorBoard), and throughput measured over the timed work only."""
+"""What a run logs: metrics.jsonl (and the trackers of report_to), and throughput measured over the timed work only."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from pathlib import Path
 import torch
 
 from llmft import distributed
-from llmft.console import console
 from llmft.errors import RunError
+from llmft.run.report import scalars
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl (and TensorBoard, when asked)."""
+    """Appends one JSON object per logged step to metrics.jsonl, and its numbers to the trackers (report_to)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool, name: str = "metrics.jsonl"):
-        self.path, self.writer = run_dir / name, None
+    def __init__(self, run_dir: Path, resume_step: int | None, name: str = "metrics.jsonl", trackers: list = ()):
+        self.path, self.trackers = run_dir / name, list(trackers)  # run.report's: each has log(step, numbers), close()
         if not distributed.world().main:  # rank 0 alone writes
             self.path = None
             return
@@ -29,13 +29,6 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
         elif self.path.exists():
             self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                console.print("[yellow]tensorboard is not installed: logging to metrics.jsonl only")
-            else:
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.path is None:
@@ -47,14 +40,13 @@ class MetricsLog:
             from llmft.checkpoint import latest_checkpoint, write_failure
 
             raise RunError(write_failure(e, self.path, latest_checkpoint(self.path.parent))) from None
-        if self.writer:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):  # not the alarms' reasons
-                    self.writer.add_scalar(k, v, step)
+        numbers = scalars(values)
+        for tracker in self.trackers if numbers else ():
+            tracker.log(step, numbers)
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class Throughput:

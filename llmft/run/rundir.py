@@ -51,7 +51,7 @@ MARKER = ".llmft-run"  # {"llmft": version, "stage": ..., "data": [{role, path, 
 LOCK = ".llmft-lock"
 # what a run writes besides its final files (listed in the marker and manifest) and its checkpoint-N/ folders
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", MANIFEST, "tensorboard", "engine",
-               "best")
+               "best", "wandb", "mlruns", "report_ids.json")  # report_to's: run.report
 # the final files of runs written before the marker listed them
 LEGACY_FINAL = ("adapter_config.json", "adapter_model.safetensors", "README.md", "reward_head.safetensors", "value",
                 "value_head.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -27,6 +27,7 @@ from llmft.models.loading import policy_with_reference, resolve_model
 from llmft.models.logprobs import pair_logps, sequence_logps
 from llmft.models.pairpack import can_pack_pairs
 from llmft.run import loop
+from llmft.run.held_out import held_out_prompts, with_held_out
 from llmft.run.loop import Recipe, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.run.plan import plan_for
 
@@ -43,7 +44,8 @@ def setup(cfg: DPOConfig) -> Setup:
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
     train_set, eval_set = P.load_pair_sets(cfg, chat)
     plan = plan_for(cfg, len(train_set.pairs))
-    return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype)
+    return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype,
+                 held_out=held_out_prompts(cfg, chat, eval_set is not None))
 
 
 def show_plan(s: Setup) -> None:
@@ -52,6 +54,8 @@ def show_plan(s: Setup) -> None:
         if ps:
             t.add_row(f"{name} pairs", P.describe(ps, s.cfg.data.max_length))
     steps_row(t, s, "pairs")
+    if s.held_out:
+        s.held_out.plan_row(t, s.plan.num_steps)
     loss = s.cfg.loss
     ref = "none (reference-free)" if loss.type in REFERENCE_FREE else (
         "the policy with its adapter disabled" + (", precomputed once" if loss.precompute_reference else ""))
@@ -99,9 +103,9 @@ def stage(s: Setup, model) -> Stage:
     def run_eval() -> dict:
         return evaluate(model, s)
 
-    return Stage("dpo", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
-                 shown=("loss", "rewards/accuracies", "rewards/margins", "lr", "pairs_per_s",
-                        "eval/rewards/accuracies"))
+    return with_held_out(Stage("dpo", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
+                               shown=("loss", "rewards/accuracies", "rewards/margins", "lr", "pairs_per_s",
+                                      "eval/rewards/accuracies")), s, model)
 
 
 def pair_losses(model, batch: dict, ref: torch.Tensor | None, s: Setup):

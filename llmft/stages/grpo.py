@@ -90,8 +90,8 @@ def setup(cfg: GRPOConfig) -> RLSetup:
         raise ConfigError(f"data.train has {len(train.ids)} prompts, fewer than one step's {per_step} (answers per "
                           f"process / grpo.num_generations × processes)")
     plan = plan_steps(len(train.ids), per_step, 1, cfg.train.epochs, cfg.train.max_steps, cfg.seed, per_step)
-    return RLSetup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, conversations=env,
-                   judges=judges)
+    return RLSetup(cfg, source, chat, train, evals, plan, device, dtype, scorer=scorer, share_reward=share,
+                   conversations=env, judges=judges)
 
 
 def check_config(cfg: GRPOConfig) -> None:
@@ -331,6 +331,7 @@ def step_metrics(s: RLSetup, exp: Experience, groups: list[Group], score: torch.
         "frac_reward_zero_std": float(zero.float().mean()), "kept_answers": float(kept.float().mean()),
         **{f"rewards/{name}/mean": float(torch.cat([grp.parts[name] for grp in groups]).mean())
            for name in groups[0].parts},
+        **s.scorer.range_metrics({name: torch.cat([grp.parts[name] for grp in groups]) for name in groups[0].parts}),
         "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float((~finished).float().mean()),
         "completions/mean_terminated_length": float(terminated.mean()) if len(terminated) else 0.0,

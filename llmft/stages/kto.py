@@ -26,6 +26,7 @@ from llmft.models.adapters import require_dropout_off
 from llmft.models.forward import autocast
 from llmft.models.loading import policy_with_reference, resolve_model
 from llmft.models.logprobs import sequence_logps
+from llmft.run.held_out import held_out_prompts, with_held_out
 from llmft.run.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.run.plan import plan_for
 
@@ -39,7 +40,8 @@ def setup(cfg: KTOConfig) -> Setup:
     source, chat, device, dtype = resolve_model(cfg.model, cfg.device)
     train_set, eval_set = L.load_labelled_sets(cfg, chat)
     plan = plan_for(cfg, len(train_set.answers), min_rows=2)  # z0 needs another row's answer on each process
-    return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype)
+    return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype,
+                 held_out=held_out_prompts(cfg, chat, eval_set is not None))
 
 
 def show_plan(s: Setup) -> None:
@@ -48,6 +50,8 @@ def show_plan(s: Setup) -> None:
         if ls:
             t.add_row(f"{name} answers", L.describe(ls, s.cfg.data.max_length))
     steps_row(t, s, "answers")
+    if s.held_out:
+        s.held_out.plan_row(t, s.plan.num_steps)
     loss = s.cfg.loss
     t.add_row("loss", f"KTO, β={loss.beta}, λ_D={loss.desirable_weight}, λ_U={loss.undesirable_weight}; reference: "
               f"the policy with its adapter disabled; z0 from each step's prompts with other rows' answers")
@@ -91,8 +95,9 @@ def stage(s: Setup, model) -> Stage:
     def run_eval() -> dict:
         return evaluate(model, s)
 
-    return Stage("kto", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
-                 shown=("loss", "kl_reference_point", "rewards/margins", "lr", "answers_per_s", "eval/loss"))
+    return with_held_out(Stage("kto", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
+                               shown=("loss", "kl_reference_point", "rewards/margins", "lr", "answers_per_s",
+                                      "eval/loss")), s, model)
 
 
 def answer_losses(model, answers: list[L.LabelledAnswer], z0: torch.Tensor, s: Setup) -> tuple[torch.Tensor, dict]:

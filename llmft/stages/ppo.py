@@ -83,8 +83,8 @@ def setup(cfg: PPOConfig) -> Setup:
     # only whole rollout batches: every process then runs the same minibatches (and collectives) every step
     plan = plan_steps(len(train.ids), per_step, 1, cfg.train.epochs, cfg.train.max_steps, cfg.seed, per_step)
     kl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-    return Setup(cfg, source, chat, train, evals, plan, device, dtype, scorer, share, None, conversations=env,
-                 judges=judges, kl=kl)
+    return Setup(cfg, source, chat, train, evals, plan, device, dtype, scorer=scorer, share_reward=share,
+                 conversations=env, judges=judges, kl=kl)
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -173,7 +173,7 @@ def ppo_step(model: ActorCritic, s: Setup, prompt_idx: list[int], update, step: 
     # TRL's names where TRL logs the same quantity (its PPOTrainer's, or its GRPOTrainer's): docs/metrics.md
     metrics = {
         "loss": mean_of(stats, "loss"), "reward": float(score.mean()),
-        **{f"rewards/{name}/mean": float(v.mean()) for name, v in parts.items()},
+        **{f"rewards/{name}/mean": float(v.mean()) for name, v in parts.items()}, **s.scorer.range_metrics(parts),
         "objective/rlhf_reward": float((exp.scores - s.kl.value * seq_kl).mean()), "objective/kl": float(seq_kl.mean()),
         "kl_coef": s.kl.value, "entropy": float((exp.entropy * exp.mask).sum() / exp.mask.sum()),
         "completions/mean_length": float(exp.lengths().mean()), "completions/clipped_ratio": no_eos_share(exp),

@@ -93,7 +93,8 @@ def stage(s: Setup, model: RewardModel) -> Stage:
         return evaluate(model, s.eval, s.cfg, pad, s.device, s.dtype)
 
     return Stage("reward", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
-                 shown=("loss", "accuracy", "lr", "pairs_per_s", "eval/accuracy"))
+                 shown=("loss", "accuracy", "lr", "pairs_per_s", "eval/accuracy"),
+                 finish=lambda: score_range(model, s.train, s.cfg, pad, s.device, s.dtype))
 
 
 def rewards(model: RewardModel, batch: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +141,21 @@ def evaluate(model: RewardModel, data: P.PairSet, cfg: RewardConfig, pad: int, d
     model.train()
     return {"eval/loss": loss, **{f"eval/{k}": v for k, v in pair_metrics(torch.cat(chosen),
                                                                              torch.cat(rejected)).items()}}
+
+
+@torch.no_grad()
+def score_range(model: RewardModel, data: P.PairSet, cfg: RewardConfig, pad: int, device, dtype) -> dict:
+    """The range of the final model's scores on its own training answers, chosen and rejected: its 1st and 99th
+    percentiles (reward_range/low, /high). An RL stage's alarm watches for policy answers scored outside it, where
+    the reward model extrapolates (`rl.alarms.reward_model_range`)."""
+    model.eval()
+    scores = []
+    for i in range(0, len(data.pairs), cfg.train.batch_size):
+        batch = P.collate_pairs(data.pairs[i:i + cfg.train.batch_size], pad, packed=cfg.data.packing)
+        scores.extend(r.float().cpu() for r in rewards(model, batch, device, dtype))
+    model.train()
+    low, high = torch.quantile(torch.cat(scores), torch.tensor([0.01, 0.99])).tolist()
+    return {"reward_range/low": low, "reward_range/high": high}
 
 
 RECIPE = Recipe("reward", setup, show_plan, build_model, stage)

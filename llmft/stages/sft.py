@@ -20,6 +20,7 @@ from llmft.models.forward import autocast
 from llmft.models.loading import load_model, resolve_model
 from llmft.models.logprobs import supervised_logps
 from llmft.models.pairpack import check_packing
+from llmft.run.held_out import held_out_prompts, with_held_out
 from llmft.run.loop import Recipe, Setup, Stage, StepContext, plan_table, run_stage, steps_row
 from llmft.run.plan import plan_for
 
@@ -35,7 +36,8 @@ def setup(cfg: SFTConfig) -> Setup:
     if d.packing == "blocks":
         train_set.blocks = pack_blocks([len(e.input_ids) for e in train_set.examples], d.max_length)
     plan = plan_for(cfg, len(train_set.blocks or train_set.examples))
-    return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype)
+    return Setup(cfg, source, chat, train_set, eval_set, plan, device, dtype,
+                 held_out=held_out_prompts(cfg, chat, eval_set is not None))
 
 
 def show_plan(s: Setup) -> None:
@@ -49,6 +51,8 @@ def show_plan(s: Setup) -> None:
         t.add_row("packing", f"{len(blocks)} blocks of up to {s.cfg.data.max_length} tokens, "
                   f"{s.train.tokens / (len(blocks) * s.cfg.data.max_length):.0%} full")
     steps_row(t, s, "blocks" if s.train.blocks else "examples")
+    if s.held_out:
+        s.held_out.plan_row(t, s.plan.num_steps)
     t.add_row("LoRA", f"r={s.cfg.lora.r} alpha={s.cfg.lora.alpha} dropout={s.cfg.lora.dropout} "
               f"targets={s.cfg.lora.target_modules}")
     console.print(t)
@@ -81,8 +85,8 @@ def stage(s: Setup, model) -> Stage:
         return {"eval/loss": evaluate(model, s.eval, s.cfg.train.batch_size, pad, s.device, s.dtype,
                                       bool(s.cfg.data.packing))}
 
-    return Stage("sft", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
-                 shown=("loss", "lr", "tokens_per_s", "eval/loss"))
+    return with_held_out(Stage("sft", s.cfg, s.plan, s.device, step, run_eval if s.eval else None,
+                               shown=("loss", "lr", "tokens_per_s", "eval/loss")), s, model)
 
 
 def micro_batch(data: TokenizedSet, indices: list[int], pad: int) -> dict[str, torch.Tensor]:

@@ -161,9 +161,9 @@ def test_the_eval_table_keeps_metric_names_whole_in_an_80_column_log():
 
 
 def test_summed_answer_logps_count_the_policy_tokens_only(tiny_model_dir):
-    from llmft.commands.evaluation import summed_answer_logps
     from llmft.config import SamplingConfig
     from llmft.rollout.generation import Answer
+    from llmft.run.held_out import answer_logps
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     prompt, answer = [1, 5, 9], [14, 20, 21, 7]
@@ -171,7 +171,7 @@ def test_summed_answer_logps_count_the_policy_tokens_only(tiny_model_dir):
     logp = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0].float(), -1)
     by_hand = logp[2, 14] + logp[5, 7]  # position t predicts token t+1
     whole = sum(logp[2 + k, t] for k, t in enumerate(answer))
-    got = summed_answer_logps(model, [turns, Answer(prompt, answer, "", True)], 0, SamplingConfig(), "cpu")
+    got = answer_logps(model, [turns, Answer(prompt, answer, "", True)], 0, SamplingConfig(), "cpu")
     torch.testing.assert_close(got, torch.stack([by_hand, whole]), rtol=1e-5, atol=1e-5)
 
 

@@ -4,6 +4,7 @@ step it first holds, and stays quiet on a run that learns honestly."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from llmft.rl.alarms import Alarm, AlarmConfig, Keys
 
@@ -74,3 +75,25 @@ def test_answers_without_a_stop_id_rising_and_entropy_collapsing():
 def test_off_fires_nothing():
     history = stream(6, **{"objective/kl": lambda t: 10.0})
     assert first_firing(history, AlarmConfig(kl_budget=1.0, on_alarm="off")) == {}
+
+
+def test_a_reward_model_scoring_outside_its_training_range():
+    """The share of answers scored outside the reward model's 1st–99th percentile on its training answers: above
+    alarm.out_of_range over a window, the reward model is extrapolating."""
+    share = [0.0, 0.1, 0.3, 0.6, 0.8, 0.9]
+    history = stream(6, **{"rewards/reward_model/out_of_range": lambda t: share[t - 1]})
+    fired = first_firing(history, AlarmConfig(window=2))
+    assert list(fired) == [5]  # mean(0.6, 0.8) = 0.7 > 0.5; at 4 mean(0.3, 0.6) = 0.45
+    assert "scores 70% of the answers over the last 2 steps outside the range" in fired[5]["reward_model_range"]
+    assert first_firing(stream(6), AlarmConfig(window=2)) == {}  # judges only: nothing logged, silent
+
+
+def test_the_out_of_range_share_counts_answers_outside_the_trained_range():
+    from llmft.rl.scoring import REWARD_MODEL, Scorer
+
+    scorer = Scorer.__new__(Scorer)
+    scorer.range = (-1.0, 2.0)
+    parts = {REWARD_MODEL: torch.tensor([-1.5, -1.0, 0.0, 2.0, 2.5, 9.0]), "constraints": torch.ones(6)}
+    assert scorer.range_metrics(parts) == {"rewards/reward_model/out_of_range": 0.5}  # the bounds are inside
+    scorer.range = None  # a reward run written before the range was recorded
+    assert scorer.range_metrics(parts) == {}

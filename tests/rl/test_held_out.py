@@ -51,6 +51,8 @@ def test_ppo_watches_the_same_way(ppo_config, tmp_path):
     ppo.run(cfg)
     rows = [r for r in lines(tmp_path / "ppo" / "metrics.jsonl") if "eval/rouge_l" in r]
     assert [r["step"] for r in rows] == [0, 2] and all("eval/kl" in r for r in rows)
+    steps = [r for r in lines(tmp_path / "ppo" / "metrics.jsonl") if "objective/kl" in r]  # the reward model's range
+    assert len(steps) == 2 and all(0 <= r["rewards/reward_model/out_of_range"] <= 1 for r in steps)
 
 
 def test_held_out_errors(held_out, grpo_config):

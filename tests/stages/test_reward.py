@@ -256,3 +256,22 @@ def test_hinge_defaults_to_margin_one_and_refuses_zero(tiny_model_dir, pref_data
     with pytest.raises(ConfigError, match="met by a model that gives every answer the same score"):
         reward.setup(load_config("reward", write_config(tiny_model_dir, pref_data, loss__type="hinge",
                                                         loss__margin=0.0)))
+
+
+def test_the_output_records_the_range_of_its_scores_on_its_training_answers(tiny_model_dir, pref_data, write_config,
+                                                                            tmp_path):
+    """reward_range/low and /high: the 1st and 99th percentiles of the final model's scores of every training
+    answer, chosen and rejected (what an RL stage's alarm compares the policy's answers against)."""
+    cfg = reward_config(write_config, tiny_model_dir, pref_data, train__epochs=3)
+    reward.run(cfg)
+    recorded = json.loads(open(f"{cfg.output_dir}/llmft.json").read())["metrics"]
+    scorer = RewardScorer.load(cfg.output_dir)
+    pairs = reward.setup(cfg).train.pairs
+    scores = torch.cat([scorer.score_ids([p.prompt_ids + p.chosen_ids for p in pairs]),
+                        scorer.score_ids([p.prompt_ids + p.rejected_ids for p in pairs])]).sort().values
+    n = len(scores)  # 16 answers: the 1st percentile is 0.15 of the way from the lowest to the next
+    low = scores[0] + 0.01 * (n - 1) * (scores[1] - scores[0])
+    high = scores[-2] + (0.99 * (n - 1) - (n - 2)) * (scores[-1] - scores[-2])
+    assert recorded["reward_range/low"] == pytest.approx(float(low), abs=1e-4)
+    assert recorded["reward_range/high"] == pytest.approx(float(high), abs=1e-4)
+    assert recorded["reward_range/low"] < recorded["reward_range/high"]
