@@ -16,7 +16,7 @@ MIN_WORDS = 10
 
 
 def words(text: str) -> list[str]:
-    return re.findall(r"[^\W_]+(?:'[^\W_]+)?", text.lower())
+    return re.findall(r"[^\W_]+(?:['’][^\W_]+)?", text.lower())  # don't, don’t: one word
 
 
 def substance(answer: str) -> float:

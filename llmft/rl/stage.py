@@ -56,7 +56,7 @@ def rl_stage(name: str, s: RLSetup, model: ActorCritic, rl_step, shown: tuple[st
         current["step"] = start or 0
         if state:
             s.scorer.moments = dataclasses.replace(s.scorer.moments, **state["score_moments"])
-            best.update(resumed_best(s, state.get("best", {}), state["step"]))
+            best.update(distributed.on_main(lambda: resumed_best(s, state.get("best", {}), state["step"])))
             if alarm and "alarm" in state:
                 alarm.history, alarm.fired = state["alarm"]["history"], state["alarm"]["fired"]
             load_extra(state)

@@ -12,8 +12,9 @@ from llmft.schema import opt
 
 @dataclass
 class HeldOutConfig:
-    judges: list[str] = opt([], "Judges of the held-out answers that are not the training reward (constraints, bleu, "
-                                "rouge_l, meteor, module:function): eval/<judge>; what alarm.independent can watch.")
+    judges: list[str] = opt([], "Judges of the held-out answers, independent of what the stage trains on "
+                                "(constraints, substance, bleu, rouge_l, meteor, module:function): eval/<judge>; in "
+                                "ppo and grpo what alarm.independent can watch.")
     reference_column: str = opt("completion", "The held-out rows' reference text column (bleu, rouge_l, meteor).")
     select_by: str | None = opt(
         None, "An eval/… metric to keep the best policy by (e.g. eval/constraints/pass_rate; an independent one, not "

@@ -3,7 +3,8 @@ policy's greedy answers, and the best policy by one of them.
 
     sft, dpo, kto   eval.prompts answered greedily (eval.max_new_tokens) at step 0, every train.eval_every steps and
                     at the end, beside the stage's own eval (eval/loss ...):
-                        judges   eval.judges (constraints, bleu, rouge_l, meteor, module:function)  eval/<judge>
+                        judges   eval.judges (constraints, substance, bleu, rouge_l, meteor, module:function)
+                                                                                            eval/<judge>
                         KL       Σ_t log π(y_t) − log π_ref(y_t) of each answer, π_ref = the stage's starting model
                                  (its adapter disabled)                                              eval/kl
                         shape    length, the share without a stop id                      eval/completions/…
@@ -119,8 +120,8 @@ def with_held_out(stage: loop.Stage, s, model) -> loop.Stage:
         current["step"] = state["step"] if state else 0
         if prompts:
             prompts.log = samples_log(s, state["step"] if state else None)
-        if state:
-            best.update(resumed_best(s, state.get("best", {}), state["step"]))
+        if state:  # rank 0 alone reads and removes best/, every rank gets the best so far
+            best.update(distributed.on_main(lambda: resumed_best(s, state.get("best", {}), state["step"])))
 
     shown = (*stage.shown, *(k for k in [s.cfg.eval.select_by] if k and k not in stage.shown))
     return dataclasses.replace(stage, step=step, evaluate=evaluate, resume=resume, state=lambda: {"best": dict(best)},

@@ -111,6 +111,7 @@ class Stage:
     resume: Callable[[dict | None], None] | None = None
     alarm: Any = None  # rl.alarms.Alarm: observe(step, values) → {signal: reason} fired now; .stops; .resume(rows)
     finish: Callable[[], dict[str, float]] | None = None  # figures of the final weights, recorded with the output
+    # (reward: the range of its scores on its training answers)
 
 
 S = TypeVar("S", bound=Setup)
@@ -268,13 +269,24 @@ def first_usable(candidates: list[Path], model, optimizer, scheduler) -> Path:
 def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt: Path | None) -> dict:
     """Run the plan from the step after `state["step"]` (the first, when state is None) to the end; return the
     last values of every metric."""
-    cfg, tr, run_dir, plan = stage.cfg, stage.cfg.train, Path(stage.cfg.output_dir), stage.plan
+    cfg, run_dir = stage.cfg, Path(stage.cfg.output_dir)
     main = distributed.world().main
     start = state["step"] if state else 0
     if stage.resume:
         stage.resume(state)
-    trackers = report.open_trackers(cfg, run_dir, bool(last_ckpt), to_dict(cfg)) if main else []
-    log = MetricsLog(run_dir, start if last_ckpt else None, trackers=trackers)
+    trackers: list = []  # rank 0's: opened there; its error, if it raised one, raised on every rank
+    distributed.on_main(lambda: trackers.extend(report.open_trackers(cfg, run_dir, start if last_ckpt else None,
+                                                                     to_dict(cfg))))
+    log = MetricsLog(run_dir, start if last_ckpt else None, trackers=trackers if main else [])
+    try:
+        return run_plan(stage, model, optimizer, scheduler, start, last_ckpt, log)
+    finally:
+        log.close()
+
+
+def run_plan(stage: Stage, model, optimizer, scheduler, start: int, last_ckpt: Path | None, log: MetricsLog) -> dict:
+    """fit's loop: the steps after `start`, their logs, evaluations, alarm and checkpoints; the final metrics."""
+    tr, run_dir, plan, main = stage.cfg.train, Path(stage.cfg.output_dir), stage.plan, distributed.world().main
     speed = Throughput()
     final: dict = {}
     # rank 0 evaluates and logs, every rank gets its figures (and its error, if it raised one); under FSDP every rank
@@ -288,6 +300,7 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
         if stage.alarm:
             stage.alarm.baseline(evaluated)
     model.train()
+    step = start  # the last step run
     with progress_bar() as bar:
         task = bar.add_task(stage.name, total=plan.num_steps, completed=start, info="")
         for step in range(start + 1, plan.num_steps + 1):
@@ -322,11 +335,10 @@ def fit(stage: Stage, model, optimizer, scheduler, state: dict | None, last_ckpt
                 console.print(f"step {step}/{plan.num_steps}  {shown}", highlight=False)
             if stop:
                 break
-    if stage.finish:  # on every process alike (under FSDP each joins the forwards)
-        finished = stage.finish()
-        log.log(plan.num_steps, finished)
+    if stage.finish:  # rank 0 alone, its figures on every rank (under FSDP every rank joins the forwards)
+        finished = stage.finish() if distributed.fsdp() else distributed.on_main(stage.finish)
+        log.log(step, finished)
         final.update(finished)
-    log.close()
     return final
 
 
@@ -376,8 +388,9 @@ def embedding_rows(lm) -> int:
 
 def data_files(cfg: Any) -> list[dict]:
     """The run's data files: role, resolved path and sha256 (hub datasets: the id, no hash)."""
-    named = [(role, path) for role, paths in (("train", cfg.data.train), ("eval", cfg.data.eval))
-             for path in as_list(paths)]
+    held_out = getattr(getattr(cfg, "eval", None), "prompts", None)  # sft's, dpo's, kto's eval.prompts
+    named = [(role, path) for role, paths in (("train", cfg.data.train), ("eval", cfg.data.eval),
+                                              ("held_out", held_out)) for path in as_list(paths)]
     return [{"role": role, "path": str(Path(p).expanduser().resolve()) if Path(p).expanduser().is_file() else p,
              "sha256": file_sha256(Path(p).expanduser()) if Path(p).expanduser().is_file() else None}
             for role, p in named]

@@ -13,7 +13,7 @@ import torch
 
 from llmft import distributed
 from llmft.errors import RunError
-from llmft.run.report import scalars
+from llmft.run.report import close_all, log_all, scalars
 
 
 class MetricsLog:
@@ -40,13 +40,12 @@ class MetricsLog:
             from llmft.checkpoint import latest_checkpoint, write_failure
 
             raise RunError(write_failure(e, self.path, latest_checkpoint(self.path.parent))) from None
-        numbers = scalars(values)
-        for tracker in self.trackers if numbers else ():
-            tracker.log(step, numbers)
+        if self.trackers and (numbers := scalars(values)):
+            log_all(self.trackers, step, numbers)
 
     def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.close()
+        close_all(self.trackers)
+        self.trackers = []
 
 
 class Throughput:

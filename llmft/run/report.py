@@ -5,9 +5,12 @@
     mlflow        MLFLOW_TRACKING_URI, else a local file store output_dir/mlruns/ (pip install 'llmft[mlflow]')
     trackio       trackio's local database (TRACKIO_DIR; `trackio show`)     (pip install 'llmft[trackio]')
 
-The project is report_project (W&B and trackio project, MLflow experiment), the run name the output_dir's name. A
-resumed run goes on in the same W&B, MLflow and trackio run (its id is kept in output_dir/report_ids.json).
-Rank 0 alone reports, as it alone writes metrics.jsonl.
+The project is report_project (W&B and trackio project, MLflow experiment), the run named after output_dir (trackio:
+with the time it started, its runs are known by name). A resumed run goes on in the same W&B, MLflow and trackio run
+(their ids are kept in output_dir/report_ids.json); the steps after the checkpoint that the kill discarded are logged
+again: TensorBoard purges its own, MLflow keeps both, W&B keeps its first and drops the repeats. Rank 0 alone reports,
+as it alone writes metrics.jsonl. A tracker that fails while the run goes on is dropped with a warning: the run and
+metrics.jsonl go on.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
+from llmft.console import console
 from llmft.errors import ConfigError, RunError
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
@@ -36,18 +41,40 @@ def check_installed(cfg) -> None:
                               f"pip install 'llmft[{name}]'")
 
 
-def open_trackers(cfg, run_dir: Path, resuming: bool, config: dict) -> list:
-    ids = read_ids(run_dir) if resuming else {}
+def open_trackers(cfg, run_dir: Path, resume_step: int | None, config: dict) -> list:
+    """The trackers of report_to, each started (or, resuming from `resume_step`, continued); one line if one cannot
+    start, the others closed."""
+    ids = read_ids(run_dir) if resume_step is not None else {}
     out = []
     for name in trackers(cfg):
         try:
-            out.append(OPEN[name](cfg, run_dir, ids.get(name), config))
+            out.append(OPEN[name](cfg, run_dir, ids.get(name), config, resume_step))
         except Exception as e:  # noqa: BLE001 (each tracker raises its own kinds; the user gets one line)
+            close_all(out)
             raise RunError(f"report_to: {name} could not start: {first_line(e)}") from None
     ids = {name: t.id for name, t in zip(trackers(cfg), out, strict=True) if t.id}
     if ids:
         (run_dir / IDS).write_text(json.dumps(ids))
     return out
+
+
+def log_all(trackers: list, step: int, values: dict[str, float]) -> None:
+    """`values` to every tracker; one that fails is dropped with a warning (the run and metrics.jsonl go on)."""
+    for t in list(trackers):
+        try:
+            t.log(step, values)
+        except Exception as e:  # noqa: BLE001
+            trackers.remove(t)
+            console.print(f"[yellow]report_to: {type(t).__name__} failed at step {step} ({first_line(e)}); no longer "
+                          f"reporting to it (metrics.jsonl has every step)")
+
+
+def close_all(trackers: list) -> None:
+    for t in trackers:
+        try:
+            t.close()
+        except Exception as e:  # noqa: BLE001
+            console.print(f"[yellow]report_to: {type(t).__name__} did not close cleanly ({first_line(e)})")
 
 
 def read_ids(run_dir: Path) -> dict:
@@ -67,10 +94,11 @@ def scalars(values: dict) -> dict[str, float]:
 
 
 class TensorBoard:
-    def __init__(self, cfg, run_dir: Path, run_id, config: dict):
+    def __init__(self, cfg, run_dir: Path, run_id, config: dict, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.id, self.writer = None, SummaryWriter(str(run_dir / "tensorboard"))
+        purge = resume_step + 1 if resume_step is not None else None  # the discarded stretch's events go
+        self.id, self.writer = None, SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for k, v in values.items():
@@ -81,7 +109,7 @@ class TensorBoard:
 
 
 class WandB:
-    def __init__(self, cfg, run_dir: Path, run_id, config: dict):
+    def __init__(self, cfg, run_dir: Path, run_id, config: dict, resume_step: int | None):
         import wandb
 
         self.run = wandb.init(project=cfg.report_project, name=run_dir.name, dir=str(run_dir), config=config,
@@ -96,35 +124,39 @@ class WandB:
 
 
 class MLflow:
-    def __init__(self, cfg, run_dir: Path, run_id, config: dict):
-        if "MLFLOW_TRACKING_URI" not in os.environ:  # a local file store in the run's folder
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps it in maintenance mode
+    def __init__(self, cfg, run_dir: Path, run_id, config: dict, resume_step: int | None):
         import mlflow
+        from mlflow.entities import Param
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):  # MLflow 3 keeps its file store in maintenance mode, behind this switch
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         if run_id is None:
             experiment = self.client.get_experiment_by_name(cfg.report_project)
             eid = experiment.experiment_id if experiment else self.client.create_experiment(cfg.report_project)
             run_id = self.client.create_run(eid, run_name=run_dir.name).info.run_id
-            for k, v in flat(config).items():
-                self.client.log_param(run_id, k, str(v)[:500])
+            params = [Param(k, str(v)[:500]) for k, v in flat(config).items()]
+            for i in range(0, len(params), 100):  # MLflow takes 100 parameters a request
+                self.client.log_batch(run_id, params=params[i:i + 100])
         self.id = run_id
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
-        self.client.log_batch(self.id, metrics=[Metric(k, v, 0, step) for k, v in values.items()])
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
     def close(self) -> None:
         self.client.set_terminated(self.id)
 
 
 class Trackio:
-    def __init__(self, cfg, run_dir: Path, run_id, config: dict):
+    def __init__(self, cfg, run_dir: Path, run_id, config: dict, resume_step: int | None):
         import trackio
 
-        self.trackio, self.id = trackio, run_dir.name
+        self.trackio = trackio
+        self.id = run_id or f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # unique: runs/sft is not the only sft
         trackio.init(project=cfg.report_project, name=self.id, config=config, resume="allow" if run_id else "never")
 
     def log(self, step: int, values: dict[str, float]) -> None:

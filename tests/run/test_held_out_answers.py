@@ -142,3 +142,36 @@ def cfg_holder(cfg):
     s = S()
     s.cfg = cfg
     return s
+
+
+def test_keep_best_writes_only_when_an_evaluation_beats_the_best_so_far(tmp_path, monkeypatch):
+    from llmft.run import held_out, loop
+
+    written = []
+    monkeypatch.setattr(loop, "write_output", lambda out, s, stage, model, metrics, data: written.append(metrics))
+    s = cfg_holder(type("C", (), {"eval": type("E", (), {"select_by": "eval/rouge_l", "select_mode": "max"}),
+                                  "output_dir": str(tmp_path)})())
+    s.data, best = [], {"step": None, "value": None}
+    seen = [held_out.keep_best("sft", s, None, step, {"eval/rouge_l": v}, best)
+            for step, v in ((0, 0.3), (2, 0.5), (4, 0.4), (6, 0.5))]
+    assert [m["best/step"] for m in written] == [0, 2]  # 0.4 and a tie at 0.5 do not replace step 2
+    assert seen[-1] == {"best/step": 2, "best/value": 0.5}
+
+
+def test_held_out_answers_leave_the_model_training_and_answer_without_dropout(write_config, tiny_model_dir, sft_data,
+                                                                            held_out):
+    """With LoRA dropout 0.5 and a moved adapter, two evaluations agree (dropout off while answering) and the model
+    is back in training mode after each (dropout on for the next step)."""
+    import torch
+
+    cfg = config("sft", write_config, tiny_model_dir, sft_data, held_out, lora__dropout=0.5)
+    s = sft.setup(cfg)
+    model = sft.build_model(s)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    model.train()
+    first = s.held_out.evaluate(model, 0)
+    assert model.training and first["eval/kl"] != 0.0
+    assert s.held_out.evaluate(model, 1) == first and model.training

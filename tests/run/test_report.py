@@ -40,7 +40,7 @@ def test_every_tracker_holds_what_metrics_jsonl_holds(write_config, tiny_model_d
     expected = numbers(run / "metrics.jsonl")
     assert ("eval/loss", 4) in expected and ("loss", 1) in expected
     for name, got in (("tensorboard", tensorboard_scalars(run)), ("wandb", wandb_history(run)),
-                      ("mlflow", mlflow_metrics(run)), ("trackio", trackio_logs(tmp_path / "trackio"))):
+                      ("mlflow", mlflow_metrics(run)), ("trackio", trackio_logs(tmp_path / "trackio", run))):
         assert got.keys() >= expected.keys(), (name, sorted(expected.keys() - got.keys())[:5])
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-6), (name, key)
@@ -93,16 +93,18 @@ def leveldb_records(data: bytes, block: int = 32768):
 def mlflow_metrics(run) -> dict:
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as the run set it for itself
     client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())
     (found,) = client.search_runs([client.get_experiment_by_name("llmft-test").experiment_id])
     assert found.info.run_name == "run" and found.data.params["train.max_steps"] == "4"
     return {(k, m.step): m.value for k in found.data.metrics for m in client.get_metric_history(found.info.run_id, k)}
 
 
-def trackio_logs(directory) -> dict:
+def trackio_logs(directory, run) -> dict:
+    name = json.loads((run / "report_ids.json").read_text())["trackio"]
+    assert name.startswith("run-")  # the output_dir's name and the time it started
     code = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage; "
-            "print(json.dumps(SQLiteStorage.get_logs('llmft-test', 'run')))")  # TRACKIO_DIR is read at import
+            f"print(json.dumps(SQLiteStorage.get_logs('llmft-test', {name!r})))")  # TRACKIO_DIR is read at import
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRACKIO_DIR": str(directory)},
                           capture_output=True, text=True, timeout=120, check=True)
     rows = json.loads(done.stdout.strip().splitlines()[-1])
