@@ -12,7 +12,8 @@ from llmft.errors import DataError, LlmftError
 PANELS = ["loss", "eval/loss", "accuracy", "eval/accuracy", "margin", "eval/margin", "reward_mean", "reward_std",
           "rewards/accuracies", "eval/rewards/accuracies", "rewards/margins", "eval/rewards/margins",
           "kl_reference_point", "reward", "eval/reward", "eval/constraints/pass_rate", "eval/rouge_l", "eval/meteor",
-          "eval/bleu", "eval/kl", "frac_reward_zero_std",
+          "eval/bleu", "eval/substance", "eval/kl", "eval/completions/mean_length",
+          "rewards/reward_model/out_of_range", "frac_reward_zero_std",
           "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "objective/kl", "kl",
           "entropy", "logprob_gap", "lr", "tokens_per_s", "pairs_per_s", "answers_per_s", "episodes_per_s"]
 
