@@ -14,19 +14,20 @@ from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
+# a module name of its own: test_alarm_runs.py's shortjudge (another scale) must not come from the import cache
 SHORT = "def fn(prompts, responses, rows):\n    return [-len(r) / 100 for r in responses]\n"
 
 
 def test_a_reward_for_short_answers_fires_the_length_alarm_on_the_embedded_model(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    (tmp_path / "shortjudge.py").write_text(SHORT)
+    (tmp_path / "terse_judge.py").write_text(SHORT)
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "grpo.yaml").write_text(json.dumps({
         "model": {"name": "smollm2-135m-instruct"},
         "data": {"train": str(ROOT / "data" / "demo" / "ppo_train.jsonl"), "max_prompt_length": 128},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "rollout": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 16},
-        "reward": {"judges": {"shortjudge:fn": 1.0}, "missing_eos_penalty": 0.0},
+        "reward": {"judges": {"terse_judge:fn": 1.0}, "missing_eos_penalty": 0.0},
         "grpo": {"num_generations": 4},
         "train": {"batch_size": 8, "max_steps": 12, "learning_rate": 2e-3, "warmup_ratio": 0.0, "save_every": 100},
         "alarm": {"window": 2, "on_alarm": "stop"},
