@@ -24,7 +24,7 @@ from llmft.rl.actor_critic import POLICY, REFERENCE, ActorCritic
 from llmft.rl.multi_turn import sample_trajectories, trajectory_metrics
 from llmft.rl.scoring import no_eos_share, score_rollout
 from llmft.rollout.experience import Experience, answer_logps, pack
-from llmft.run.held_out import judge_scores, summary
+from llmft.run.held_out import judge_scores, schedule, summary
 from llmft.run.metrics import MetricsLog
 from llmft.run.plan import chunks
 
@@ -92,10 +92,9 @@ def plan_row(t, s, answers_per_step: int) -> None:
     """The plan table's row for the held-out evaluation: what, how often, and its share of the run's generation."""
     if not s.eval:
         return
-    n, steps, every = len(s.eval.ids), s.plan.num_steps, s.cfg.train.eval_every
-    evaluations = 2 + (len([k for k in range(1, steps) if k % every == 0]) if every else 0)  # step 0 and the end too
+    n, steps = len(s.eval.ids), s.plan.num_steps
+    when, evaluations = schedule(s.cfg.train.eval_every, steps)  # step 0 and the end counted
     share = n * evaluations / (n * evaluations + answers_per_step * steps)
-    when = ("every step" if every == 1 else f"every {every} steps") if every else "the end"
     t.add_row("held-out eval", f"{n} prompts, greedy, at step 0 and {when} ({evaluations} times); judges "
                                f"{', '.join(s.cfg.eval.judges) or 'none besides the reward'}; about {share:.0%} of the "
                                f"run's answers (eval_samples.jsonl)")

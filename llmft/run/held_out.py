@@ -77,12 +77,16 @@ class HeldOutPrompts:
                 "eval/completions/clipped_ratio": sum(not a.finished for a in answers) / len(answers)}
 
     def plan_row(self, t, num_steps: int) -> None:
-        every = self.cfg.train.eval_every
-        when = ("every step" if every == 1 else f"every {every} steps") if every else "the end"
-        times = 2 + (len([k for k in range(1, num_steps) if k % every == 0]) if every else 0)
+        when, times = schedule(self.cfg.train.eval_every, num_steps)
         t.add_row("held-out answers", f"{len(self.ids)} prompts of {self.cfg.eval.prompts}, greedy, up to "
                                       f"{self.cfg.eval.max_new_tokens} tokens, at step 0 and {when} ({times} times); "
                                       f"judges {', '.join(self.cfg.eval.judges) or 'none'} (eval_samples.jsonl)")
+
+
+def schedule(every: int | None, num_steps: int) -> tuple[str, int]:
+    """When held-out answers are given besides step 0 ("every 5 steps", or "the end") and how many times in all."""
+    when = ("every step" if every == 1 else f"every {every} steps") if every else "the end"
+    return when, 2 + (len([k for k in range(1, num_steps) if k % every == 0]) if every else 0)
 
 
 def held_out_prompts(cfg, chat, has_eval: bool) -> HeldOutPrompts | None:
