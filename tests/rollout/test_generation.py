@@ -143,6 +143,22 @@ def test_the_token_draw_follows_the_distribution_and_never_draws_a_zero():
     assert last.argmax(-1).tolist() == [0, 5]
 
 
+def test_the_token_draw_resolves_probabilities_below_float32s_step(monkeypatch):
+    # issue 28: a float32 uniform and running sum resolve only 2^-24 (6e-8). In float64: a uniform above
+    # 1 - 2^-30 draws the last token, of probability 2^-30, and the uniforms themselves are finer than 2^-24
+    from llmft.rollout.generation import TokenDraw, inverse_cdf
+
+    tiny = 2.0 ** -30
+    p = torch.tensor([[1 - tiny, tiny]], dtype=torch.float64)
+    assert inverse_cdf(p, torch.tensor([[1 - 2.0 ** -31]], dtype=torch.float64)).tolist() == [[1]]
+    assert inverse_cdf(p, torch.tensor([[1 - 2.0 ** -29]], dtype=torch.float64)).tolist() == [[0]]
+    seen, rand = [], torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: seen.append(rand(*a, **k)) or seen[-1])
+    TokenDraw(seed=0, sample=True, record=False)(None, torch.zeros(64, 3))
+    grid = seen[0] * 2 ** 24
+    assert seen[0].dtype == torch.float64 and (grid != grid.floor()).any()  # not all on float32's grid
+
+
 def test_the_token_draw_is_seeded_and_greedy_keeps_the_scores():
     from llmft.rollout.generation import TokenDraw
 
