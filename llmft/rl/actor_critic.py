@@ -38,7 +38,9 @@ class ActorCritic(nn.Module):
     def __init__(self, lm, reward_path: str | None, share_reward: bool, critic: bool = True):
         """lm: a PEFT model whose "default" adapter is the new policy adapter. With a critic and a reward checkpoint,
         the value adapter and head start as copies of its adapter and head; with `share_reward` a frozen copy of
-        both scores the answers."""
+        both scores the answers. A critic without a reward checkpoint starts with a zero head: V = 0 for every
+        state, so the first advantages are the (whitened) returns. A random head's values, O(|h|/√d), dwarf a 0/1
+        reward: on examples/calculator its step-1 value loss was 2.9 and PPO unlearned the tool (measured)."""
         super().__init__()
         self.lm = lm
         d, device = unwrap(lm).config.hidden_size, next(lm.parameters()).device
@@ -47,8 +49,9 @@ class ActorCritic(nn.Module):
         if critic and reward_path:
             self._load_adapter(reward_path, VALUE, trainable=True)
             load_head(self.value_head, Path(reward_path) / HEAD_FILE)
-        elif critic:  # no reward model: a fresh critic with the policy's LoRA settings
+        elif critic:  # no reward model: a fresh critic with the policy's LoRA settings, predicting 0 everywhere
             lm.add_adapter(VALUE, lm.peft_config[POLICY])
+            nn.init.zeros_(self.value_head.weight)
         if reward_path and share_reward:
             self._load_adapter(reward_path, REWARD, trainable=False)
             self.reward_head = scalar_head(d, device).requires_grad_(False)

@@ -75,6 +75,19 @@ def test_first_minibatch_has_ratio_one_and_kl_is_zero_at_step_zero(ppo_config):
     assert len(calls) == len(stats) == 4  # 2 epochs × 2 minibatches
 
 
+def test_a_critic_without_a_reward_model_starts_at_zero_and_learns(ppo_config):
+    """V = 0 for every state at step 1 (so the advantages are the whitened returns), not a random head's noise."""
+    s = ppo.setup(ppo_config(reward__model=None, reward__judges={"constraints": 1.0}))
+    model = ppo.build_model(s)
+    exp = sample(model, s, s.train.ids[:4], 0)
+    ppo.role_forwards(model, s, exp)
+    assert torch.equal(exp.values, torch.zeros_like(exp.values))
+    exp.put(advantages=whiten(torch.randn_like(exp.old_logps), exp.mask), returns=torch.ones_like(exp.values))
+    grads = []
+    ppo.update_epochs(model, s, exp, lambda loss: grads.append(model.value_head.weight.grad.abs().sum()) or 0.0, 1)
+    assert all(g > 0 for g in grads)  # the zero head still learns: its gradient is (V − R)·h
+
+
 def test_only_the_policy_and_value_adapters_and_value_head_change(ppo_config):
     from tests.helpers.runs import train_in_process
 
