@@ -79,7 +79,8 @@ def serve(
 def export(
     candidates: Path = typer.Argument(..., help="The candidates JSONL that was judged.", show_default=False),
     to: str = typer.Option(..., "--to", help="dpo or reward (pairs), ranked (reward's listwise rows), kto "
-                                             "(labelled answers) or sft (chosen and edited answers)."),
+                                             "(labelled answers), sft (chosen and edited answers) or critiques "
+                                             "(answers with what people said is wrong with them)."),
     out: Path = typer.Option(..., "--out", help="The JSONL to write."),
     annotations: Path | None = ANNOTATIONS,
     pairs: str = typer.Option("best-worst", help="dpo/reward: best-worst (one pair per item) or all (every "
@@ -97,7 +98,8 @@ def export(
     store = open_store(candidates, annotations)
     rows = rows_for(to, verdicts(store), pairs, min_gap, threshold)
     write_rows(rows, out)
-    console.print(f"wrote {out}: {len(rows)} rows for llmft {'reward' if to == 'ranked' else to}")
+    stage = {"ranked": " for llmft reward", "critiques": " (answers and their critiques)"}.get(to, f" for llmft {to}")
+    console.print(f"wrote {out}: {len(rows)} rows{stage}")
     show(report(store, min_gap), report_out)
 
 
@@ -130,7 +132,8 @@ def show(rep: dict, out: Path | None) -> None:
     from llmft.checkpoint import atomic_write_text
 
     done = ", ".join(f"{a} {n}" for a, n in rep["finished_by"].items())
-    console.print(f"{rep['judgements']} judgements on {rep['items']} items; finished by: {done or 'nobody'}")
+    console.print(f"{rep['judgements']} judgements on {rep['items']} items ({rep['critiques']} critiques in words); "
+                  f"finished by: {done or 'nobody'}")
     ag, pb = rep["agreement"], rep["position_bias"]
     if ag["pairwise_agreement"] is not None:
         console.print(f"agreement: {ag['pairwise_agreement']:.1%} of {ag['pairs_compared']} answer pairs judged by "

@@ -17,9 +17,12 @@ Per item, over every annotator's judgements in force (the latest of each kind):
                         undesirable whatever its rating (someone found it worth fixing), an edit desirable, any other
                         rated answer desirable when its mean rating ≥ threshold
     --to sft            {prompt, completion}: edits, and answers whose mean rating ≥ threshold that nobody edited
+    --to critiques      {prompt, completion, critique, critics[, rating]}: each answer someone criticised in words
+                        (the critiques of the answer, then of the item as a whole, one per line), for every answer
+                        of an item criticised as a whole
 
 A tie takes back the person's votes and ratings of the item (no answer is better: their ratings must not decide a
-pair either); a skip does the same.
+pair either); a skip does the same. Edits and critiques stay: each is about one answer, not about the others.
 
 Other columns of the candidates file (constraints, a reference) are kept in every row.
 """
@@ -37,7 +40,7 @@ from llmft.annotate.store import Judgement, Store
 from llmft.checkpoint import atomic_write_text
 from llmft.errors import ConfigError
 
-TARGETS = ("dpo", "reward", "ranked", "kto", "sft")
+TARGETS = ("dpo", "reward", "ranked", "kto", "sft", "critiques")
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Verdicts:
     votes: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict)  # (a, b) → annotator → +1 a, −1 b
     ratings: dict[int, dict[str, int]] = field(default_factory=dict)  # candidate → annotator → rating
     edits: list[tuple[int, str]] = field(default_factory=list)  # (candidate, edited text)
+    critiques: dict[int | None, dict[str, str]] = field(default_factory=dict)  # candidate (None: item) → who → text
 
     def vote(self, annotator: str, winner: int, loser: int) -> None:
         a, b = min(winner, loser), max(winner, loser)
@@ -105,7 +109,12 @@ def verdicts(store: Store) -> list[Verdicts]:
             v.vote(who, line["winner"], 1 - line["winner"])
         elif j.action == "edit":
             v.edits.append((line["candidate"], line["text"]))
-    return [v for v in by_item.values() if v.votes or v.ratings or v.edits]
+        elif j.action == "critique":
+            by = v.critiques.setdefault(line.get("candidate"), {})
+            by.pop(who, None)
+            if line["text"].strip():  # "" takes it back
+                by[who] = line["text"].strip()
+    return [v for v in by_item.values() if v.votes or v.ratings or v.edits or any(v.critiques.values())]
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -130,11 +139,30 @@ def rows_for(target: str, found: list[Verdicts], pairs: str = "best-worst", min_
                 out.append(base | {"responses": [text[c] for c in order]})
         elif target == "kto":
             out += [base | {"completion": t, "label": label} for t, label in kto_labels(v, threshold).items()]
+        elif target == "critiques":
+            out += critique_rows(v, base)
         else:  # sft
             edited = {text[c] for c, _ in v.edits}
             out += [base | {"completion": t} for _, t in v.edits]
             out += [base | {"completion": text[c]} for c in v.ratings
                     if v.mean_rating(c) >= threshold and text[c] not in edited]
+    return out
+
+
+def critique_rows(v: Verdicts, base: dict) -> list[dict]:
+    """One row per answer with a critique of its own or of its item: the critiques joined one per line (the
+    answer's first), who wrote them, and the answer's mean rating when rated."""
+    whole = v.critiques.get(None, {})
+    out = []
+    for c, cand in enumerate(v.item.candidates):
+        said = v.critiques.get(c, {})
+        lines = [*said.values(), *whole.values()]
+        if not lines:
+            continue
+        row = base | {"completion": cand.text, "critique": "\n".join(lines),
+                      "critics": list(dict.fromkeys([*said, *whole]))}
+        rating = v.mean_rating(c)
+        out.append(row | ({"rating": rating} if rating is not None else {}))
     return out
 
 
@@ -261,7 +289,9 @@ def write_rows(rows: list[dict], out: str | Path) -> None:
 
 def report(store: Store, min_gap: float = 1.0) -> dict:
     """What the annotations hold: items finished per person, agreement, position bias, blind win rates."""
+    said = sum(j.action == "critique" and bool(j.line["text"].strip()) for j in store.current())
     return {"candidates": store.items.path, "items": len(store.items), "judgements": len(store.judgements),
+            "critiques": said,
             "finished_by": {a: len(store.finished(a)) for a in store.annotators()},
             "agreement": agreement(store, min_gap), "position_bias": position_bias(store),
             "win_rates": win_rates(store)}

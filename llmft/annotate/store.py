@@ -7,13 +7,14 @@
     pick     best, worst (or null)            edit   candidate, text (the person's version of that answer)
     tie      all answers equally good         skip   no judgement
     compare  winner: candidate or null (tie), blind side-by-side of two answers
+    critique candidate (or null: the item as a whole), text: what is wrong, in words ("" takes it back)
     done     the person moved on: the item is finished
 
 A line is written, flushed and fsync'ed before the page hears it was saved, so a closed tab, a crash or a restart
 loses nothing; reopening continues at the first item the person has not finished. A later judgement of the same
-kind (the same candidate for rate and edit) replaces an earlier one: people change their minds. The same line twice
-(same annotator, item, judgement and time) is a duplicate: an error naming both lines. A last line cut short by a
-crash was never confirmed to the page and is dropped.
+kind (the same candidate for rate, edit and critique) replaces an earlier one: people change their minds. The same
+line twice (same annotator, item, judgement and time) is a duplicate: an error naming both lines. A last line cut
+short by a crash was never confirmed to the page and is dropped.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from llmft.annotate.items import Item, Items
 from llmft.errors import DataError
 
 SCHEMA = 1
-ACTIONS = ("rate", "rank", "pick", "edit", "tie", "skip", "compare", "done")
+ACTIONS = ("rate", "rank", "pick", "edit", "critique", "tie", "skip", "compare", "done")
 FINISHING = ("done", "tie", "skip", "compare")  # after one of these, the item is finished for that person
+MAX_CRITIQUE = 4000  # characters
 STAMPS = ("schema", "candidates", "item", "annotator", "time", "action", "shown")
 
 
@@ -67,7 +69,8 @@ def shown_order(annotator: str, item: Item) -> list[int]:
 
 
 FIELDS = {"rate": ("candidate", "rating"), "rank": ("order",), "pick": ("best", "worst"),
-          "edit": ("candidate", "text"), "compare": ("winner",), "tie": (), "skip": (), "done": ()}
+          "edit": ("candidate", "text"), "critique": ("candidate", "text"), "compare": ("winner",), "tie": (),
+          "skip": (), "done": ()}
 
 
 def is_index(v: object, k: int) -> bool:
@@ -111,6 +114,12 @@ def check_fields(line: dict, item: Item, where: str) -> None:
             raise DataError(f"{where}: an edit needs the edited 'text'")
         if text.strip() == item.candidates[line["candidate"]].text.strip():
             raise DataError(f"{where}: the edit leaves the answer as it was")
+    if action == "critique":
+        candidate("candidate", optional=True)
+        if not isinstance(line.get("text"), str):
+            raise DataError(f"{where}: a critique needs its 'text' (empty to take it back)")
+        if len(line["text"]) > MAX_CRITIQUE:
+            raise DataError(f"{where}: a critique of {len(line['text'])} characters (at most {MAX_CRITIQUE})")
     if action == "compare":
         if k != 2:
             raise DataError(f"{where}: a blind comparison needs items of exactly 2 candidates, item has {k}")

@@ -22,7 +22,7 @@ from llmft.data.preferences import detect_format as detect_pair_format
 from llmft.data.preferences import tokenize_pairs
 from llmft.data.records import Record, prompt_messages, read_records, shown_prompt
 from llmft.errors import ConfigError, ModelError
-from llmft.judges import Judge, make_judge
+from llmft.judges import join_critiques, make_judgement
 from llmft.maths.losses import pairwise_accuracy
 from llmft.models.forward import check_lm_head
 from llmft.models.loading import load_chat, load_model, resolve_device, resolve_dtype
@@ -42,6 +42,7 @@ class PolicyRun:
     logps: torch.Tensor  # [n] summed answer log-probs under the policy itself
     env: dict[str, float] | None = None  # with an environment: its counts (`rl.multi_turn.trajectory_metrics`)
     trajectories: list[dict] | None = None  # with an environment: each row's turns and turn rewards
+    critiques: list[str] | None = None  # per prompt, what the judges that can say it found wrong ("" = nothing)
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -49,7 +50,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     """The `llmft eval` command: returns (and optionally writes) the JSON report."""
     check_config(cfg)
     records = read_records(cfg.prompts)[: cfg.limit] if cfg.models else []
-    judges = {name: make_judge(name, records, cfg.reference_column)
+    judges = {name: make_judgement(name, records, cfg.reference_column)
               for name in cfg.judges if name != "reward" and cfg.models and not cfg.env.name}
     chats = check_tokenizers(cfg)  # before any generation: a mismatch must not cost minutes
     device = resolve_device(cfg.device)
@@ -126,7 +127,7 @@ def preference_accuracy(scorer: RewardScorer, path: str) -> dict[str, Any]:
             "reward_chosen": float(r_c.mean()), "reward_rejected": float(r_r.mean())}
 
 
-def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge], scorer: RewardScorer | None,
+def run_policy(name: str, chat, records: list[Record], judges: dict, scorer: RewardScorer | None,
                sampling: SamplingConfig, device, dtype, kernels: bool = False) -> PolicyRun:
     console.print(f"[bold]{name}[/]: generating {len(records)} answers")
     source, model_cfg = resolve_source(name), ModelConfig(name=name, kernels=kernels)
@@ -139,11 +140,13 @@ def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judge],
         gens = generate(model, chat, prompts, sampling)
     texts, rows = [g.text for g in gens], [r.row for r in records]
     prompt_texts = [chat.decode(p) for p in prompts]
-    scores = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}
+    judged = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}  # judge → (scores, critiques)
+    scores = {j: scores for j, (scores, _) in judged.items()}
+    critiques = join_critiques([said for _, said in judged.values()], len(texts)) if judged else None
     if scorer:  # the tokens as generated: an answer cut at max_new_tokens is scored without an EOS
         scores["reward"] = scorer.score_ids([g.prompt_ids + g.answer_ids for g in gens]).tolist()
     logps = answer_logps(model, gens, chat.pad_id, sampling, device)
-    return PolicyRun(name, gens, scores, logps)
+    return PolicyRun(name, gens, scores, logps, critiques=critiques)
 
 
 class HFSampler:
@@ -209,7 +212,8 @@ def summarize(runs: list[PolicyRun], ref_logps, records: list[Record]) -> dict[s
     wins = {f"{r.name} vs {base.name}": {j: win_rate(r.scores[j], base.scores[j]) for j in r.scores}
             for r in runs[1:]}
     samples = {r.name: [{"prompt": shown_prompt(rec), "response": g.text, "finished": g.finished,
-                         **{j: s[k] for j, s in r.scores.items()}, **(r.trajectories[k] if r.trajectories else {})}
+                         **{j: s[k] for j, s in r.scores.items()}, **(r.trajectories[k] if r.trajectories else {}),
+                         **({"critique": r.critiques[k]} if r.critiques is not None else {})}
                         for k, (rec, g) in enumerate(zip(records, r.answers, strict=True))] for r in runs}
     return {"models": models, "win_rates": wins, "samples": samples}
 

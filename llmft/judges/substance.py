@@ -21,3 +21,8 @@ def words(text: str) -> list[str]:
 
 def substance(answer: str) -> float:
     return min(1.0, len(words(answer)) / MIN_WORDS)
+
+
+def critique(answer: str) -> str:
+    n = len(words(answer))
+    return "" if n >= MIN_WORDS else f"the reply says {n} word{'s' * (n != 1)}; an answer needs at least {MIN_WORDS}"

@@ -211,6 +211,32 @@ def test_a_tie_takes_back_the_persons_ratings_too(items, tmp_path):
     assert [(r["chosen"], r["margin"]) for r in X.rows_for("dpo", X.verdicts(store))] == [("Hi!", 3.0)]
 
 
+def test_critiques_in_words_are_kept_revised_taken_back_and_exported(items, tmp_path):
+    """Critiques of one answer and of the item as a whole: a later one replaces the person's earlier one, "" takes it
+    back, a tie keeps them (they are about one answer, not the others); each criticised answer is one row."""
+    store = Store(tmp_path / "ann.jsonl", items, writable=True)
+    for who, item, fields in [("ann", "a", {"candidate": 0, "text": "Too short."}),
+                              ("ann", "a", {"candidate": 0, "text": "Say which blue."}),  # revised
+                              ("bob", "a", {"candidate": 0, "text": "Fine, but terse."}),
+                              ("bob", "a", {"candidate": 2, "text": "Names no colour."}),
+                              ("bob", "a", {"candidate": 2, "text": ""}),  # taken back
+                              ("ann", "b", {"candidate": None, "text": "Neither asks how I am."})]:
+        store.append(who, item, "critique", fields)
+    store.append("ann", "a", "rate", {"candidate": 0, "rating": 2})
+    store.append("bob", "a", "tie", {})
+    with pytest.raises(DataError, match="'text'"):
+        store.append("ann", "a", "critique", {"candidate": 1})
+    with pytest.raises(DataError, match="candidate index 0..2"):
+        store.append("ann", "a", "critique", {"candidate": 3, "text": "x"})
+    store.close()
+    rows = X.rows_for("critiques", X.verdicts(store))
+    assert [(r["completion"], r["critique"], r["critics"], r.get("rating")) for r in rows] == [
+        ("Blue.", "Say which blue.\nFine, but terse.", ["ann", "bob"], 2.0),
+        ("Hi!", "Neither asks how I am.", ["ann"], None), ("Hello.", "Neither asks how I am.", ["ann"], None)]
+    assert rows[0]["constraints"] == [] and rows[1]["prompt"] == ITEMS[1]["prompt"]
+    assert X.report(Store(tmp_path / "ann.jsonl", items))["critiques"] == 3  # ann's a/0, bob's a/0, ann's b
+
+
 def test_the_reference_answer_of_a_messages_prompt_never_reaches_the_items(tmp_path):
     """An SFT eval set's rows end with the reference answer: generate answers without it, and the items (what
     annotators see, what every export carries) are built the same way."""

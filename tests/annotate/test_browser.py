@@ -1,8 +1,8 @@
 """The feedback loop in a real browser (headless Chromium through Selenium): generate candidates with two seeds,
-annotate 20 items by mouse and keyboard — rate, pick, rank, edit, tie, skip — kill the server mid-session, restart it,
-finish, export, train dpo and kto for a step on the result, then compare the trained model with the base blind
-and read the human win rate. Skipped, with the reason, where no Chromium, chromedriver or selenium is installed
-(scripts/test.sh installs them with apt-get and pip where it can)."""
+annotate 20 items by mouse and keyboard — rate, pick, rank, edit, critique, tie, skip — kill the server
+mid-session, restart it, finish, export, train dpo and kto for a step on the result, then compare the trained
+model with the base blind and read the human win rate. Skipped, with the reason, where no Chromium, chromedriver
+or selenium is installed (scripts/test.sh installs them with apt-get and pip where it can)."""
 
 from __future__ import annotations
 
@@ -106,6 +106,14 @@ def annotate_item(driver, ann: Path, n: int) -> None:
         box.clear()
         box.send_keys("A short, clear answer.")
         act(driver, ann, lambda: click(driver, "save-edit-0"))
+    if n == 4:  # a critique of the focused answer, by key: c, type, leave the box
+        keys(driver, "c")
+        keys(driver, "It never says why.")
+        act(driver, ann, lambda: click(driver, "prompt"))
+    if n == 10:  # a critique of the item as a whole, by mouse
+        click(driver, "item-critique")
+        keys(driver, "Both answers are off topic.")
+        act(driver, ann, lambda: click(driver, "prompt"))
     if n == 5:  # a full ranking with the selects
         k = len(driver.find_elements("css selector", ".cand"))
         for pos in range(k):
@@ -159,12 +167,14 @@ def test_the_feedback_loop_end_to_end_in_a_browser(browser, tiny_model_dir, tmp_
     browser.save_screenshot(str(tmp_path / "done.png"))
     server.kill()
 
-    for target in ("dpo", "kto"):
+    for target in ("dpo", "kto", "critiques"):
         code, stdout, err = llmft(capsys, monkeypatch, "annotate", "export", cands, "--to", target,
                                   "--out", tmp_path / f"{target}.jsonl")
         assert code == 0, err
     judgements = [json.loads(x) for x in ann.read_text().splitlines()]
-    assert {j["action"] for j in judgements} == {"rate", "pick", "rank", "edit", "tie", "skip", "done"}
+    assert {j["action"] for j in judgements} == {"rate", "pick", "rank", "edit", "critique", "tie", "skip", "done"}
+    critiques = [json.loads(x) for x in (tmp_path / "critiques.jsonl").read_text().splitlines()]
+    assert [r["critique"] for r in critiques] == ["It never says why."] + ["Both answers are off topic."] * 2
     assert ann.read_text().splitlines()[:saved] == before_kill  # what was on disk at the kill is there, unchanged
     finished = {j["item"] for j in judgements if j["action"] in ("done", "tie", "skip")}
     assert len(finished) == 20 and len({(j["item"], j["time"]) for j in judgements}) == len(judgements)

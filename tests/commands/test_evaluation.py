@@ -86,6 +86,9 @@ def test_eval_reports_every_figure_and_kl_zero_against_itself(capsys, monkeypatc
     for name, m in report["models"].items():  # passed = every constraint met = constraints score 1.0
         samples = report["samples"][name]
         assert m["constraints/pass_rate"] == pytest.approx(sum(x["constraints"] == 1.0 for x in samples) / 3)
+        for x in samples:  # the constraints judge says what is wrong; bleu, rouge_l and meteor only score
+            assert (x["critique"] == "") == (x["constraints"] == 1.0), x
+            assert all(part.startswith(("the reply", "the request")) for part in x["critique"].split("; ") if part)
 
 
 def bad_judge(prompts, responses, rows):
