@@ -149,10 +149,13 @@ def talking_dir(tiny_model_dir, tmp_path_factory):
 
 
 def teach_to_end_turns(model, d: Path) -> Path:
-    """40 SFT steps of `model` on short answers (ROWS), into d / "sft"."""
+    """40 SFT steps of `model` on one-word answers (ROWS' last words), into d / "sft": it then ends about 3 in 4 of
+    its answers within 12 tokens at temperature 1 (ROWS' whole answers: about 1 in 6, too few for the multi-turn
+    tests' handful of trajectories to go on whatever the sampler's stream)."""
     from llmft.stages import sft
 
-    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    short = [{"prompt": r["prompt"], "completion": r["completion"].split()[-1]} for r in ROWS]
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
     sft.run(load_config("sft", save_config(d, "sft", {
         "model": {"name": str(model)}, "data": {"train": str(d / "rows.jsonl"), "max_length": 64},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "train": {"batch_size": 4, "max_steps": 40,
