@@ -22,7 +22,7 @@ from llmft.data.preferences import detect_format as detect_pair_format
 from llmft.data.preferences import tokenize_pairs
 from llmft.data.records import Record, prompt_messages, read_records, shown_prompt
 from llmft.errors import ConfigError, ModelError
-from llmft.judges import join_critiques, make_judgement
+from llmft.judges import Judgement, join_critiques, make_judgement
 from llmft.maths.losses import pairwise_accuracy
 from llmft.models.forward import check_lm_head
 from llmft.models.loading import load_chat, load_model, resolve_device, resolve_dtype
@@ -127,7 +127,7 @@ def preference_accuracy(scorer: RewardScorer, path: str) -> dict[str, Any]:
             "reward_chosen": float(r_c.mean()), "reward_rejected": float(r_r.mean())}
 
 
-def run_policy(name: str, chat, records: list[Record], judges: dict, scorer: RewardScorer | None,
+def run_policy(name: str, chat, records: list[Record], judges: dict[str, Judgement], scorer: RewardScorer | None,
                sampling: SamplingConfig, device, dtype, kernels: bool = False) -> PolicyRun:
     console.print(f"[bold]{name}[/]: generating {len(records)} answers")
     source, model_cfg = resolve_source(name), ModelConfig(name=name, kernels=kernels)
@@ -141,7 +141,7 @@ def run_policy(name: str, chat, records: list[Record], judges: dict, scorer: Rew
     texts, rows = [g.text for g in gens], [r.row for r in records]
     prompt_texts = [chat.decode(p) for p in prompts]
     judged = {j: fn(prompt_texts, texts, rows) for j, fn in judges.items()}  # judge → (scores, critiques)
-    scores = {j: scores for j, (scores, _) in judged.items()}
+    scores = {j: s for j, (s, _) in judged.items()}
     critiques = join_critiques([said for _, said in judged.values()], len(texts)) if judged else None
     if scorer:  # the tokens as generated: an answer cut at max_new_tokens is scored without an EOS
         scores["reward"] = scorer.score_ids([g.prompt_ids + g.answer_ids for g in gens]).tolist()

@@ -22,6 +22,7 @@ from llmft.errors import ConfigError, DataError
 
 Judge = Callable[[list[str], list[str], list[dict]], list[float]]  # (prompts, answers, rows) → scores
 Critic = Callable[[list[str], list[str], list[dict]], list[str]]  # (prompts, answers, rows) → what is wrong, or ""
+Judgement = Callable[[list[str], list[str], list[dict]], tuple[list[float], list[str]]]  # → (scores, critiques)
 NAMES = ("constraints", "substance", "bleu", "rouge_l", "meteor")
 
 
@@ -68,7 +69,7 @@ def make_critic(name: str, records: list[Record]) -> Critic | None:
     return None
 
 
-def make_judgement(name: str, records: list[Record], reference_column: str = "completion"):
+def make_judgement(name: str, records: list[Record], reference_column: str = "completion") -> Judgement:
     """The judge and its critic as one call, (prompts, answers, rows) → (scores, critiques): a user's function is
     called once for both; the critiques are "" for a judge that only scores."""
     if ":" in name:
@@ -83,13 +84,9 @@ def split(verdicts: list[tuple[float, str]]) -> tuple[list[float], list[str]]:
     return [v[0] for v in verdicts], [v[1] for v in verdicts]
 
 
-def critiques(critics: dict[str, Critic], prompts: list[str], answers: list[str], rows: list[dict]) -> list[str]:
-    """Per answer, every critic's sentence that is not empty, joined by "; " ("" when none found a fault)."""
-    return join_critiques([critic(prompts, answers, rows) for critic in critics.values()], len(answers))
-
-
 def join_critiques(said: list[list[str]], n: int) -> list[str]:
-    """Several critics' sentences (one list per critic, one sentence per answer) → one line per answer."""
+    """Several critics' sentences (one list per critic, one sentence per answer) → one line per answer: the
+    sentences that are not empty, joined by "; " ("" when no critic found a fault)."""
     return ["; ".join(s for s in per if s) for per in zip(*said, strict=True)] if said else [""] * n
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from llmft.data.records import Record
 from llmft.errors import ConfigError
-from llmft.judges import critiques, make_critic, make_judge, make_judgement
+from llmft.judges import join_critiques, make_critic, make_judge, make_judgement
 from llmft.judges.constraints import CONSTRAINTS, critique
 from tests.judges.test_judges import CASES
 
@@ -44,10 +44,10 @@ def test_several_faults_and_several_critics_are_joined():
     records = [Record(r, f"p.jsonl:{i + 1}") for i, r in enumerate(rows)]
     critics = {name: make_critic(name, records) for name in ("constraints", "substance")}
     answers = ["Hi.", "a whole answer of at least ten words, all of it in lowercase"]
-    assert critiques(critics, ["", ""], answers, rows) == [
+    assert join_critiques([critic(["", ""], answers, rows) for critic in critics.values()], 2) == [
         "the reply has capital letters; the request said all lowercase; the reply says 1 word; an answer needs "
         "at least 10", ""]
-    assert make_critic("rouge_l", records) is None and critiques({}, [], ["x"], [{}]) == [""]
+    assert make_critic("rouge_l", records) is None and join_critiques([], 1) == [""]
 
 
 def scored(prompts, answers, rows):
