@@ -95,6 +95,17 @@ def grpo(config: Path = CONFIG, set_: list[str] = SET, dry_run: bool = DRY_RUN) 
 
 
 @app.command()
+def loop(config: Path = CONFIG, set_: list[str] = SET) -> None:
+    """Rounds of on-policy feedback: the policy answers, programs or people judge (scores, critiques), the answers
+    become pairs or refinements, a dpo (or sft) stage trains the next policy; a report per round."""
+    from llmft.config import load_config
+    from llmft.loop import rounds
+    from llmft.loop.config import LoopConfig
+
+    rounds.run(load_config("loop", config, set_, schema=LoopConfig))
+
+
+@app.command()
 def generate(
     model: str = typer.Argument(..., help="Model source: alias, directory, .gguf, hub id or a stage's output_dir."),
     prompts: Path = typer.Option(..., "--prompts", help="JSONL/JSON/CSV/Parquet rows with 'prompt' (or 'messages')."),
@@ -219,15 +230,17 @@ def schema(stage: str = typer.Argument("sft", help="Stage whose config keys to l
     from rich.markup import escape
 
     from llmft.config import STAGE_CONFIGS
+    from llmft.loop.config import LoopConfig
     from llmft.schema import schema_rows
 
-    if stage not in STAGE_CONFIGS:
-        raise LlmftError(f"unknown stage '{stage}' (stages with configs: {', '.join(STAGE_CONFIGS)})")
+    configs = STAGE_CONFIGS | {"loop": LoopConfig}
+    if stage not in configs:
+        raise LlmftError(f"unknown stage '{stage}' (stages with configs: {', '.join(configs)})")
     t = Table(title=f"llmft {stage} config")
     t.add_column("key", no_wrap=True, style="bold")
     for col in ("type", "default", "meaning"):
         t.add_column(col, overflow="fold")
-    for row in schema_rows(STAGE_CONFIGS[stage]):
+    for row in schema_rows(configs[stage]):
         t.add_row(*map(escape, row))  # help text is plain: [tensorboard] is not markup
     Console().print(t)
 

@@ -362,14 +362,17 @@ RESUME_NEUTRAL_KEYS = {"resume", "overwrite", "allow_data_change", "tensorboard"
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_config(stage: str, path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Any:
-    """Read, override and validate the config of `stage` from the YAML file at `path` (or from `base`)."""
+def load_config(stage: str, path: str | Path | None, overrides: list[str] = (), base: dict | None = None,
+                schema: type | None = None) -> Any:
+    """Read, override and validate the config of `stage` from the YAML file at `path` (or from `base`); `schema`: a
+    config class defined outside this module (`llmft loop`'s)."""
+    schema = schema or STAGE_CONFIGS[stage]
     raw = read_yaml(path) if path is not None else {}
     raw.update(base or {})
     where = str(path) if path is not None else "command line"
     for item in overrides:
-        apply_override(raw, item, STAGE_CONFIGS[stage])
-    cfg = build(STAGE_CONFIGS[stage], raw, where)
+        apply_override(raw, item, schema)
+    cfg = build(schema, raw, where)
     for key in ("output_dir", "out"):  # `~` expands in what a run writes, as in what it reads
         if isinstance(getattr(cfg, key, None), str):
             setattr(cfg, key, os.path.expanduser(getattr(cfg, key)))

@@ -17,7 +17,11 @@ def test_every_shipped_config_loads_and_names_its_command(path):
     first = path.read_text().splitlines()[0]
     stage = first.split("llmft ")[1].split()[0]
     assert first.startswith("# Run: llmft ") and f"configs/{path.name}" in first
-    if stage in STAGE_CONFIGS:
+    if stage == "loop":
+        from llmft.loop.config import LoopConfig
+
+        load_config(stage, path, schema=LoopConfig)
+    elif stage in STAGE_CONFIGS:
         load_config(stage, path)
 
 
