@@ -28,6 +28,14 @@ class PeopleConfig:
 class RefineConfig:
     attempts: int = opt(4, "Refinements sampled per criticised answer (the worst answer to each prompt that has a "
                            "critique).", ge=1)
+    min_overlap: float = opt(
+        0.3, "A rewrite counts only when its ROUGE-L against the answer it rewrites is at least this: an edit that "
+             "keeps what was right, not a new text. A small model shown a critique often answers the critique instead "
+             "(\"This is what is wrong with your answer: …\"), which can meet the constraints and teach nothing; "
+             "0 = off.",
+        ge=0, le=1)
+    model: str | None = opt(None, "The model that writes the rewrites (e.g. a larger local model with the policy's "
+                                  "tokenizer); null = the current policy.")
     template: str = opt(REFINE_TEMPLATE, "The user turn that follows the answer: what the policy is asked to fix "
                                          "({critique} is replaced by the critique).")
 

@@ -23,8 +23,10 @@ from llmft.annotate.items import item_prompt
 from llmft.checkpoint import atomic_write_text
 from llmft.config import STAGE_CONFIGS, ModelConfig
 from llmft.console import console
+from llmft.data.chat import tokenizer_difference
 from llmft.data.records import Record, prompt_messages, read_records
-from llmft.errors import ConfigError
+from llmft.errors import ConfigError, ModelError
+from llmft.judges.text import rouge_l
 from llmft.loop import feedback as fb
 from llmft.loop import rows as rules
 from llmft.loop.config import LoopConfig
@@ -42,6 +44,10 @@ def run(cfg: LoopConfig) -> dict:
     out, record = open_record(cfg)
     programs = fb.Programs(cfg.feedback, records, cfg.device, cfg.model.dtype) if needs_programs(cfg) else None
     chat = load_chat(resolve_source(cfg.model.name))
+    if cfg.refine.model and (what := tokenizer_difference(load_chat(resolve_source(cfg.refine.model)).tokenizer,
+                                                          chat.tokenizer)):
+        raise ModelError(f"refine.model {cfg.refine.model} has another {what} than the policy {cfg.model.name}: it "
+                         f"rewrites in the policy's conversation, so it needs the same {what}")
     policy = cfg.model.name
     if held and "measured" not in record:
         record["measured"] = measure(cfg, load(cfg, policy), chat, held, out / "round-0", None)
@@ -116,8 +122,8 @@ def build_rows(cfg: LoopConfig, k: int, rd: Path, policy: str, chat, judged: lis
         pairs += fb.people_rows(people, "dpo") if people else score_pairs(judged)
     if cfg.method in ("refine", "both"):
         wanted = people_critiques(people, judged) if people else worst_criticised(judged)
-        refined = step(rd / "refinements.jsonl", lambda: refine(cfg, k, load(cfg, policy), chat, wanted, todo,
-                                                                 programs))
+        refined = step(rd / "refinements.jsonl", lambda: refine(cfg, k, load(cfg, cfg.refine.model or policy), chat,
+                                                                 wanted, todo, programs))
         pairs += [rules.pair_row(r["prompt"], r["refinements"][r["chosen"]]["text"], r["answer"],
                                  (r["refinements"][r["chosen"]]["score"], r["score"]), critique=r["critique"])
                   for r in refined if r["chosen"] is not None]
@@ -172,9 +178,11 @@ def refine(cfg: LoopConfig, k: int, model, chat, wanted: list[dict], todo: list[
                                                                                                     strict=True)])
     out = []
     for i, w in enumerate(wanted):
-        mine = [{"text": g.text, "finished": g.finished, "score": s}
+        mine = [{"text": g.text, "finished": g.finished, "score": s, "overlap": rouge_l(g.text, w["answer"])}
                 for g, s in zip(gens[i * n:(i + 1) * n], scores[i * n:(i + 1) * n], strict=True)]
-        out.append(w | {"refinements": mine, "chosen": rules.best_refinement(w["score"], [m["score"] for m in mine])})
+        chosen = rules.best_refinement(w["score"], [m["score"] for m in mine], [m["overlap"] for m in mine],
+                                       cfg.refine.min_overlap)
+        out.append(w | {"refinements": mine, "chosen": chosen})
     return out
 
 

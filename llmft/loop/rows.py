@@ -4,7 +4,8 @@ pairs (iterative DPO; Xu et al. 2023, Yuan et al. 2024): of the G answers y_1..y
 s_1..s_G, the pair (x, y_w ≻ y_l) with w = argmax s, l = argmin s, when s_w > s_l.
 
 refine (ILF, Scheurer et al. 2023): the answer y_l is criticised in words (c); the policy, shown (x, y_l, c), samples
-refinements y'_1..y'_K; the best that scores higher than y_l is kept: (x, y' ≻ y_l). The pair is trained on x alone,
+refinements y'_1..y'_K; the best that scores higher than y_l and is an edit of it (ROUGE-L(y', y_l) ≥ min_overlap)
+is kept: (x, y' ≻ y_l). The pair is trained on x alone,
 without the critique: the policy learns to answer as it would after the feedback.
 """
 
@@ -25,12 +26,12 @@ def to_refine(scores: list[float], critiques: list[str]) -> int | None:
     return min(said, key=lambda i: (scores[i], i)) if said else None
 
 
-def best_refinement(original: float, scores: list[float]) -> int | None:
-    """The first highest-scoring refinement, when it scores higher than the answer it rewrites; else None."""
-    if not scores:
-        return None
-    k = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    return k if scores[k] > original else None
+def best_refinement(original: float, scores: list[float], overlaps: list[float] | None = None,
+                    min_overlap: float = 0.0) -> int | None:
+    """The first highest-scoring refinement that scores higher than the answer it rewrites and keeps at least
+    `min_overlap` of it (ROUGE-L, `overlaps`); else None."""
+    ok = [i for i in range(len(scores)) if scores[i] > original and (overlaps is None or overlaps[i] >= min_overlap)]
+    return max(ok, key=lambda i: (scores[i], -i)) if ok else None
 
 
 def refinement_messages(request: list[dict], answer: str, critique: str, template: str) -> list[dict]:

@@ -12,6 +12,7 @@ import pytest
 
 from llmft.config import load_config
 from llmft.errors import ConfigError
+from llmft.judges.text import rouge_l
 from llmft.loop import rounds
 from llmft.loop import rows as rules
 from llmft.loop.config import LoopConfig
@@ -40,6 +41,8 @@ def test_a_refinement_is_kept_only_when_it_beats_the_answer():
     assert rules.best_refinement(0.5, [0.25, 1.0, 1.0]) == 1
     assert rules.best_refinement(0.5, [0.5, 0.25]) is None
     assert rules.best_refinement(0.5, []) is None
+    assert rules.best_refinement(0.5, [1.0, 0.75], [0.1, 0.4], min_overlap=0.3) == 1  # 1.0 is not an edit
+    assert rules.best_refinement(0.5, [1.0], [0.1], min_overlap=0.3) is None
 
 
 def test_the_refinement_conversation_shows_the_answer_then_the_critique():
@@ -97,7 +100,7 @@ def test_each_round_trains_from_the_last_and_reports_against_it(loop_config, tmp
 
 
 def test_refine_shows_the_critique_and_keeps_rewrites_that_score_higher(loop_config, tmp_path):
-    record = rounds.run(loop_config(method="refine", rounds=1, refine={"attempts": 3}))
+    record = rounds.run(loop_config(method="refine", rounds=1, refine={"attempts": 3, "min_overlap": 0.0}))
     refined = [json.loads(x) for x in (tmp_path / "loop/round-1/refinements.jsonl").read_text().splitlines()]
     assert refined and all(len(r["refinements"]) == 3 and r["critique"] for r in refined)
     kept = [r for r in refined if r["chosen"] is not None]
@@ -108,9 +111,23 @@ def test_refine_shows_the_critique_and_keeps_rewrites_that_score_higher(loop_con
         assert best["score"] == -len(best["text"]) > r["score"]  # the judge's score, above the answer's
         assert (p["chosen"], p["rejected"], p["critique"]) == (best["text"], r["answer"], r["critique"])
         assert p["prompt"] in [row["prompt"] for row in ROWS]  # trained on the request alone
+    assert all(t["overlap"] == rouge_l(t["text"], r["answer"]) for r in refined for t in r["refinements"])
     said = record["rounds"][0]["report"]["refine"]
     assert (said["criticised"], said["rewrites"]) == (len(refined), 3 * len(refined))
     assert said["improved"] == len(kept) / len(refined)
+
+
+def test_a_rewrite_that_is_not_an_edit_of_the_answer_is_not_kept(loop_config, tmp_path, tiny_model_dir):
+    record = rounds.run(loop_config(method="refine", rounds=1, held_out={"prompts": None},
+                                    refine={"attempts": 3, "min_overlap": 0.5, "model": str(tiny_model_dir)}))
+    refined = [json.loads(x) for x in (tmp_path / "loop/round-1/refinements.jsonl").read_text().splitlines()]
+    better = [t for r in refined for t in r["refinements"] if t["score"] > r["score"]]
+    assert better and any(t["overlap"] < 0.5 for t in better)  # some would be kept without the guard
+    for r in refined:
+        ok = [t["score"] for t in r["refinements"] if t["score"] > r["score"] and t["overlap"] >= 0.5]
+        assert (r["chosen"] is None) == (not ok)
+        assert r["chosen"] is None or r["refinements"][r["chosen"]]["score"] == max(ok)
+    assert record["rounds"][0]["rows"] == sum(r["chosen"] is not None for r in refined)
 
 
 def test_a_killed_loop_goes_on_to_the_uninterrupted_result(loop_config, tmp_path, monkeypatch):
