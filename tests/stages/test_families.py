@@ -84,6 +84,20 @@ def test_system_messages_and_multi_turn_conversations(family):
     assert tok.decode(answers).replace(" ", "").replace("▁", "") == f"sea{f.turn_end}blue{f.turn_end}"
 
 
+def test_a_refinement_request_renders_as_the_template_writes_it(family):
+    """llmft loop's refine: the request, the answer, the critique as the next user turn, in every family."""
+    from llmft.loop.config import REFINE_TEMPLATE
+    from llmft.loop.rows import refinement_messages
+
+    f, path = family
+    chat = load_chat(resolve_source(str(path)))
+    msgs = refinement_messages([U], "sea", "the reply has 1 word; the request said two", REFINE_TEMPLATE)
+    prompt_ids = chat.prompt_ids(msgs)
+    assert prompt_ids == list(chat.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                                 return_dict=True)["input_ids"])
+    assert "the request said two" in chat.tokenizer.decode(prompt_ids)
+
+
 # ------------------------------------------------------------------------------------- shared prompts
 
 
