@@ -56,7 +56,7 @@ def test_the_refinement_conversation_shows_the_answer_then_the_critique():
 # ------------------------------------------------------------------------------------------------ a loop
 @pytest.fixture
 def loop_config(tiny_model_dir, tmp_path, monkeypatch):
-    (tmp_path / "shortjudge.py").write_text(SHORT)
+    (tmp_path / "loopjudge.py").write_text(SHORT)
     monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"],
@@ -65,7 +65,7 @@ def loop_config(tiny_model_dir, tmp_path, monkeypatch):
     def make(**keys) -> LoopConfig:
         raw = {"model": {"name": str(tiny_model_dir)}, "prompts": str(prompts), "rounds": 2, "prompts_per_round": 4,
                "answers": 3, "sampling": {"temperature": 1.0, "max_new_tokens": 8},
-               "feedback": {"judges": {"shortjudge:short": 1.0}, "missing_eos_penalty": 0.0},
+               "feedback": {"judges": {"loopjudge:short": 1.0}, "missing_eos_penalty": 0.0},
                "held_out": {"prompts": str(prompts), "judges": ["constraints", "rouge_l"], "max_new_tokens": 6},
                "train": {"train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "save_every": 1},
                          "lora": {"r": 4, "alpha": 8}},
@@ -128,6 +128,17 @@ def test_a_rewrite_that_is_not_an_edit_of_the_answer_is_not_kept(loop_config, tm
         assert (r["chosen"] is None) == (not ok)
         assert r["chosen"] is None or r["refinements"][r["chosen"]]["score"] == max(ok)
     assert record["rounds"][0]["rows"] == sum(r["chosen"] is not None for r in refined)
+
+
+def test_trainer_sft_fine_tunes_on_each_prompts_best_answer(loop_config, tmp_path):
+    record = rounds.run(loop_config(rounds=1, trainer="sft", held_out={"prompts": None},
+                                    train={"train": {"max_steps": 2, "batch_size": 2}, "lora": {"r": 4, "alpha": 8}}))
+    rows = [json.loads(x) for x in (tmp_path / "loop/round-1/train.jsonl").read_text().splitlines()]
+    judged = [json.loads(x) for x in (tmp_path / "loop/round-1/feedback.jsonl").read_text().splitlines()]
+    best = [max(line["answers"], key=lambda a: a["score"])["text"] for line in judged
+            if len({a["score"] for a in line["answers"]}) > 1]
+    assert [r["completion"] for r in rows] == best and set(rows[0]) == {"prompt", "completion"}
+    assert manifest(tmp_path / "loop/round-1/model")["stage"] == "sft" and record["rounds"][0]["trained"]
 
 
 def test_a_killed_loop_goes_on_to_the_uninterrupted_result(loop_config, tmp_path, monkeypatch):
